@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for ``proto/liedetector/v1`` (regenerate with scripts/gen_proto.sh)."""

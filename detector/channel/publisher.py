@@ -1,0 +1,185 @@
+"""The engine side of the channel: hand a step over without ever waiting for the sidecar.
+
+The engine thread only appends to a bounded queue (``offer``); a daemon thread encodes the
+message and sends it with ``zmq.NOBLOCK``. Whatever goes wrong downstream (no sidecar, a
+slow one, a dead one) ends as a counted drop, never as a wait: the queue is bounded in
+steps and bytes, ZeroMQ's send queue is bounded by its high-water mark, and
+``IMMEDIATE`` keeps ZeroMQ from queueing for a peer that is not connected.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from detector.channel.wire import (
+    EngineInfo,
+    Heartbeat,
+    RequestRows,
+    StepHeader,
+    encode_heartbeat,
+    encode_step,
+    now_ns,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PendingStep:
+    """A step as the engine thread leaves it: plain lists and one CPU tensor."""
+
+    seq: int
+    time_ns: int
+    rows: torch.Tensor  # (layers, num_rows, hidden), CPU
+    requests: list[RequestRows]
+    finished: list[str]
+    hook_ns: int
+    ready: Callable[[], None] | None = None  # waits for a device->host copy, if any
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.numel() * self.rows.element_size()
+
+
+class ChannelPublisher:
+    """Bounded, non-blocking, fail-open sender of steps to the sidecar."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        engine: EngineInfo,
+        *,
+        max_steps: int = 64,
+        max_bytes: int = 256 << 20,
+        heartbeat_s: float = 1.0,
+        sndhwm: int = 8,
+    ) -> None:
+        self.endpoint = endpoint
+        self.engine = engine
+        self.max_steps = max_steps
+        self.max_bytes = max_bytes
+        self.heartbeat_s = heartbeat_s
+        self._sndhwm = sndhwm
+        self._queue: deque[PendingStep] = deque()
+        self._queued_bytes = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self.next_seq = 0
+        self.published = 0
+        self.dropped = 0
+        self._thread = threading.Thread(
+            target=self._run, name="lie-detector-publisher", daemon=True
+        )
+        self._thread.start()
+
+    # -- engine thread -------------------------------------------------------------
+    def take_seq(self) -> int:
+        seq = self.next_seq
+        self.next_seq += 1
+        return seq
+
+    def offer(self, step: PendingStep) -> bool:
+        """Queue a step if there is room; otherwise drop it. Never blocks for long."""
+        with self._cond:
+            if (
+                self._closed
+                or len(self._queue) >= self.max_steps
+                or self._queued_bytes + step.nbytes > self.max_bytes
+            ):
+                self.dropped += 1
+                return False
+            self._queue.append(step)
+            self._queued_bytes += step.nbytes
+            self._cond.notify()
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=2)
+
+    # -- sender thread -------------------------------------------------------------
+    def _run(self) -> None:
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, self._sndhwm)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        try:
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            logger.error("lie-detector: cannot connect to %s (%s); capture is off",
+                         self.endpoint, exc)
+            with self._cond:
+                self._closed = True
+            return
+        logger.info("lie-detector: publishing steps to %s", self.endpoint)
+        try:
+            while True:
+                with self._cond:
+                    if not self._queue and not self._closed:
+                        self._cond.wait(self.heartbeat_s)
+                    if self._closed:
+                        return
+                    step = self._queue.popleft() if self._queue else None
+                    if step is not None:
+                        self._queued_bytes -= step.nbytes
+                if step is None:
+                    self._send(sock, encode_heartbeat(self._heartbeat()))
+                    continue
+                self._publish(sock, step)
+        except Exception:  # fail-open: the engine must never notice
+            logger.exception("lie-detector: publisher stopped; capture is off")
+            with self._cond:
+                self._closed = True
+        finally:
+            sock.close(linger=0)
+
+    def _publish(self, sock: zmq.Socket, step: PendingStep) -> None:
+        if step.ready is not None:
+            step.ready()
+        header = StepHeader.model_construct(
+            kind="step",
+            version=1,
+            engine=self.engine,
+            seq=step.seq,
+            time_ns=step.time_ns,
+            num_rows=int(step.rows.shape[1]),
+            requests=step.requests,
+            finished=step.finished,
+            hook_ns=step.hook_ns,
+            dropped_total=self.dropped,
+        )
+        sent = self._send(sock, encode_step(header, step.rows))
+        with self._cond:
+            if sent:
+                self.published += 1
+            else:
+                self.dropped += 1
+
+    def _send(self, sock: zmq.Socket, frames: list) -> bool:
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
+
+    def _heartbeat(self) -> Heartbeat:
+        return Heartbeat(
+            engine=self.engine,
+            time_ns=now_ns(),
+            steps_published=self.published,
+            dropped_total=self.dropped,
+            next_seq=self.next_seq,
+        )
+

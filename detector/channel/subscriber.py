@@ -1,0 +1,87 @@
+"""The sidecar side of the channel: bind, receive, reject what cannot be trusted.
+
+The sidecar binds and the engine connects, so either side can restart on its own: ZeroMQ
+reconnects the engine's socket when a new sidecar binds the same address. An IPC socket
+lives in a directory only its owner can enter, and the socket file itself is owner-only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import zmq
+
+from detector.channel.wire import Message, WireError, decode
+
+logger = logging.getLogger(__name__)
+
+
+def ipc_path(endpoint: str) -> Path | None:
+    return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+
+
+class ChannelSubscriber:
+    """Receives and decodes steps; malformed messages are counted and skipped."""
+
+    def __init__(self, endpoint: str, *, rcvhwm: int = 64) -> None:
+        self.endpoint = endpoint
+        self.rejected = 0
+        self.received = 0
+        self._last_reject_log = 0.0
+        path = ipc_path(endpoint)
+        if path is not None:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(path.parent, 0o700)
+            if path.exists():  # a stale socket from a sidecar that died
+                path.unlink()
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.PULL)
+        self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.bind(endpoint)
+        if path is not None:
+            os.chmod(path, 0o600)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+
+    def recv(self, timeout_s: float | None = None) -> Message | None:
+        """The next valid message, or None when ``timeout_s`` passes without one."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._poller.poll(None if wait is None else int(wait * 1000)):
+                return None
+            frames = self._sock.recv_multipart(copy=False)
+            try:
+                message = decode([f.buffer for f in frames])
+            except WireError as exc:
+                self._reject(str(exc))
+            except Exception as exc:  # never let a bad message take the sidecar down
+                self._reject(f"undecodable message: {type(exc).__name__}: {exc}")
+            else:
+                self.received += 1
+                return message
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    def _reject(self, reason: str) -> None:
+        self.rejected += 1
+        now = time.monotonic()
+        if now - self._last_reject_log > 5:
+            logger.warning("channel: rejected a message (%d so far): %s", self.rejected, reason)
+            self._last_reject_log = now
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+        path = ipc_path(self.endpoint)
+        if path is not None and path.exists():
+            path.unlink()
+
+    def __enter__(self) -> ChannelSubscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,183 @@
+"""The channel's wire format: one message per engine step, decoded defensively.
+
+A message is a ZeroMQ multipart message of two frames:
+
+1. a JSON header (``StepHeader`` or ``Heartbeat``, told apart by ``kind``);
+2. for a step, the rows: one contiguous C-order buffer of shape
+   ``(len(layers), num_rows, hidden_size)`` in ``dtype``; empty for a heartbeat.
+
+Rows of request ``r`` are ``rows[:, r.row_offset : r.row_offset + r.num_rows]`` and row ``j``
+of that slice is the residual stream at position ``r.first_position + j`` after reading
+token ``r.input_token_ids[j]``. Everything the sidecar needs to attribute a row is in the
+same message, so a dropped message can lose rows but never shift them onto another request.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+WIRE_VERSION = 1
+MAX_ROWS_PER_STEP = 1 << 20
+MAX_LAYERS = 256
+MAX_HIDDEN = 65536
+
+# Wire dtype name -> (torch dtype, bytes per element). bfloat16 has no numpy dtype, so rows
+# travel as raw bytes and are rebuilt with torch.
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "float32": (torch.float32, 4),
+    "float16": (torch.float16, 2),
+    "bfloat16": (torch.bfloat16, 2),
+}
+TORCH_TO_WIRE = {v[0]: k for k, v in DTYPES.items()}
+
+
+class WireError(ValueError):
+    """A message that cannot be trusted; it is dropped whole and counted."""
+
+
+class EngineInfo(BaseModel):
+    """Identifies one running vLLM engine; ``engine_id`` changes when vLLM restarts."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    engine_id: str
+    model: str
+    model_path: str | None = None
+    fingerprint: str | None = None
+    hidden_size: Annotated[int, Field(gt=0, le=MAX_HIDDEN)]
+    num_layers: Annotated[int, Field(gt=0, le=MAX_LAYERS * 4)]
+    layers: list[int]
+    dtype: Literal["float32", "float16", "bfloat16"]
+    capture_method: Literal["aux_hidden_states", "forward_hook"]
+    pid: int
+    started_at: float
+
+    @model_validator(mode="after")
+    def _layers_valid(self) -> EngineInfo:
+        if not self.layers or len(self.layers) > MAX_LAYERS:
+            raise ValueError("layers must be a non-empty list")
+        if sorted(set(self.layers)) != self.layers:
+            raise ValueError("layers must be sorted and unique")
+        if self.layers[0] < 1 or self.layers[-1] >= self.num_layers:
+            raise ValueError(f"layers must lie in 1..{self.num_layers - 1}")
+        return self
+
+
+class RequestRows(BaseModel):
+    """One request's share of a step."""
+
+    model_config = ConfigDict(frozen=True)
+
+    req_id: str = Field(max_length=512)
+    row_offset: Annotated[int, Field(ge=0)]
+    num_rows: Annotated[int, Field(ge=0)]
+    first_position: Annotated[int, Field(ge=0)]
+    num_prompt_tokens: Annotated[int, Field(ge=0)]
+    input_token_ids: list[int]
+    # Tokens sampled in this step (empty for a partial prefill chunk).
+    sampled_token_ids: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _tokens_match_rows(self) -> RequestRows:
+        if len(self.input_token_ids) != self.num_rows:
+            raise ValueError("input_token_ids must have one id per row")
+        return self
+
+
+class StepHeader(BaseModel):
+    """One engine step: every request that ran in it, and the requests that ended."""
+
+    kind: Literal["step"] = "step"
+    version: Literal[1] = WIRE_VERSION
+    engine: EngineInfo
+    seq: Annotated[int, Field(ge=0)]
+    time_ns: int
+    num_rows: Annotated[int, Field(ge=0, le=MAX_ROWS_PER_STEP)]
+    requests: list[RequestRows]
+    finished: list[str] = Field(default_factory=list)
+    # Time the hook spent inside the engine thread for this step.
+    hook_ns: int = 0
+    dropped_total: int = 0
+
+    @model_validator(mode="after")
+    def _rows_partition(self) -> StepHeader:
+        end = 0
+        for r in self.requests:
+            if r.row_offset != end:
+                raise ValueError("request rows must be consecutive and start at 0")
+            end += r.num_rows
+        if end != self.num_rows:
+            raise ValueError(f"requests cover {end} rows, header says {self.num_rows}")
+        return self
+
+
+class Heartbeat(BaseModel):
+    """Sent when the engine is idle, so the sidecar knows the hook is alive."""
+
+    kind: Literal["heartbeat"] = "heartbeat"
+    version: Literal[1] = WIRE_VERSION
+    engine: EngineInfo
+    time_ns: int
+    steps_published: int = 0
+    dropped_total: int = 0
+    # The seq the next step will carry: lets the sidecar see a gap without waiting.
+    next_seq: int = 0
+
+
+def encode_step(header: StepHeader, rows: torch.Tensor) -> list[bytes | memoryview]:
+    """Frames for one step; ``rows`` must be a CPU tensor of the header's shape and dtype."""
+    expected = (len(header.engine.layers), header.num_rows, header.engine.hidden_size)
+    if tuple(rows.shape) != expected:
+        raise WireError(f"rows shape {tuple(rows.shape)} != header {expected}")
+    rows = rows.contiguous()
+    payload = rows.view(torch.uint8).numpy() if rows.numel() else np.empty(0, np.uint8)
+    return [header.model_dump_json().encode(), memoryview(payload).cast("B")]
+
+
+def encode_heartbeat(beat: Heartbeat) -> list[bytes]:
+    return [beat.model_dump_json().encode(), b""]
+
+
+Message = tuple[StepHeader, torch.Tensor] | tuple[Heartbeat, None]
+_HEADER = TypeAdapter(Annotated[StepHeader | Heartbeat, Field(discriminator="kind")])
+
+
+def decode(frames: list[bytes | memoryview]) -> Message:
+    """Parse and check one message; raise ``WireError`` for anything inconsistent."""
+    if len(frames) != 2:
+        raise WireError(f"expected 2 frames, got {len(frames)}")
+    head_raw = bytes(frames[0])
+    try:
+        header = _HEADER.validate_json(head_raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise WireError(f"invalid header at {where or 'top'}: {first['msg']}") from None
+    if isinstance(header, Heartbeat):
+        return header, None
+    torch_dtype, itemsize = DTYPES[header.engine.dtype]
+    shape = (len(header.engine.layers), header.num_rows, header.engine.hidden_size)
+    expected = shape[0] * shape[1] * shape[2] * itemsize
+    payload = frames[1]
+    if len(payload) != expected:
+        raise WireError(f"rows frame has {len(payload)} bytes, header implies {expected}")
+    if expected == 0:
+        return header, torch.empty(shape, dtype=torch_dtype)
+    flat = torch.frombuffer(bytearray(payload), dtype=torch_dtype)
+    return header, flat.view(shape)
+
+
+def now_ns() -> int:
+    return time.time_ns()

@@ -1,0 +1,125 @@
+"""Turn what one engine step computed into a self-contained channel message.
+
+This module knows nothing of vLLM's internals: ``vllm_adapter`` reads them and calls
+``StepAssembler``. The assembler keeps each running request's token history (prompt plus
+sampled tokens) so that every row can carry the token it read. That history lives in the
+engine thread and is updated for every step, including steps the channel drops, so a
+dropped message never shifts a token onto the wrong row.
+
+A step is opened when its rows exist (``open_step``) and closed when its sampled tokens
+are known (``close_step``). With asynchronous scheduling the tokens of step t arrive after
+step t+1 was launched; closing happens in step order, so histories stay exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from detector.channel.publisher import ChannelPublisher, PendingStep
+from detector.channel.wire import RequestRows
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """One request's share of a step, as the adapter reads it from the engine."""
+
+    req_id: str
+    num_rows: int
+    first_position: int
+    num_prompt_tokens: int
+    prompt_token_ids: Sequence[int] | None  # needed only the first time a request is seen
+
+
+@dataclass(slots=True)
+class OpenStep:
+    seq: int
+    time_ns: int
+    rows: torch.Tensor
+    scheduled: list[ScheduledRequest]
+    finished: list[str]
+    hook_ns: int
+    ready: Callable[[], None] | None
+
+
+class StepAssembler:
+    """Per-request token bookkeeping plus hand-off to the publisher."""
+
+    def __init__(self, publisher: ChannelPublisher) -> None:
+        self.publisher = publisher
+        self._history: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+
+    def knows(self, req_id: str) -> bool:
+        return req_id in self._history
+
+    def open_step(
+        self,
+        rows: torch.Tensor,
+        scheduled: list[ScheduledRequest],
+        finished: Sequence[str],
+        *,
+        hook_ns: int = 0,
+        ready: Callable[[], None] | None = None,
+    ) -> OpenStep:
+        with self._lock:
+            for req in scheduled:
+                if req.req_id not in self._history:
+                    self._history[req.req_id] = list(req.prompt_token_ids or ())
+            seq = self.publisher.take_seq()
+        return OpenStep(seq, time.time_ns(), rows, scheduled, list(finished), hook_ns, ready)
+
+    def close_step(self, step: OpenStep, sampled: dict[str, list[int]], *, hook_ns: int = 0) -> bool:
+        """Attach sampled tokens, update histories, and offer the step to the channel."""
+        requests: list[RequestRows] = []
+        offset = 0
+        with self._lock:
+            for req in step.scheduled:
+                history = self._history.setdefault(req.req_id, [])
+                end = req.first_position + req.num_rows
+                if end > len(history):
+                    # Prompt ids were unavailable (e.g. prompt embeddings): mark unknown.
+                    history.extend([-1] * (end - len(history)))
+                new_tokens = list(sampled.get(req.req_id, ()))
+                requests.append(
+                    RequestRows.model_construct(
+                        req_id=req.req_id,
+                        row_offset=offset,
+                        num_rows=req.num_rows,
+                        first_position=req.first_position,
+                        num_prompt_tokens=req.num_prompt_tokens,
+                        input_token_ids=history[req.first_position:end],
+                        sampled_token_ids=new_tokens,
+                    )
+                )
+                offset += req.num_rows
+                if new_tokens:
+                    # A sampled token sits at position ``end``; anything beyond that was
+                    # never fed back (a re-run after preemption rewrites it).
+                    del history[end:]
+                    history.extend(new_tokens)
+            for req_id in step.finished:
+                self._history.pop(req_id, None)
+        return self.publisher.offer(
+            PendingStep(
+                seq=step.seq,
+                time_ns=step.time_ns,
+                rows=step.rows,
+                requests=requests,
+                finished=step.finished,
+                hook_ns=step.hook_ns + hook_ns,
+                ready=step.ready,
+            )
+        )
+
+    def forget(self, req_ids: Sequence[str]) -> None:
+        with self._lock:
+            for req_id in req_ids:
+                self._history.pop(req_id, None)

@@ -1,0 +1,357 @@
+"""The one module that touches vLLM's internals (written against vLLM 0.32, v1 engine).
+
+Hook points, named so an upgrade is this file's work alone:
+
+- ``GPUModelRunner.load_model`` / ``CPUModelRunner.load_model`` (wrapped, after): choose the
+  capture method and attach a ``StepAssembler`` to the runner.
+- ``GPUModelRunner.sample_tokens`` (wrapped, around): ``execute_model`` has just run the
+  forward pass and left ``execute_model_state``; we read the step's rows and layout before
+  sampling and the sampled tokens after it (directly, or when vLLM resolves the
+  asynchronous output).
+
+Capture methods:
+
+- ``aux_hidden_states``: models with vLLM's EAGLE-3 interface (Llama, Qwen, ...) return the
+  residual stream at chosen layers as extra graph outputs. They survive torch.compile and
+  CUDA graphs, so nothing forces eager mode.
+- ``forward_hook``: any other model with a ``model.layers`` list; a forward pre-hook reads
+  ``hidden_states + residual`` entering layer k. Only correct in eager mode, so the hook
+  refuses to attach otherwise and says which flag to set.
+
+Every entry point is wrapped so that an exception disables capture and lets vLLM go on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+import torch
+
+from detector.channel.publisher import ChannelPublisher
+from detector.channel.wire import TORCH_TO_WIRE, EngineInfo
+from detector.config import HookSettings, default_layers
+from detector.hooks.capture import OpenStep, ScheduledRequest, StepAssembler
+
+logger = logging.getLogger("detector.hooks")
+
+_ATTR = "_lie_detector"  # the runner attribute that holds our state
+GPU_RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+CPU_RUNNER_MODULE = "vllm.v1.worker.cpu_model_runner"
+V2_RUNNER_MODULE = "vllm.v1.worker.gpu.model_runner"
+
+
+class _RunnerCapture:
+    """What the hook keeps on one model runner."""
+
+    def __init__(self, assembler: StepAssembler, method: str, layers: list[int]) -> None:
+        self.assembler = assembler
+        self.method = method
+        self.layers = layers
+        self.hook_rows: dict[int, torch.Tensor] = {}  # forward_hook method only
+        self.pending: list[OpenStep] = []
+        self.enabled = True
+
+    def disable(self, why: str) -> None:
+        if self.enabled:
+            logger.error("lie-detector: capture disabled, vLLM continues unaffected: %s", why)
+        self.enabled = False
+
+
+# --------------------------------------------------------------------------- patching
+def patch_model_runner_module(module: Any, settings: HookSettings) -> None:
+    """Wrap the runner class(es) defined in ``module`` (called once per module import)."""
+    name = module.__name__
+    if name == GPU_RUNNER_MODULE:
+        cls = module.GPUModelRunner
+        _wrap(cls, "load_model", _after_load_model, settings)
+        _wrap_sample_tokens(cls)
+    elif name == CPU_RUNNER_MODULE:
+        # CPUModelRunner overrides load_model; sample_tokens is inherited.
+        _wrap(module.CPUModelRunner, "load_model", _after_load_model, settings)
+    elif name == V2_RUNNER_MODULE:
+        _wrap(module.GPUModelRunner, "load_model", _refuse_v2_runner, settings)
+
+
+def _wrap(cls: type, method: str, after: Any, settings: HookSettings) -> None:
+    original = cls.__dict__.get(method)
+    if original is None or getattr(original, "__lie_detector__", False):
+        return
+
+    @functools.wraps(original)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        try:
+            after(self, settings)
+        except Exception:
+            logger.exception("lie-detector: failed to attach; vLLM continues without capture")
+        return result
+
+    wrapper.__lie_detector__ = True  # type: ignore[attr-defined]
+    setattr(cls, method, wrapper)
+
+
+def _wrap_sample_tokens(cls: type) -> None:
+    original = cls.__dict__["sample_tokens"]
+    if getattr(original, "__lie_detector__", False):
+        return
+
+    @functools.wraps(original)
+    def sample_tokens(self: Any, grammar_output: Any) -> Any:
+        cap: _RunnerCapture | None = getattr(self, _ATTR, None)
+        if cap is None or not cap.enabled or self.execute_model_state is None:
+            return original(self, grammar_output)
+        t0 = time.perf_counter_ns()
+        step = None
+        try:
+            step = _open_step(self, cap)
+        except Exception as exc:
+            cap.disable(f"reading the step failed: {exc!r}")
+        t1 = time.perf_counter_ns()
+        output = original(self, grammar_output)
+        if step is not None:
+            step.hook_ns = t1 - t0
+            try:
+                _close_when_sampled(self, cap, step, output)
+            except Exception as exc:
+                cap.disable(f"reading sampled tokens failed: {exc!r}")
+        return output
+
+    sample_tokens.__lie_detector__ = True  # type: ignore[attr-defined]
+    cls.sample_tokens = sample_tokens
+
+
+def _refuse_v2_runner(runner: Any, settings: HookSettings) -> None:
+    logger.error(
+        "lie-detector: vLLM chose its V2 model runner, which this plugin does not hook yet; "
+        "capture is OFF. Start vLLM with VLLM_USE_V2_MODEL_RUNNER=0 to enable it."
+    )
+
+
+# --------------------------------------------------------------------------- attaching
+def _after_load_model(runner: Any, settings: HookSettings) -> None:
+    if getattr(runner, _ATTR, None) is not None:
+        return  # CPUModelRunner.load_model does not call super(); guard double attach
+    from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+
+    if get_tp_group().rank_in_group != 0:
+        return  # the residual stream is replicated across TP ranks: rank 0 publishes
+    if get_pp_group().world_size > 1:
+        logger.error("lie-detector: pipeline parallelism is not supported; capture is OFF")
+        return
+    if getattr(runner, "speculative_config", None) is not None:
+        logger.error("lie-detector: speculative decoding is not supported; capture is OFF")
+        return
+
+    model_config = runner.model_config
+    text_config = model_config.hf_text_config
+    num_layers = int(text_config.num_hidden_layers)
+    hidden = int(text_config.hidden_size)
+    layers = settings.layer_list or default_layers(num_layers)
+    if layers[0] < 1 or layers[-1] >= num_layers:
+        logger.error("lie-detector: LIE_DETECTOR_LAYERS=%s outside 1..%d; capture is OFF",
+                     settings.layers, num_layers - 1)
+        return
+
+    model = runner.get_model()
+    method = _attach_capture(runner, model, layers)
+    if method is None:
+        return
+    dtype = TORCH_TO_WIRE.get(model_config.dtype)
+    if dtype is None:
+        logger.error("lie-detector: dtype %s not supported; capture is OFF", model_config.dtype)
+        return
+    engine = EngineInfo(
+        engine_id=uuid.uuid4().hex,
+        model=str(model_config.served_model_name or model_config.model),
+        model_path=str(model_config.model),
+        fingerprint=_fingerprint(str(model_config.model)),
+        hidden_size=hidden,
+        num_layers=num_layers,
+        layers=layers,
+        dtype=dtype,
+        capture_method=method,
+        pid=os.getpid(),
+        started_at=time.time(),
+    )
+    publisher = ChannelPublisher(
+        settings.channel,
+        engine,
+        max_steps=settings.queue_steps,
+        max_bytes=settings.queue_bytes,
+        heartbeat_s=settings.heartbeat_s,
+    )
+    cap = _RunnerCapture(StepAssembler(publisher), method, layers)
+    if method == "forward_hook":
+        _install_forward_hooks(model, layers, cap)
+    setattr(runner, _ATTR, cap)
+    logger.info(
+        "lie-detector: capturing layers %s of %s via %s (%s, hidden %d) -> %s",
+        layers, engine.model, method, dtype, hidden, settings.channel,
+    )
+
+
+def _attach_capture(runner: Any, model: Any, layers: list[int]) -> str | None:
+    from vllm.config import CompilationMode
+    from vllm.model_executor.models.interfaces import supports_eagle3
+
+    if runner.use_aux_hidden_state_outputs:
+        logger.error("lie-detector: aux hidden states are already in use; capture is OFF")
+        return None
+    if supports_eagle3(model):
+        model.set_aux_hidden_state_layers(tuple(layers))
+        runner.use_aux_hidden_state_outputs = True
+        return "aux_hidden_states"
+    eager = (
+        runner.model_config.enforce_eager
+        and runner.vllm_config.compilation_config.mode == CompilationMode.NONE
+    )
+    if not eager:
+        logger.error(
+            "lie-detector: %s has no aux-hidden-state outputs, so capture needs forward "
+            "hooks, which are only correct in eager mode; capture is OFF. Start vLLM with "
+            "--enforce-eager to enable it.", type(model).__name__,
+        )
+        return None
+    if _decoder_layers(model) is None:
+        logger.error("lie-detector: cannot find decoder layers in %s; capture is OFF",
+                     type(model).__name__)
+        return None
+    logger.warning("lie-detector: using forward hooks (eager mode required and in use)")
+    return "forward_hook"
+
+
+def _decoder_layers(model: Any) -> Any:
+    inner = getattr(model, "model", None)
+    return getattr(inner, "layers", None)
+
+
+def _install_forward_hooks(model: Any, layers: list[int], cap: _RunnerCapture) -> None:
+    decoder = _decoder_layers(model)
+    for k in layers:
+        def pre_hook(module: Any, args: tuple, kwargs: dict, k: int = k) -> None:
+            # vLLM decoder layers take (positions, hidden_states, residual).
+            hidden = args[1] if len(args) > 1 else kwargs["hidden_states"]
+            residual = args[2] if len(args) > 2 else kwargs.get("residual")
+            cap.hook_rows[k] = hidden + residual if residual is not None else hidden.clone()
+
+        decoder[k].register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+def _fingerprint(model_path: str) -> str | None:
+    from detector.model_identity import model_fingerprint
+
+    try:
+        return model_fingerprint(model_path)
+    except (OSError, ValueError):
+        return None  # a hub id rather than a local folder: the sidecar checks names only
+
+
+# --------------------------------------------------------------------------- per step
+def _open_step(runner: Any, cap: _RunnerCapture) -> OpenStep:
+    """Read rows and layout of the step whose forward pass just ran."""
+    state = runner.execute_model_state
+    sched = state.scheduler_output
+    num_tokens = int(sched.total_num_scheduled_tokens)
+    if cap.method == "aux_hidden_states":
+        parts = state.aux_hidden_states
+    else:
+        parts = [cap.hook_rows[k] for k in cap.layers]
+    if parts is None or len(parts) != len(cap.layers):
+        raise RuntimeError(f"expected {len(cap.layers)} captured layers, got "
+                           f"{None if parts is None else len(parts)}")
+    rows = torch.stack([p[:num_tokens] for p in parts])
+    ready = None
+    if rows.device.type != "cpu":
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        host.copy_(rows, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        rows, ready = host, event.synchronize
+
+    batch = runner.input_batch
+    scheduled: list[ScheduledRequest] = []
+    assembler = cap.assembler
+    for i, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
+        n = int(sched.num_scheduled_tokens.get(req_id, 0))
+        if n == 0:
+            continue
+        prompt = None
+        if not assembler.knows(req_id):
+            prompt = runner.requests[req_id].prompt_token_ids
+        scheduled.append(
+            ScheduledRequest(
+                req_id=req_id,
+                num_rows=n,
+                first_position=int(batch.num_computed_tokens_cpu[i]),
+                num_prompt_tokens=int(batch.num_prompt_tokens[i]),
+                prompt_token_ids=prompt,
+            )
+        )
+    return assembler.open_step(rows, scheduled, sorted(sched.finished_req_ids), ready=ready)
+
+
+def _close_when_sampled(runner: Any, cap: _RunnerCapture, step: OpenStep, output: Any) -> None:
+    from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
+
+    if isinstance(output, ModelRunnerOutput):
+        _close(runner, cap, step, output)
+        return
+    if not isinstance(output, AsyncModelRunnerOutput):
+        raise TypeError(f"unexpected sample_tokens output {type(output).__name__}")
+    # Asynchronous scheduling: tokens exist once vLLM resolves the output, in step order.
+    original = output.get_output
+
+    def get_output() -> Any:
+        resolved = original()
+        try:
+            _close(runner, cap, step, resolved)
+        except Exception as exc:
+            cap.disable(f"reading sampled tokens failed: {exc!r}")
+        return resolved
+
+    output.get_output = get_output
+
+
+def _close(runner: Any, cap: _RunnerCapture, step: OpenStep, output: Any) -> None:
+    t0 = time.perf_counter_ns()
+    index = output.req_id_to_index
+    sampled = {
+        req.req_id: list(output.sampled_token_ids[index[req.req_id]])
+        for req in step.scheduled
+        if req.req_id in index
+    }
+    step.finished.extend(_predicted_finished(runner, step, sampled))
+    cap.assembler.close_step(step, sampled, hook_ns=time.perf_counter_ns() - t0)
+
+
+def _predicted_finished(runner: Any, step: OpenStep, sampled: dict[str, list[int]]) -> list[str]:
+    """Requests that vLLM's scheduler will stop after this step (mirrors ``check_stop``).
+
+    vLLM tells the worker of a finished request only in the next step, which never comes
+    when the engine goes idle, so the hook predicts the stop from the sampling parameters.
+    Stop strings are matched in the API process and arrive as ``finished`` later.
+    """
+    ended = []
+    max_model_len = runner.model_config.max_model_len
+    for req in step.scheduled:
+        tokens = sampled.get(req.req_id)
+        state = runner.requests.get(req.req_id)
+        if not tokens or state is None or state.sampling_params is None:
+            continue
+        params = state.sampling_params
+        total = req.first_position + req.num_rows + len(tokens)
+        num_output = total - req.num_prompt_tokens
+        last = tokens[-1]
+        if (
+            last == params.eos_token_id
+            or last in (params.stop_token_ids or ())
+            or total >= max_model_len
+            or (params.max_tokens is not None and num_output >= params.max_tokens)
+        ):
+            ended.append(req.req_id)
+    return ended

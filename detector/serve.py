@@ -1,0 +1,172 @@
+"""``lie-detector serve``: vLLM's OpenAI server with the plugin, and the sidecar, as one pair.
+
+The two run as separate processes on purpose: the sidecar may crash, stall or restart
+without vLLM noticing (the supervisor restarts it), while vLLM ending ends the pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from detector.config import default_channel, default_layers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeOptions:
+    model_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_address: str = "127.0.0.1:50051"
+    metrics_port: int | None = 9464
+    probes: list[Path] = field(default_factory=list)
+    layers: list[int] | None = None
+    channel: str = field(default_factory=default_channel)
+    prefix_caching: bool = False
+    enforce_eager: bool = False
+    max_model_len: int = 2048
+    vllm_args: list[str] = field(default_factory=list)
+    log_dir: Path | None = None
+
+
+def probe_layers(paths: list[Path]) -> list[int]:
+    """Every layer any of the given probes reads (cheap: reads probe.json only)."""
+    from detector.artifact import load_probe
+
+    layers: set[int] = set()
+    for path in paths:
+        layers.update(load_probe(path).metadata.layers)
+    return sorted(layers)
+
+
+def capture_layers(opts: ServeOptions, num_layers: int) -> list[int]:
+    if opts.layers:
+        return sorted(set(opts.layers))
+    needed = probe_layers(opts.probes) if opts.probes else []
+    return sorted(set(needed) | set(default_layers(num_layers)))
+
+
+def vllm_command(opts: ServeOptions) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(opts.model_dir),
+        "--host", opts.host, "--port", str(opts.port),
+        "--max-model-len", str(opts.max_model_len),
+    ]
+    if not opts.prefix_caching:
+        # Cached prompt rows are never recomputed, so they would never be captured.
+        cmd.append("--no-enable-prefix-caching")
+    if opts.enforce_eager:
+        cmd.append("--enforce-eager")
+    return cmd + opts.vllm_args
+
+
+def sidecar_command(opts: ServeOptions) -> list[str]:
+    cmd = [sys.executable, "-m", "detector.cli", "sidecar",
+           "--channel", opts.channel, "--grpc-address", opts.grpc_address,
+           "--model", str(opts.model_dir)]
+    cmd += ["--metrics-port", str(opts.metrics_port)] if opts.metrics_port is not None else [
+        "--no-metrics"]
+    for probe in opts.probes:
+        cmd += ["--probe", str(probe)]
+    return cmd
+
+
+def engine_env(opts: ServeOptions, layers: list[int]) -> dict[str, str]:
+    env = dict(os.environ)
+    env["LIE_DETECTOR_CHANNEL"] = opts.channel
+    env["LIE_DETECTOR_LAYERS"] = ",".join(map(str, layers))
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return env
+
+
+class Supervisor:
+    """Starts both processes; restarts the sidecar if it dies; stops both on exit."""
+
+    def __init__(self, opts: ServeOptions, num_layers: int) -> None:
+        self.opts = opts
+        self.layers = capture_layers(opts, num_layers)
+        self.vllm: subprocess.Popen | None = None
+        self.sidecar: subprocess.Popen | None = None
+        self.sidecar_restarts = 0
+        self._stop = False
+
+    def _spawn(self, cmd: list[str], env: dict[str, str], name: str) -> subprocess.Popen:
+        out = None
+        if self.opts.log_dir is not None:
+            self.opts.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.opts.log_dir / f"{name}.log", "ab")  # noqa: SIM115
+        logger.info("starting %s: %s", name, " ".join(cmd))
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                start_new_session=True)
+
+    def start(self) -> None:
+        self.sidecar = self._spawn(sidecar_command(self.opts), dict(os.environ), "sidecar")
+        self.vllm = self._spawn(vllm_command(self.opts), engine_env(self.opts, self.layers), "vllm")
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
+        signal.signal(signal.SIGINT, lambda *_: self.request_stop())
+        self.start()
+        try:
+            while not self._stop:
+                assert self.vllm is not None and self.sidecar is not None
+                if self.vllm.poll() is not None:
+                    logger.error("vLLM exited with status %s", self.vllm.returncode)
+                    return self.vllm.returncode or 1
+                if self.sidecar.poll() is not None:
+                    self.sidecar_restarts += 1
+                    logger.warning("sidecar exited (%s); restarting (vLLM keeps serving)",
+                                   self.sidecar.returncode)
+                    time.sleep(min(5.0, 0.5 * self.sidecar_restarts))
+                    self.sidecar = self._spawn(sidecar_command(self.opts), dict(os.environ),
+                                               "sidecar")
+                time.sleep(0.2)
+            return 0
+        finally:
+            self.shutdown()
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def shutdown(self, timeout_s: float = 15.0) -> None:
+        for proc in (self.vllm, self.sidecar):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in (self.vllm, self.sidecar):
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def wait_until_healthy(base_url: str, proc: subprocess.Popen | None = None,
+                       timeout_s: float = 300.0) -> None:
+    """Poll vLLM's /health until it answers 200; fail early if the process dies."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"vLLM exited with status {proc.returncode} while starting")
+        try:
+            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"vLLM at {base_url} not healthy after {timeout_s:.0f} s")

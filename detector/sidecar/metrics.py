@@ -1,0 +1,62 @@
+"""Prometheus metrics of the sidecar: what on-call engineers alert on.
+
+Names follow Prometheus conventions: ``lie_detector_`` prefix, base units, ``_total``
+counters, histograms rather than summaries, and no request ids in labels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_DELAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_HOOK_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
+
+
+class SidecarMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.steps_received = Counter(
+            "lie_detector_steps_received", "Engine steps received over the channel.", registry=r)
+        self.messages_rejected = Counter(
+            "lie_detector_channel_rejected_messages",
+            "Channel messages rejected as malformed.", registry=r)
+        self.steps_dropped = Counter(
+            "lie_detector_channel_dropped_steps",
+            "Engine steps the hook dropped because the channel was full or unconnected.",
+            registry=r)
+        self.rows_scored = Counter(
+            "lie_detector_rows_scored", "Residual-stream rows scored by the fused probes.",
+            registry=r)
+        self.hook_connected = Gauge(
+            "lie_detector_hook_connected",
+            "1 while the in-engine hook has been heard from within the heartbeat window.",
+            registry=r)
+        self.hook_step_seconds = Histogram(
+            "lie_detector_hook_step_seconds",
+            "Time the hook spent in the engine thread per step.", buckets=_HOOK_BUCKETS,
+            registry=r)
+        self.score_delay_seconds = Histogram(
+            "lie_detector_score_delay_seconds",
+            "Delay from the end of an engine step to its scores being available.",
+            buckets=_DELAY_BUCKETS, registry=r)
+        self.requests_tracked = Gauge(
+            "lie_detector_requests_tracked", "Requests held in the result store.", registry=r)
+        self.store_bytes = Gauge(
+            "lie_detector_store_bytes", "Approximate memory held by the result store.",
+            registry=r)
+        self.probes_active = Gauge(
+            "lie_detector_probes_active", "Probes currently scoring.", registry=r)
+        self.probe_load_failures = Counter(
+            "lie_detector_probe_load_failures", "Probe artifacts refused at load.", registry=r)
+        self._engine_dropped_seen: dict[str, int] = {}
+
+    def engine_dropped(self, engine_id: str, dropped_total: int) -> None:
+        """Turn the hook's running drop count into increments of our counter."""
+        seen = self._engine_dropped_seen.get(engine_id, 0)
+        if dropped_total > seen:
+            self.steps_dropped.inc(dropped_total - seen)
+            self._engine_dropped_seen[engine_id] = dropped_total
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=host, registry=self.registry)

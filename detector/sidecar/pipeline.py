@@ -1,0 +1,104 @@
+"""Channel -> fused probes -> result store, in one receiver thread.
+
+One step is one matrix product: the rows worth scoring (last prompt row and generated
+rows) of every request in the step, through every active probe at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import torch
+
+from detector.channel.subscriber import ChannelSubscriber
+from detector.channel.wire import Heartbeat, Message, StepHeader
+from detector.sidecar.metrics import SidecarMetrics
+from detector.sidecar.registry import ProbeRegistry
+from detector.sidecar.streams import RequestStore, rows_to_score
+
+logger = logging.getLogger(__name__)
+
+
+class ScoringPipeline:
+    def __init__(
+        self,
+        subscriber: ChannelSubscriber,
+        registry: ProbeRegistry,
+        store: RequestStore,
+        metrics: SidecarMetrics,
+        *,
+        heartbeat_s: float = 1.0,
+    ) -> None:
+        self.subscriber = subscriber
+        self.registry = registry
+        self.store = store
+        self.metrics = metrics
+        self.heartbeat_s = heartbeat_s
+        self.last_heard = 0.0
+        self._rejected_seen = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scoring-pipeline", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    @property
+    def hook_connected(self) -> bool:
+        return time.monotonic() - self.last_heard < 3 * self.heartbeat_s
+
+    def _run(self) -> None:
+        last_housekeeping = time.monotonic()
+        while not self._stop.is_set():
+            message = self.subscriber.recv(timeout_s=0.25)
+            if message is not None:
+                try:
+                    self.handle(message)
+                except Exception:  # a bad step must not stop scoring
+                    logger.exception("failed to score a step; continuing")
+            now = time.monotonic()
+            if now - last_housekeeping > 1.0:
+                self._housekeeping()
+                last_housekeeping = now
+
+    def handle(self, message: Message) -> None:
+        header, rows = message
+        self.last_heard = time.monotonic()
+        self.registry.attach_engine(header.engine)
+        self.metrics.engine_dropped(header.engine.engine_id, header.dropped_total)
+        if isinstance(header, Heartbeat):
+            self.store.note_engine(header.engine.engine_id, header.next_seq)
+            return
+        assert isinstance(header, StepHeader) and rows is not None
+        self.metrics.steps_received.inc()
+        self.metrics.hook_step_seconds.observe(header.hook_ns / 1e9)
+        index = rows_to_score(header)
+        active = self.registry.active()
+        probs = None
+        columns = None
+        if active is not None and active.columns.names and index.size:
+            scorer = active.scorer
+            selected = rows[:, torch.from_numpy(index)]
+            probs = scorer.probabilities(scorer.logits(selected)).cpu().numpy()
+            columns = active.columns
+            self.metrics.rows_scored.inc(int(index.size))
+        self.store.ingest(header, index, probs, columns)
+        self.metrics.score_delay_seconds.observe(max(0.0, (time.time_ns() - header.time_ns) / 1e9))
+
+    def _housekeeping(self) -> None:
+        self.store.expire()
+        stats = self.store.stats()
+        self.metrics.requests_tracked.set(stats.requests)
+        self.metrics.store_bytes.set(stats.bytes)
+        self.metrics.hook_connected.set(1 if self.hook_connected else 0)
+        active = self.registry.active()
+        self.metrics.probes_active.set(len(active.columns.names) if active else 0)
+        new_rejects = self.subscriber.rejected - self._rejected_seen
+        if new_rejects > 0:
+            self.metrics.messages_rejected.inc(new_rejects)
+            self._rejected_seen += new_rejects

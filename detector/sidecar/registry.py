@@ -1,0 +1,159 @@
+"""The loaded probes, checked against the engine they score, fused into one scorer.
+
+Probes can be loaded and unloaded while vLLM runs. A probe that does not fit the served
+model (other fingerprint, hidden size or layer count) is refused; one whose layers the
+engine does not capture is kept but inactive, with the reason, until an engine that
+captures them connects.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from detector.artifact import (
+    ProbeArtifact,
+    ProbeArtifactError,
+    ProbeMismatchError,
+    check_compatible,
+    load_probe,
+)
+from detector.channel.wire import EngineInfo
+from detector.model_identity import ModelIdentity
+from detector.sidecar.scorer import FusedProbeScorer, default_device
+from detector.sidecar.streams import ProbeColumns, columns_for
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class LoadedProbe:
+    artifact: ProbeArtifact
+    path: str
+    inactive_reason: str = ""
+
+
+@dataclass(slots=True)
+class ActiveScorer:
+    """An immutable pairing of a fused scorer with the columns it produces."""
+
+    scorer: FusedProbeScorer
+    columns: ProbeColumns
+    engine_id: str
+
+
+class ProbeRegistry:
+    def __init__(self, *, served: ModelIdentity | None = None,
+                 device: torch.device | None = None) -> None:
+        self.served = served  # known up front when the sidecar is given the model folder
+        self.device = device or default_device()
+        self._probes: dict[str, LoadedProbe] = {}
+        self._engine: EngineInfo | None = None
+        self._active: ActiveScorer | None = None
+        self._lock = threading.Lock()
+        self.load_failures = 0
+        # Called with the new columns (or None) whenever the set of scoring probes changes.
+        self.on_change: list[Callable[[ProbeColumns | None], None]] = []
+
+    # ----------------------------------------------------------------- probes
+    def load(self, path: str | Path, *, replace: bool = False) -> LoadedProbe:
+        """Load and check an artifact; raises ``ProbeArtifactError`` with the reason."""
+        try:
+            artifact = load_probe(path)
+            with self._lock:
+                name = artifact.metadata.name
+                if name in self._probes and not replace:
+                    raise ProbeArtifactError(f"a probe named {name!r} is already loaded")
+                served = self._served_identity()
+                if served is not None:
+                    layers = self._engine.layers if self._engine else artifact.metadata.layers
+                    check_compatible(artifact.metadata, served, layers)
+                loaded = LoadedProbe(artifact, str(path))
+                self._probes[name] = loaded
+                self._rebuild()
+        except ProbeArtifactError:
+            self.load_failures += 1
+            raise
+        logger.info("probe %s loaded from %s%s", name, path,
+                    f" (inactive: {loaded.inactive_reason})" if loaded.inactive_reason else "")
+        return loaded
+
+    def unload(self, name: str) -> bool:
+        with self._lock:
+            if self._probes.pop(name, None) is None:
+                return False
+            self._rebuild()
+        logger.info("probe %s unloaded", name)
+        return True
+
+    def probes(self) -> list[LoadedProbe]:
+        with self._lock:
+            return list(self._probes.values())
+
+    # ----------------------------------------------------------------- engine
+    def attach_engine(self, engine: EngineInfo) -> None:
+        """Called for every message; rebuilds only when the engine changes."""
+        if self._engine is not None and self._engine.engine_id == engine.engine_id:
+            return
+        with self._lock:
+            self._engine = engine
+            logger.info("engine %s connected: %s, layers %s, %s via %s", engine.engine_id[:8],
+                        engine.model, engine.layers, engine.dtype, engine.capture_method)
+            self._rebuild()
+
+    @property
+    def engine(self) -> EngineInfo | None:
+        return self._engine
+
+    def active(self) -> ActiveScorer | None:
+        return self._active
+
+    def _served_identity(self) -> ModelIdentity | None:
+        engine = self._engine
+        if engine is None:
+            return self.served
+        fingerprint = engine.fingerprint or (self.served.fingerprint if self.served else None)
+        if fingerprint is None:
+            return None
+        return ModelIdentity(name=engine.model, fingerprint=fingerprint,
+                             hidden_size=engine.hidden_size, num_layers=engine.num_layers)
+
+    def _rebuild(self) -> None:
+        engine = self._engine
+        if engine is None:
+            self._active = None
+            self._notify()
+            return
+        served = self._served_identity()
+        usable: list[ProbeArtifact] = []
+        for loaded in self._probes.values():
+            try:
+                if served is None:
+                    raise ProbeMismatchError(
+                        "the engine's model has no fingerprint (not a local folder) and the "
+                        "sidecar was not given --model to identify it")
+                check_compatible(loaded.artifact.metadata, served, engine.layers)
+            except ProbeMismatchError as exc:
+                if loaded.inactive_reason != str(exc):
+                    logger.warning("probe %s inactive: %s", loaded.artifact.metadata.name, exc)
+                loaded.inactive_reason = str(exc)
+                continue
+            loaded.inactive_reason = ""
+            usable.append(loaded.artifact)
+        scorer = FusedProbeScorer(usable, captured_layers=engine.layers,
+                                  hidden_size=engine.hidden_size, device=self.device)
+        metas = [a.metadata for a in usable]
+        columns = columns_for([m.name for m in metas], [m.score_position for m in metas],
+                              [m.threshold for m in metas])
+        self._active = ActiveScorer(scorer, columns, engine.engine_id)
+        self._notify()
+
+    def _notify(self) -> None:
+        columns = self._active.columns if self._active else None
+        for callback in self.on_change:
+            callback(columns)

@@ -1,0 +1,234 @@
+"""Score every captured token with every loaded probe in one matrix product.
+
+Why one block matrix rather than one matmul per probe (and per layer)
+--------------------------------------------------------------------
+Each engine step delivers rows ``(n_captured_layers, n_tokens, hidden)``. With a handful
+of probes the product ``(n_tokens, L*H) @ (L*H, n_probes)`` is memory-bound: its cost is
+reading the activations once. Per-probe matmuls would read the activations once per
+probe (and launch one small kernel per probe and layer, which on a GPU costs more than
+the arithmetic), so the step's scoring time would grow with the number of probes. The
+block matrix ``W`` puts each probe's folded weights in the rows of its own layers and
+zeros elsewhere, so all probes and layers are one GEMM whose time barely depends on how
+many probes are loaded.
+
+The trade-off: when probes read few of many captured layers, ``W`` is mostly zeros and
+the GEMM multiplies them anyway (``L*H*n_probes`` multiply-adds per token instead of
+``sum(len(probe.layers))*H``). Since the product is bandwidth-bound on the activations
+this costs little compute; the real waste is capturing and shipping layers no probe
+reads, which is fixed by capturing fewer layers (``LIE_DETECTOR_LAYERS``), not by
+splitting the GEMM. :attr:`FusedProbeScorer.unused_layers` reports such layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from detector.artifact import (
+    ProbeArtifact,
+    ProbeArtifactError,
+    ProbeMismatchError,
+    check_compatible,
+    folded_linear,
+)
+from detector.model_identity import ModelIdentity
+
+logger = logging.getLogger(__name__)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class FusedProbeScorer:
+    """All loaded probes as one block weight matrix over the captured layers.
+
+    ``logits(rows)`` -> ``(n_tokens, n_probes)`` logits; ``probabilities(logits)`` applies
+    each probe's own calibration; ``thresholds`` are on the calibrated probability.
+    """
+
+    def __init__(
+        self,
+        probes: Sequence[ProbeArtifact],
+        *,
+        captured_layers: Sequence[int],
+        hidden_size: int,
+        device: torch.device | str | None = None,
+        model: ModelIdentity | None = None,
+    ) -> None:
+        """``model``, when given, is checked against every probe (:func:`check_compatible`)."""
+        self.captured_layers = [int(k) for k in captured_layers]
+        if self.captured_layers != sorted(set(self.captured_layers)):
+            raise ValueError(
+                f"captured_layers must be sorted and unique, got {self.captured_layers}"
+            )
+        if hidden_size <= 0:
+            raise ValueError(f"hidden_size must be positive, got {hidden_size}")
+        self.hidden_size = int(hidden_size)
+        self.device = torch.device(device) if device is not None else default_device()
+        probes = list(probes)
+
+        names = [p.name for p in probes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ProbeArtifactError(f"probe names must be unique; duplicated: {dupes}")
+
+        n_layers, h = len(self.captured_layers), self.hidden_size
+        position = {k: i for i, k in enumerate(self.captured_layers)}
+        weight = torch.zeros(n_layers * h, len(probes), dtype=torch.float32)
+        bias = torch.zeros(len(probes), dtype=torch.float32)
+        platt_a = torch.ones(len(probes), dtype=torch.float32)
+        platt_b = torch.zeros(len(probes), dtype=torch.float32)
+        for j, probe in enumerate(probes):
+            meta = probe.metadata
+            if model is not None:
+                check_compatible(meta, model, self.captured_layers)
+            if meta.hidden_size != h:
+                raise ProbeMismatchError(
+                    f"probe {meta.name!r} has hidden size {meta.hidden_size}, "
+                    f"the captured rows have {h}"
+                )
+            missing = [k for k in meta.layers if k not in position]
+            if missing:
+                raise ProbeMismatchError(
+                    f"probe {meta.name!r} reads layers {missing} that are not captured "
+                    f"(captured: {self.captured_layers}); set LIE_DETECTOR_LAYERS to include them"
+                )
+            w, b = folded_linear(probe)
+            for i, k in enumerate(meta.layers):
+                c = position[k]
+                weight[c * h : (c + 1) * h, j] = w[i * h : (i + 1) * h]
+            bias[j] = b
+            if meta.calibration == "platt":
+                platt_a[j], platt_b[j] = float(meta.platt_a), float(meta.platt_b)
+
+        self._probes = probes
+        self._weight = weight.to(self.device)
+        self._bias = bias.to(self.device)
+        self._platt_a = platt_a.to(self.device)
+        self._platt_b = platt_b.to(self.device)
+        self._thresholds = torch.tensor(
+            [p.metadata.threshold for p in probes], dtype=torch.float32, device=self.device
+        )
+        self._init_isotonic(probes)
+        used = {k for p in probes for k in p.metadata.layers}
+        self.unused_layers = [k for k in self.captured_layers if k not in used]
+        if probes and self.unused_layers:
+            logger.info("captured layers %s are read by no probe", self.unused_layers)
+
+    def _init_isotonic(self, probes: list[ProbeArtifact]) -> None:
+        """Pad every isotonic probe's knots to one (n_iso, K) table for batched searchsorted."""
+        cols = [j for j, p in enumerate(probes) if p.metadata.calibration == "isotonic"]
+        self._iso_cols = torch.tensor(cols, dtype=torch.long, device=self.device)
+        if not cols:
+            return
+        knots = []
+        for j in cols:
+            x, y = probes[j].isotonic_x.double(), probes[j].isotonic_y.double()
+            if x.numel() == 1:  # a constant map; two knots keep the interpolation uniform
+                x, y = torch.cat([x, x + x.abs().clamp(min=1.0)]), torch.cat([y, y])
+            knots.append((x, y))
+        k_max = max(x.numel() for x, _ in knots)
+        xs = torch.full((len(cols), k_max), float("inf"), dtype=torch.float64)
+        ys = torch.zeros((len(cols), k_max), dtype=torch.float64)
+        for r, (x, y) in enumerate(knots):
+            xs[r, : x.numel()], ys[r, : y.numel()] = x, y
+            ys[r, y.numel() :] = y[-1]
+        n = torch.tensor([x.numel() for x, _ in knots], dtype=torch.long)
+        self._iso_x = xs.float().to(self.device)
+        self._iso_y = ys.float().to(self.device)
+        self._iso_last = (n - 1).to(self.device).unsqueeze(1)
+        self._iso_lo = self._iso_x[:, :1]
+        self._iso_hi = self._iso_x.gather(1, self._iso_last)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def num_probes(self) -> int:
+        return len(self._probes)
+
+    @property
+    def probe_names(self) -> list[str]:
+        return [p.name for p in self._probes]
+
+    @property
+    def probes(self) -> list[ProbeArtifact]:
+        return list(self._probes)
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """(n_probes,) float32 thresholds on the calibrated probability, on ``device``."""
+        return self._thresholds
+
+    @property
+    def score_positions(self) -> list[str]:
+        return [p.metadata.score_position for p in self._probes]
+
+    @property
+    def aggregations(self) -> list[str]:
+        return [p.metadata.aggregation for p in self._probes]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The block matrix ``W``: (n_captured_layers * hidden, n_probes)."""
+        return self._weight
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self._bias
+
+    # ------------------------------------------------------------------ scoring
+
+    @torch.no_grad()
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n_captured_layers, n_tokens, hidden) rows -> (n_tokens, n_probes) float32 logits."""
+        n_layers, h = len(self.captured_layers), self.hidden_size
+        if rows.dim() != 3 or rows.shape[0] != n_layers or rows.shape[2] != h:
+            raise ValueError(
+                f"rows must have shape ({n_layers}, n_tokens, {h}) for captured layers "
+                f"{self.captured_layers}, got {tuple(rows.shape)}"
+            )
+        if not rows.is_floating_point():
+            raise TypeError(f"rows must be a float tensor, got {rows.dtype}")
+        n_tokens = rows.shape[1]
+        if self.num_probes == 0 or n_tokens == 0:
+            return torch.zeros((n_tokens, self.num_probes), dtype=torch.float32, device=self.device)
+        # One copy does the device move, the cast to float32 and the (L,T,H)->(T,L,H) layout.
+        x = torch.empty((n_tokens, n_layers, h), dtype=torch.float32, device=self.device)
+        x.copy_(rows.transpose(0, 1))
+        return torch.addmm(self._bias, x.view(n_tokens, n_layers * h), self._weight)
+
+    @torch.no_grad()
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Apply each probe's calibration: none -> sigmoid(z), platt -> sigmoid(a*z + b),
+        isotonic -> piecewise-linear interpolation of its knots, clamped at the ends."""
+        if logits.dim() != 2 or logits.shape[1] != self.num_probes:
+            raise ValueError(
+                f"logits must have shape (n_tokens, {self.num_probes}), got {tuple(logits.shape)}"
+            )
+        z = logits.to(device=self.device, dtype=torch.float32)
+        # "none" columns carry a=1, b=0, so one expression covers them and platt.
+        probs = torch.sigmoid(z * self._platt_a + self._platt_b)
+        if self._iso_cols.numel() and z.shape[0]:
+            zi = z.index_select(1, self._iso_cols).t().contiguous()  # (n_iso, T)
+            zi = torch.minimum(torch.maximum(zi, self._iso_lo), self._iso_hi)
+            hi = torch.searchsorted(self._iso_x, zi)
+            hi = torch.minimum(hi, self._iso_last).clamp_(min=1)
+            lo = hi - 1
+            x0, x1 = self._iso_x.gather(1, lo), self._iso_x.gather(1, hi)
+            y0, y1 = self._iso_y.gather(1, lo), self._iso_y.gather(1, hi)
+            t = (zi - x0) / (x1 - x0)
+            probs[:, self._iso_cols] = (y0 + t * (y1 - y0)).t()
+        return probs
+
+    def score(self, rows: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities (n_tokens, n_probes) for a step's rows."""
+        return self.probabilities(self.logits(rows))
+
+    def __repr__(self) -> str:
+        return (
+            f"FusedProbeScorer(probes={self.probe_names}, captured_layers={self.captured_layers}, "
+            f"hidden_size={self.hidden_size}, device={self.device})"
+        )

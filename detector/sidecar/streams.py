@@ -1,0 +1,337 @@
+"""Rebuild each request's generated token stream and keep its scores, bounded in time and memory.
+
+A row at position p is the residual stream after the model read token p. A generated token
+at position q can be scored from the row that produced it (q-1, available in the same step
+as the token) or from its own row (q, available one step later; never for the final token,
+which vLLM does not feed back). Each probe says which it uses; the store keeps per-row
+probabilities and resolves them per token when read.
+
+Requests are found by their engine id (``cmpl-X-0-1a2b3c4d``), by the response id the API
+client sees (``cmpl-X`` / ``chatcmpl-X``) and by the ``X-Request-Id`` they were sent with
+(``X``).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from detector.channel.wire import StepHeader
+
+_INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+_PROMPT_INDEX = re.compile(r"^(cmpl-.+)-(\d+)$")
+_ROW_OVERHEAD = 96  # bytes of dict entry + array header per stored row, roughly
+
+
+def request_aliases(req_id: str) -> list[str]:
+    """Every id an API client may know a request by, most specific first."""
+    aliases = [req_id]
+    external = _INTERNAL_SUFFIX.sub("", req_id)
+    if external != req_id:
+        aliases.append(external)
+    m = _PROMPT_INDEX.match(external)
+    if m:  # /v1/completions: cmpl-{X}-{prompt index}; the response id is cmpl-{X}
+        response_id = m.group(1)
+        if m.group(2) == "0":
+            aliases.append(response_id)
+        aliases.append(response_id[len("cmpl-"):] + ("" if m.group(2) == "0" else f"-{m.group(2)}"))
+    elif external.startswith("chatcmpl-"):
+        aliases.append(external[len("chatcmpl-"):])
+    return list(dict.fromkeys(a for a in aliases if a))
+
+
+@dataclass(slots=True)
+class ProbeColumns:
+    """The probes a row was scored with (shared by every row scored together)."""
+
+    names: tuple[str, ...]
+    score_positions: tuple[str, ...]
+    thresholds: tuple[float, ...]
+
+    def index(self, name: str) -> int | None:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            return None
+
+
+@dataclass(slots=True)
+class TokenScore:
+    position: int
+    token_id: int
+    # probe name -> calibrated probability; a probe missing here could not score the token.
+    scores: dict[str, float]
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    req_id: str
+    engine_id: str
+    num_prompt_tokens: int
+    generated: list[int] = field(default_factory=list)
+    rows: dict[int, tuple[ProbeColumns, np.ndarray]] = field(default_factory=dict)
+    finished: bool = False
+    incomplete: str | None = None
+    created: float = field(default_factory=time.monotonic)
+    updated: float = field(default_factory=time.monotonic)
+    first_token_ns: int = 0
+    version: int = 0
+    nbytes: int = 0
+
+    def token_scores(self, columns: ProbeColumns | None) -> list[TokenScore]:
+        """Every generated token in order, with whatever scores exist for it."""
+        out = []
+        for g, token in enumerate(self.generated):
+            q = self.num_prompt_tokens + g
+            scores: dict[str, float] = {}
+            if columns is not None:
+                for name, where in zip(columns.names, columns.score_positions):
+                    row = self.rows.get(q - 1 if where == "producer" else q)
+                    if row is None:
+                        continue
+                    i = row[0].index(name)
+                    if i is not None:
+                        scores[name] = float(row[1][i])
+            out.append(TokenScore(position=q, token_id=token, scores=scores))
+        return out
+
+
+@dataclass(slots=True)
+class StoreStats:
+    requests: int
+    bytes: int
+    evicted: int
+    expired: int
+    incomplete: int
+
+
+class RequestStore:
+    """Thread-safe per-request results with a time-to-live and a memory bound."""
+
+    def __init__(
+        self,
+        *,
+        max_requests: int = 10_000,
+        max_bytes: int = 512 << 20,
+        finished_ttl_s: float = 600.0,
+        idle_ttl_s: float = 900.0,
+    ) -> None:
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
+        self.finished_ttl_s = finished_ttl_s
+        self.idle_ttl_s = idle_ttl_s
+        self._records: OrderedDict[str, RequestRecord] = OrderedDict()
+        self._aliases: dict[str, str] = {}
+        self._bytes = 0
+        self._last_seq: dict[str, int] = {}
+        self._engine_id: str | None = None
+        self.columns: ProbeColumns | None = None
+        self.evicted = 0
+        self.expired = 0
+        self.incomplete = 0
+        self._cond = threading.Condition()
+
+    # ----------------------------------------------------------------- writing
+    def set_columns(self, columns: ProbeColumns | None) -> None:
+        with self._cond:
+            self.columns = columns
+            self._cond.notify_all()
+
+    def note_engine(self, engine_id: str, next_seq: int | None = None) -> None:
+        """A heartbeat or step from ``engine_id``: detect restarts and silent drops."""
+        with self._cond:
+            if self._engine_id is not None and engine_id != self._engine_id:
+                self._mark_active_incomplete(self._engine_id, "the vLLM engine restarted")
+            self._engine_id = engine_id
+            if next_seq is not None:
+                last = self._last_seq.get(engine_id)
+                if last is not None and next_seq - 1 > last:
+                    self._mark_active_incomplete(engine_id, "the channel dropped steps")
+                    self._last_seq[engine_id] = next_seq - 1
+            self._cond.notify_all()
+
+    def ingest(
+        self,
+        header: StepHeader,
+        positions_scored: np.ndarray,
+        probs: np.ndarray | None,
+        columns: ProbeColumns | None,
+    ) -> None:
+        """Record one step. ``probs[i]`` scores the row at global row index
+        ``positions_scored[i]`` of the step (rows not listed were not scored)."""
+        engine = header.engine.engine_id
+        now = time.monotonic()
+        with self._cond:
+            if self._engine_id is not None and engine != self._engine_id:
+                self._mark_active_incomplete(self._engine_id, "the vLLM engine restarted")
+            self._engine_id = engine
+            last = self._last_seq.get(engine)
+            if last is not None and header.seq > last + 1:
+                self._mark_active_incomplete(engine, "the channel dropped steps")
+            self._last_seq[engine] = max(header.seq, last if last is not None else -1)
+            row_of = {int(r): i for i, r in enumerate(positions_scored)}
+            for req in header.requests:
+                rec = self._records.get(req.req_id)
+                if rec is None:
+                    rec = RequestRecord(req.req_id, engine, req.num_prompt_tokens)
+                    if req.first_position > max(req.num_prompt_tokens - 1, 0):
+                        rec.incomplete = "capture started after the request began"
+                        self.incomplete += 1
+                    self._records[req.req_id] = rec
+                    for alias in request_aliases(req.req_id):
+                        self._aliases.setdefault(alias, req.req_id)
+                else:
+                    self._records.move_to_end(req.req_id)
+                before = rec.nbytes
+                p0 = rec.num_prompt_tokens
+                for j, token in enumerate(req.input_token_ids):
+                    pos = req.first_position + j
+                    if pos >= p0:
+                        self._set_generated(rec, pos - p0, token)
+                    i = row_of.get(req.row_offset + j)
+                    if i is not None and probs is not None and columns is not None:
+                        rec.rows[pos] = (columns, probs[i])
+                        rec.nbytes += probs[i].nbytes + _ROW_OVERHEAD
+                end = req.first_position + req.num_rows
+                for k, token in enumerate(req.sampled_token_ids):
+                    self._set_generated(rec, end + k - p0, token)
+                if req.sampled_token_ids and not rec.first_token_ns:
+                    rec.first_token_ns = header.time_ns
+                rec.finished = False if req.sampled_token_ids else rec.finished
+                rec.updated = now
+                rec.version += 1
+                self._bytes += rec.nbytes - before
+            for req_id in header.finished:
+                rec = self._records.get(req_id)
+                if rec is not None:
+                    rec.finished = True
+                    rec.version += 1
+            self._enforce_bounds(now)
+            self._cond.notify_all()
+
+    @staticmethod
+    def _set_generated(rec: RequestRecord, g: int, token: int) -> None:
+        if g < 0:
+            return
+        if g < len(rec.generated):
+            rec.generated[g] = token
+        elif g == len(rec.generated):
+            rec.generated.append(token)
+            rec.nbytes += 8
+        else:  # a gap: tokens we never saw
+            rec.generated.extend([-1] * (g - len(rec.generated)))
+            rec.generated.append(token)
+            rec.nbytes += 8 * (g + 1)
+            if rec.incomplete is None:
+                rec.incomplete = "some tokens were never received"
+
+    def _mark_active_incomplete(self, engine_id: str, reason: str) -> None:
+        for rec in self._records.values():
+            if rec.engine_id == engine_id and not rec.finished and rec.incomplete is None:
+                rec.incomplete = reason
+                rec.version += 1
+                self.incomplete += 1
+
+    def _enforce_bounds(self, now: float) -> None:
+        for req_id in list(self._records):
+            rec = self._records[req_id]
+            ttl = self.finished_ttl_s if rec.finished else self.idle_ttl_s
+            if now - rec.updated > ttl:
+                self._drop(req_id)
+                self.expired += 1
+        while self._records and (
+            len(self._records) > self.max_requests or self._bytes > self.max_bytes
+        ):
+            victim = next((k for k, r in self._records.items() if r.finished), None)
+            self._drop(victim or next(iter(self._records)))
+            self.evicted += 1
+
+    def _drop(self, req_id: str) -> None:
+        rec = self._records.pop(req_id)
+        self._bytes -= rec.nbytes
+        for alias in request_aliases(req_id):
+            if self._aliases.get(alias) == req_id:
+                del self._aliases[alias]
+
+    def expire(self) -> None:
+        with self._cond:
+            self._enforce_bounds(time.monotonic())
+
+    # ----------------------------------------------------------------- reading
+    def resolve(self, request_id: str) -> str | None:
+        with self._cond:
+            if request_id in self._records:
+                return request_id
+            return self._aliases.get(request_id)
+
+    def snapshot(self, request_id: str) -> tuple[RequestRecord, list[TokenScore]] | None:
+        """A consistent copy of one request's state and token scores."""
+        with self._cond:
+            req_id = request_id if request_id in self._records else self._aliases.get(request_id)
+            if req_id is None:
+                return None
+            rec = self._records[req_id]
+            copy = RequestRecord(
+                rec.req_id, rec.engine_id, rec.num_prompt_tokens, list(rec.generated), {},
+                rec.finished, rec.incomplete, rec.created, rec.updated, rec.first_token_ns,
+                rec.version, rec.nbytes,
+            )
+            return copy, rec.token_scores(self.columns)
+
+    def wait(
+        self, request_id: str, *, after_version: int = -1, timeout_s: float | None = None,
+        until_finished: bool = False,
+    ) -> bool:
+        """Block until the request changes (or finishes); False on timeout."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+        def ready() -> bool:
+            req_id = self._aliases.get(request_id, request_id)
+            rec = self._records.get(req_id)
+            if rec is None:
+                return False
+            if until_finished:
+                return rec.finished
+            return rec.version > after_version or rec.finished
+
+        with self._cond:
+            while not ready():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining if remaining is not None else 1.0)
+            return True
+
+    def request_ids(self) -> list[str]:
+        with self._cond:
+            return list(self._records)
+
+    def stats(self) -> StoreStats:
+        with self._cond:
+            return StoreStats(len(self._records), self._bytes, self.evicted, self.expired,
+                              self.incomplete)
+
+
+def rows_to_score(header: StepHeader) -> np.ndarray:
+    """Global row indices worth scoring: the last prompt row and every generated row.
+
+    Prompt rows before the last one never score a generated token, so they are skipped
+    before the matrix product rather than after it.
+    """
+    keep: list[np.ndarray] = []
+    for req in header.requests:
+        start = max(req.num_prompt_tokens - 1 - req.first_position, 0)
+        if start < req.num_rows:
+            keep.append(np.arange(req.row_offset + start, req.row_offset + req.num_rows))
+    return np.concatenate(keep) if keep else np.empty(0, dtype=np.int64)
+
+
+def columns_for(names: Sequence[str], score_positions: Sequence[str],
+                thresholds: Sequence[float]) -> ProbeColumns:
+    return ProbeColumns(tuple(names), tuple(score_positions), tuple(float(t) for t in thresholds))

@@ -1,0 +1,50 @@
+"""Session fixtures: one real vLLM CPU server with the plugin, shared by every test that needs it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from support import VllmServer, start_vllm  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from detector.embedded_model import ensure_embedded_model
+
+    return ensure_embedded_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> VllmServer:
+    server = start_vllm(model_dir, tmp_path_factory.mktemp("vllm-on"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_server_disabled(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> VllmServer:
+    """The same server with LIE_DETECTOR_DISABLE=1: the baseline for 'unchanged'."""
+    server = start_vllm(model_dir, tmp_path_factory.mktemp("vllm-off"), disable=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

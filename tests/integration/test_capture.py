@@ -1,0 +1,136 @@
+"""The plugin inside a real vLLM server captures the right rows for the right tokens.
+
+Four concurrent requests of different lengths share engine steps; one prompt is longer than
+the per-step token budget, so its prefill is chunked over several steps. Every captured row
+must equal transformers' ``output_hidden_states`` for the same token ids.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import LAYERS, MAX_BATCHED_TOKENS, ChannelTap, complete_many
+
+pytestmark = pytest.mark.vllm
+
+# Float32 on both sides. vLLM's CPU kernels (fused RMSNorm, its attention, torch.compile's
+# fused graph) sum in other orders than transformers' eager PyTorch; after 22 layers the
+# difference measured here is ~1e-5 of the row's scale. 1e-3 relative leaves headroom for
+# other CPUs while a row from a neighbouring position or another request (differences of
+# the order of the row itself) fails by three orders of magnitude.
+RELATIVE_TOLERANCE = 1e-3
+
+LONG_PROMPT = " ".join(
+    f"Fact {i}: the river {name} flows into the sea near the city of {city}."
+    for i, (name, city) in enumerate(
+        [("Elbe", "Hamburg"), ("Seine", "Le Havre"), ("Thames", "London"), ("Tagus", "Lisbon"),
+         ("Rhine", "Rotterdam"), ("Loire", "Nantes"), ("Ebro", "Tortosa"), ("Po", "Venice"),
+         ("Oder", "Szczecin"), ("Vistula", "Gdansk"), ("Daugava", "Riga"), ("Neva", "St Petersburg"),
+         ("Douro", "Porto"), ("Garonne", "Bordeaux"), ("Shannon", "Limerick"),
+         ("Tiber", "Rome"), ("Arno", "Pisa"), ("Rhone", "Marseille")]
+    )
+) + " Question: which river flows past Lisbon? Answer:"
+
+JOBS = [
+    {"prompt": "The capital of France is", "max_tokens": 12, "request_id": "cap-short"},
+    {"prompt": "Q: What is the chemical symbol of gold?\nA:", "max_tokens": 20,
+     "request_id": "cap-medium"},
+    {"prompt": "Once upon a time, in a small village by the mountains, there lived",
+     "max_tokens": 32, "request_id": "cap-story"},
+    {"prompt": LONG_PROMPT, "max_tokens": 16, "request_id": "cap-long"},
+]
+
+
+@pytest.fixture(scope="module")
+def captured(vllm_server):
+    tap = ChannelTap(vllm_server.channel)
+    try:
+        tap.wait_connected(vllm_server.base_url)
+        responses = complete_many(vllm_server.base_url, JOBS)
+        # The step that sampled the last token is published right after it; allow the
+        # publisher thread a moment to flush.
+        import time
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(
+            _done(tap, job["request_id"], resp) for job, resp in zip(JOBS, responses)
+        ):
+            time.sleep(0.1)
+        yield tap, responses
+    finally:
+        tap.close()
+
+
+def _done(tap: ChannelTap, request_id: str, resp: dict) -> bool:
+    try:
+        _, cap = tap.find(f"cmpl-{request_id}-0")
+    except AssertionError:
+        return False
+    return len(cap.sampled) >= len(resp["choices"][0]["token_ids"])
+
+
+def _ids(resp: dict) -> tuple[list[int], list[int]]:
+    choice = resp["choices"][0]
+    prompt = resp.get("prompt_token_ids") or choice.get("prompt_token_ids")
+    return list(prompt), list(choice["token_ids"])
+
+
+def test_long_prompt_was_chunked(captured) -> None:
+    tap, responses = captured
+    prompt, _ = _ids(responses[3])
+    assert len(prompt) > MAX_BATCHED_TOKENS
+    req_id, _ = tap.find("cmpl-cap-long-0")
+    firsts = sorted(r.first_position for h in tap.steps for r in h.requests
+                    if r.req_id == req_id and r.first_position < len(prompt))
+    assert len(firsts) >= 2, f"prefill was not chunked: chunks start at {firsts}"
+
+
+def test_requests_shared_engine_steps(captured) -> None:
+    tap, _ = captured
+    assert max(len(h.requests) for h in tap.steps) >= 3
+
+
+@pytest.mark.parametrize("index", range(len(JOBS)))
+def test_rows_account_for_every_token(captured, index: int) -> None:
+    """prompt + generated - 1 rows, each once, carrying the token it read."""
+    tap, responses = captured
+    prompt, generated = _ids(responses[index])
+    req_id, cap = tap.find(f"cmpl-{JOBS[index]['request_id']}-0")
+    expected_rows = len(prompt) + len(generated) - 1
+    assert cap.row_count == expected_rows
+    assert sorted(cap.rows) == list(range(expected_rows))
+    sequence = prompt + generated
+    assert [cap.tokens[p] for p in range(expected_rows)] == sequence[:expected_rows]
+    assert cap.sampled == generated
+    assert cap.num_prompt_tokens == len(prompt)
+    assert cap.finished, f"{req_id} never reported finished"
+
+
+@pytest.mark.parametrize("index", range(len(JOBS)))
+def test_rows_equal_transformers_hidden_states(captured, hf_model, index: int) -> None:
+    tap, responses = captured
+    prompt, generated = _ids(responses[index])
+    _, cap = tap.find(f"cmpl-{JOBS[index]['request_id']}-0")
+    sequence = (prompt + generated)[:-1]
+    with torch.no_grad():
+        out = hf_model(torch.tensor([sequence]), output_hidden_states=True)
+    for li, layer in enumerate(LAYERS):
+        expected = out.hidden_states[layer][0]  # (positions, hidden)
+        got = torch.stack([cap.rows[p][li] for p in range(len(sequence))]).float()
+        scale = expected.abs().max()
+        err = (got - expected).abs().max()
+        assert err <= RELATIVE_TOLERANCE * scale, (
+            f"layer {layer}: max |vLLM - transformers| = {err:.3g}, row scale {scale:.3g}")
+
+
+def test_generated_tokens_decode_to_returned_text(captured, tokenizer) -> None:
+    tap, responses = captured
+    for job, resp in zip(JOBS, responses):
+        _, cap = tap.find(f"cmpl-{job['request_id']}-0")
+        assert tokenizer.decode(cap.sampled, skip_special_tokens=True) == resp["choices"][0]["text"]
+
+
+def test_hook_reports_its_own_time(captured) -> None:
+    tap, _ = captured
+    hook_ns = [h.hook_ns for h in tap.steps]
+    assert all(ns > 0 for ns in hook_ns)

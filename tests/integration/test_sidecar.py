@@ -1,0 +1,178 @@
+"""The sidecar process scores every generated token of the right request, read over gRPC.
+
+A probe is fitted on rows captured from the real server, then the sidecar is started with
+it. Each token's score read back over gRPC must equal the same probe applied to
+transformers' hidden state for the same position: a row attributed to the wrong request
+or position would give another number.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from support import LAYERS, ChannelTap, complete, complete_many, start_sidecar
+
+from detector.api.liedetector.v1 import detector_pb2 as pb
+from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.artifact import load_probe
+from detector.model_identity import identify_model
+from detector.sidecar.scorer import FusedProbeScorer
+from probes.linear import LinearProbe
+
+pytestmark = pytest.mark.vllm
+
+PROBE_LAYER = 15
+TRAIN_PROMPTS = [
+    "The capital of Italy is", "Water is made of hydrogen and", "The first president of the USA",
+    "A list of prime numbers: 2, 3, 5,", "My favourite colours are red, green and",
+]
+
+
+@pytest.fixture(scope="module")
+def probe_dir(vllm_server, model_dir, tmp_path_factory):
+    """A real probe artifact fitted on rows captured through the server.
+
+    The label (does the token start a new word?) is arbitrary: this probe exists to check
+    plumbing and attribution, not to detect anything.
+    """
+    tap = ChannelTap(vllm_server.channel)
+    try:
+        tap.wait_connected(vllm_server.base_url)
+        complete_many(vllm_server.base_url, [
+            {"prompt": p, "max_tokens": 24, "request_id": f"train-{i}"}
+            for i, p in enumerate(TRAIN_PROMPTS)])
+        time.sleep(1.0)
+    finally:
+        tap.close()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    li = LAYERS.index(PROBE_LAYER)
+    xs, ys = [], []
+    for cap in tap.requests.values():
+        for pos, row in cap.rows.items():
+            xs.append(row[li].float().numpy())
+            ys.append(int(tok.convert_ids_to_tokens(cap.tokens[pos]).startswith("Ġ")))
+    X, y = np.stack(xs), np.array(ys)
+    assert 0 < y.sum() < len(y)
+    probe = LinearProbe(C=0.1).fit(X, y)
+    artifact = probe.to_artifact(name="word-start", model=identify_model(model_dir),
+                                 layers=[PROBE_LAYER], score_position="producer", threshold=0.5)
+    path = tmp_path_factory.mktemp("probes") / "word-start"
+    artifact.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sidecar(vllm_server, probe_dir, model_dir, tmp_path_factory):
+    proc = start_sidecar(vllm_server.channel, tmp_path_factory.mktemp("sidecar"),
+                         probes=[probe_dir], model_dir=model_dir)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(sidecar):
+    with grpc.insecure_channel(sidecar.grpc_address) as channel:
+        yield pb_grpc.DetectorStub(channel)
+
+
+def _wait_for_engine(stub) -> None:
+    """The sidecar learns the engine from its heartbeat; until then no probe scores."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        probes = stub.ListProbes(pb.ListProbesRequest()).probes
+        if probes and not probes[0].inactive_reason:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"probe never became active: {probes}")
+
+
+def _expected_probabilities(hf_model, probe_dir, sequence: list[int]) -> np.ndarray:
+    art = load_probe(probe_dir)
+    scorer = FusedProbeScorer([art], captured_layers=LAYERS, hidden_size=576,
+                              device=torch.device("cpu"))
+    with torch.no_grad():
+        out = hf_model(torch.tensor([sequence]), output_hidden_states=True)
+    rows = torch.stack([out.hidden_states[k][0] for k in LAYERS])
+    return scorer.probabilities(scorer.logits(rows))[:, 0].numpy()
+
+
+def test_scores_arrive_for_the_right_request(vllm_server, stub, hf_model, probe_dir) -> None:
+    _wait_for_engine(stub)
+    jobs = [{"prompt": p, "max_tokens": n, "request_id": f"score-{i}"} for i, (p, n) in
+            enumerate([("The largest planet is", 10), ("Berlin is the capital of", 14),
+                       ("Photosynthesis converts light into", 18)])]
+    responses = complete_many(vllm_server.base_url, jobs)
+    seen = []
+    for job, resp in zip(jobs, responses):
+        prompt = resp["choices"][0]["prompt_token_ids"]
+        generated = resp["choices"][0]["token_ids"]
+        reply = stub.GetScores(pb.GetScoresRequest(request_id=job["request_id"],
+                                                   wait_until_finished=True), timeout=30)
+        assert reply.state == pb.REQUEST_STATE_FINISHED, reply.incomplete_reason
+        assert [t.token_id for t in reply.tokens] == generated
+        assert list(reply.probes) == ["word-start"]
+        assert all(t.scored for t in reply.tokens)  # producer rows exist for every token
+        # The producer of generated token g is the row at position len(prompt) + g - 1.
+        expected = _expected_probabilities(hf_model, probe_dir, (prompt + generated)[:-1])
+        got = np.array([t.scores[0].probability for t in reply.tokens])
+        np.testing.assert_allclose(got, expected[len(prompt) - 1:], atol=2e-3)
+        seen.append(got)
+        by_response_id = stub.GetScores(pb.GetScoresRequest(request_id=resp["id"]), timeout=10)
+        assert by_response_id.engine_request_id == reply.engine_request_id
+        assert reply.engine_request_id.startswith(f"{resp['id']}-0-")
+    assert not np.allclose(seen[0][:5], seen[1][:5])
+
+
+def test_unknown_and_malformed_ids_get_clear_statuses(stub) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetScores(pb.GetScoresRequest(request_id="no-such-request"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no-such-request" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetScores(pb.GetScoresRequest(request_id=""), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_stream_delivers_scores_before_generation_ends(vllm_server, stub) -> None:
+    _wait_for_engine(stub)
+    done_at: dict[str, float] = {}
+    result: dict[str, dict] = {}
+
+    def generate() -> None:
+        result["resp"] = complete(vllm_server.base_url, "Write a long story about a dragon:",
+                                  max_tokens=120, request_id="stream-1", ignore_eos=True)
+        done_at["t"] = time.monotonic()
+
+    worker = threading.Thread(target=generate)
+    worker.start()
+    first_at = None
+    tokens: list[int] = []
+    final = False
+    for update in stub.StreamScores(pb.StreamScoresRequest(request_id="stream-1"), timeout=120):
+        if first_at is None and update.tokens:
+            first_at = time.monotonic()
+        tokens.extend(t.token_id for t in update.tokens)
+        final = update.final
+    worker.join()
+    assert final
+    assert first_at is not None and first_at < done_at["t"]
+    assert tokens == result["resp"]["choices"][0]["token_ids"]
+
+
+def test_metrics_show_the_pipeline_moving(sidecar) -> None:
+    text = httpx.get(f"http://127.0.0.1:{sidecar.metrics_port}/metrics", timeout=10).text
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["lie_detector_steps_received_total"] > 0
+    assert samples["lie_detector_rows_scored_total"] > 0
+    assert samples["lie_detector_hook_connected"] == 1
+    assert samples["lie_detector_probes_active"] == 1
+    assert samples["lie_detector_score_delay_seconds_count"] > 0

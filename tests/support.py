@@ -1,0 +1,229 @@
+"""Real processes for the tests: a vLLM CPU server with the plugin, a sidecar, a channel tap."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+
+from detector.channel.subscriber import ChannelSubscriber
+from detector.channel.wire import StepHeader
+from detector.serve import ServeOptions, engine_env, vllm_command, wait_until_healthy
+
+# Layers the test server captures (SmolLM2 has 30; transformers' hidden_states index).
+LAYERS = [8, 15, 22]
+# A small token budget per step forces long prompts through chunked prefill.
+MAX_BATCHED_TOKENS = 128
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class VllmServer:
+    base_url: str
+    channel: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def start_vllm(model_dir: Path, workdir: Path, *, disable: bool = False,
+               layers: list[int] = LAYERS) -> VllmServer:
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    opts = ServeOptions(
+        model_dir=model_dir, port=port, channel=f"ipc://{workdir}/channel.sock", layers=layers,
+        max_model_len=1024,
+        vllm_args=["--dtype", "float32", "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
+                   "--max-num-seqs", "16", "--seed", "0"],
+    )
+    env = engine_env(opts, layers)
+    if disable:
+        env["LIE_DETECTOR_DISABLE"] = "1"
+    log_path = workdir / "vllm.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(vllm_command(opts), env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    server = VllmServer(f"http://127.0.0.1:{port}", opts.channel, proc, log_path)
+    try:
+        wait_until_healthy(server.base_url, proc, timeout_s=400)
+    except Exception:
+        server.stop()
+        raise RuntimeError(f"vLLM did not start:\n{server.log_tail()}") from None
+    return server
+
+
+def complete(base_url: str, prompt: str, *, max_tokens: int, request_id: str | None = None,
+             timeout: float = 300.0, **extra: object) -> dict:
+    """A greedy /v1/completions call that also returns the prompt and output token ids."""
+    headers = {"X-Request-Id": request_id} if request_id else {}
+    body = {"model": _served_model(base_url), "prompt": prompt, "max_tokens": max_tokens,
+            "temperature": 0.0, "return_token_ids": True, **extra}
+    resp = httpx.post(f"{base_url}/v1/completions", json=body, headers=headers, timeout=timeout)
+    resp.raise_for_status()
+    return resp.json()
+
+
+_MODEL_NAMES: dict[str, str] = {}
+
+
+def _served_model(base_url: str) -> str:
+    if base_url not in _MODEL_NAMES:
+        models = httpx.get(f"{base_url}/v1/models", timeout=30).json()
+        _MODEL_NAMES[base_url] = models["data"][0]["id"]
+    return _MODEL_NAMES[base_url]
+
+
+def complete_many(base_url: str, jobs: list[dict]) -> list[dict]:
+    """Send requests concurrently so they share engine steps (continuous batching)."""
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(complete, base_url, **job) for job in jobs]
+        return [f.result() for f in futures]
+
+
+@dataclass
+class CapturedRequest:
+    """Everything the channel said about one request, by position."""
+
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> (layers, hidden)
+    tokens: dict[int, int] = field(default_factory=dict)  # position -> input token
+    sampled: list[int] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    row_count: int = 0
+    finished: bool = False
+
+
+class ChannelTap:
+    """The test's own receiver on the engine's channel, using the sidecar's decoder."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.subscriber = ChannelSubscriber(endpoint)
+        self.requests: dict[str, CapturedRequest] = defaultdict(CapturedRequest)
+        self.steps: list[StepHeader] = []
+        self.heartbeats = 0
+        self.last_dropped_total = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            message = self.subscriber.recv(timeout_s=0.2)
+            if message is None:
+                continue
+            header, rows = message
+            self.last_dropped_total = header.dropped_total
+            if not isinstance(header, StepHeader):
+                self.heartbeats += 1
+                continue
+            self.steps.append(header)
+            for req in header.requests:
+                cap = self.requests[req.req_id]
+                cap.num_prompt_tokens = req.num_prompt_tokens
+                for j in range(req.num_rows):
+                    pos = req.first_position + j
+                    cap.rows[pos] = rows[:, req.row_offset + j].clone()
+                    cap.tokens[pos] = req.input_token_ids[j]
+                cap.row_count += req.num_rows
+                cap.sampled.extend(req.sampled_token_ids)
+            for req_id in header.finished:
+                self.requests[req_id].finished = True
+
+    def wait_connected(self, base_url: str, timeout_s: float = 30.0) -> None:
+        """Heartbeats prove the engine's socket has (re)connected to this tap."""
+        deadline = time.monotonic() + timeout_s
+        while self.heartbeats == 0 and not self.steps:
+            if time.monotonic() > deadline:
+                raise TimeoutError("no message from the engine's hook")
+            time.sleep(0.1)
+
+    def find(self, external_id: str) -> tuple[str, CapturedRequest]:
+        """The captured request whose engine id starts with ``external_id-``."""
+        hits = [(k, v) for k, v in self.requests.items() if k.startswith(external_id + "-")]
+        assert len(hits) == 1, f"{external_id}: {len(hits)} matches in {list(self.requests)}"
+        return hits[0]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.subscriber.close()
+
+
+@dataclass
+class SidecarProcess:
+    proc: subprocess.Popen
+    grpc_address: str
+    metrics_port: int
+    log_path: Path
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def start_sidecar(channel: str, workdir: Path, *, probes: list[Path], model_dir: Path
+                  ) -> SidecarProcess:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    grpc_port, metrics_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "detector.cli", "sidecar", "--channel", channel,
+           "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+           "--model", str(model_dir)]
+    for probe in probes:
+        cmd += ["--probe", str(probe)]
+    log_path = workdir / "sidecar.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{grpc_port}"
+    deadline = time.monotonic() + 60
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited:\n{log_path.read_text()[-3000:]}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    break
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("sidecar not healthy")
+            time.sleep(0.2)
+    return SidecarProcess(proc, address, metrics_port, log_path)

@@ -75,10 +75,14 @@ def _sidecar_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR",
                         help="the served model's folder, to check probes before vLLM connects")
     parser.add_argument("--device", help="torch device for scoring (default: cuda if present)")
+    parser.add_argument("--config", metavar="FILE", help="settings file (.toml, .yaml or .json); "
+                        "flags and LIE_DETECTOR_* variables override it")
 
 
 def _sidecar(args: argparse.Namespace) -> int:
-    from detector.sidecar.app import SidecarSettings, run_sidecar
+    from pathlib import Path
+
+    from detector.sidecar.app import SettingsError, load_settings, run_sidecar
 
     overrides: dict = {}
     if args.channel:
@@ -97,7 +101,12 @@ def _sidecar(args: argparse.Namespace) -> int:
         overrides["model_dir"] = args.model
     if args.device:
         overrides["device"] = args.device
-    return run_sidecar(SidecarSettings(**overrides))
+    try:
+        settings = load_settings(Path(args.config) if args.config else None, **overrides)
+    except SettingsError as exc:
+        log.error("%s", exc)
+        return 2
+    return run_sidecar(settings)
 
 
 def _serve_args(parser: argparse.ArgumentParser) -> None:

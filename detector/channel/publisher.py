@@ -159,6 +159,7 @@ class ChannelPublisher:
             finished=step.finished,
             hook_ns=step.hook_ns,
             dropped_total=self.dropped,
+            queue_depth=len(self._queue),
         )
         sent = self._send(sock, encode_step(header, step.rows))
         with self._cond:
@@ -180,6 +181,7 @@ class ChannelPublisher:
             time_ns=now_ns(),
             steps_published=self.published,
             dropped_total=self.dropped,
+            queue_depth=len(self._queue),
             next_seq=self.next_seq,
         )
 

@@ -110,6 +110,8 @@ class StepHeader(BaseModel):
     # Time the hook spent inside the engine thread for this step.
     hook_ns: int = 0
     dropped_total: int = 0
+    # Steps waiting in the hook's queue when this one was sent.
+    queue_depth: int = 0
 
     @model_validator(mode="after")
     def _rows_partition(self) -> StepHeader:
@@ -132,6 +134,7 @@ class Heartbeat(BaseModel):
     time_ns: int
     steps_published: int = 0
     dropped_total: int = 0
+    queue_depth: int = 0
     # The seq the next step will carry: lets the sidecar see a gap without waiting.
     next_seq: int = 0
 

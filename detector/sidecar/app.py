@@ -6,27 +6,41 @@ import logging
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 from grpc_health.v1 import health_pb2
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
 
 from detector.artifact import ProbeArtifactError
 from detector.channel.subscriber import ChannelSubscriber
 from detector.config import default_channel
 from detector.model_identity import identify_model
+from detector.sidecar.analysis import Analyzer
 from detector.sidecar.metrics import SidecarMetrics
 from detector.sidecar.pipeline import ScoringPipeline
 from detector.sidecar.registry import ProbeRegistry
 from detector.sidecar.service import SERVICE_NAME, DetectorService, build_server
+from detector.sidecar.spans import SPAN_KINDS
 from detector.sidecar.streams import RequestStore
+from detector.sidecar.text import TextDecoder
 
 logger = logging.getLogger(__name__)
 
 
 class SidecarSettings(BaseSettings):
-    """Sidecar configuration; every field can also be set as ``LIE_DETECTOR_<NAME>``."""
+    """Sidecar configuration.
+
+    Sources, strongest first: command-line flags, ``LIE_DETECTOR_<NAME>`` environment
+    variables, a TOML/YAML/JSON file given with ``--config``, defaults.
+    """
 
     model_config = SettingsConfigDict(env_prefix="LIE_DETECTOR_", extra="ignore",
                                       protected_namespaces=())
@@ -42,6 +56,89 @@ class SidecarSettings(BaseSettings):
     max_store_bytes: int = Field(512 << 20, ge=1 << 20)
     finished_ttl_s: float = Field(600.0, gt=0)
     heartbeat_s: float = Field(1.0, gt=0)
+    span_kinds: list[str] = Field(default_factory=lambda: ["entity", "sentence"])
+    max_streams: int = Field(256, ge=1)
+
+    @field_validator("grpc_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
+
+    @field_validator("probes")
+    @classmethod
+    def _probes_exist(cls, value: list[Path]) -> list[Path]:
+        missing = [str(p) for p in value if not p.is_dir()]
+        if missing:
+            raise ValueError(f"probe directories not found: {', '.join(missing)}")
+        return value
+
+    @field_validator("model_dir")
+    @classmethod
+    def _model_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value / "config.json").is_file():
+            raise ValueError(f"{value} is not a model folder (no config.json)")
+        return value
+
+    @field_validator("span_kinds")
+    @classmethod
+    def _span_kinds(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(SPAN_KINDS))
+        if unknown:
+            raise ValueError(f"unknown span kinds {unknown}; choose from {list(SPAN_KINDS)}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        device = torch.device(value)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda requested but no CUDA device is available")
+        return value
+
+
+class SettingsError(ValueError):
+    """Start-up configuration a user must fix; the message says what and where."""
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> SidecarSettings:
+    """Settings from flags (``overrides``), environment and an optional file, validated."""
+    if config_file is not None and not config_file.is_file():
+        raise SettingsError(f"config file {config_file} does not exist")
+
+    class _Settings(SidecarSettings):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                       dotenv_settings, file_secret_settings):  # type: ignore[override]
+            sources = [init_settings, env_settings]
+            if config_file is not None:
+                sources.append(_file_source(settings_cls, config_file))
+            return tuple(sources)
+
+    try:
+        return _Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"])
+            env = f"LIE_DETECTOR_{field.upper()}" if field else ""
+            lines.append(f"  {field} ({env}): {err['msg']}")
+        raise SettingsError("invalid sidecar settings:\n" + "\n".join(lines)) from None
+
+
+def _file_source(settings_cls: type[BaseSettings], path: Path) -> Any:
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    if suffix in (".yaml", ".yml"):
+        return YamlConfigSettingsSource(settings_cls, yaml_file=path)
+    if suffix == ".json":
+        return JsonConfigSettingsSource(settings_cls, json_file=path)
+    raise SettingsError(f"config file {path}: use .toml, .yaml or .json")
     shutdown_grace_s: float = Field(5.0, ge=0)
 
 
@@ -62,12 +159,14 @@ class Sidecar:
             try:
                 self.registry.load(path)
             except ProbeArtifactError as exc:
-                self.metrics.probe_load_failures.inc()
                 logger.error("probe %s refused: %s", path, exc)
         self.subscriber = ChannelSubscriber(settings.channel)
+        decoder = TextDecoder.from_model_dir(settings.model_dir) if settings.model_dir else None
+        self.analyzer = Analyzer(decoder, settings.span_kinds)
         self.pipeline = ScoringPipeline(self.subscriber, self.registry, self.store, self.metrics,
-                                        heartbeat_s=settings.heartbeat_s)
-        self.service = DetectorService(self.store, self.registry)
+                                        self.analyzer, heartbeat_s=settings.heartbeat_s)
+        self.service = DetectorService(self.store, self.registry, self.analyzer,
+                                       max_streams=settings.max_streams)
         self.server, self.health, self.grpc_port = build_server(self.service,
                                                                 settings.grpc_address)
         self._stopping = threading.Event()

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 _DELAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _HOOK_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
+_SCORE_BUCKETS = tuple(round(0.1 * i, 1) for i in range(1, 10)) + (0.95, 0.99, 1.0)
 
 
 class SidecarMetrics:
@@ -49,6 +50,32 @@ class SidecarMetrics:
             "lie_detector_probes_active", "Probes currently scoring.", registry=r)
         self.probe_load_failures = Counter(
             "lie_detector_probe_load_failures", "Probe artifacts refused at load.", registry=r)
+        self.hook_queue_depth = Gauge(
+            "lie_detector_hook_queue_depth",
+            "Steps waiting in the in-engine hook's queue at its last message.", registry=r)
+        self.tokens_scored = Counter(
+            "lie_detector_tokens_scored", "Generated tokens scored, per probe.", ["probe"],
+            registry=r)
+        self.spans_scored = Counter(
+            "lie_detector_spans_scored", "Generated spans judged, per probe and span kind.",
+            ["probe", "kind"], registry=r)
+        self.spans_flagged = Counter(
+            "lie_detector_spans_flagged",
+            "Spans whose calibrated score reached the probe's threshold.", ["probe", "kind"],
+            registry=r)
+        self.requests_scored = Counter(
+            "lie_detector_requests_scored", "Finished requests judged, per probe.", ["probe"],
+            registry=r)
+        self.requests_flagged = Counter(
+            "lie_detector_requests_flagged",
+            "Finished requests with at least one flagged span, per probe.", ["probe"],
+            registry=r)
+        self.requests_incomplete = Counter(
+            "lie_detector_requests_incomplete",
+            "Finished requests whose scores are incomplete (rows lost).", registry=r)
+        self.span_score = Histogram(
+            "lie_detector_span_score", "Calibrated span scores, per probe.", ["probe"],
+            buckets=_SCORE_BUCKETS, registry=r)
         self._engine_dropped_seen: dict[str, int] = {}
 
     def engine_dropped(self, engine_id: str, dropped_total: int) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from detector.channel.subscriber import ChannelSubscriber
 from detector.channel.wire import Heartbeat, Message, StepHeader
+from detector.sidecar.analysis import Analyzer
 from detector.sidecar.metrics import SidecarMetrics
 from detector.sidecar.registry import ProbeRegistry
 from detector.sidecar.streams import RequestStore, rows_to_score
@@ -28,6 +29,7 @@ class ScoringPipeline:
         registry: ProbeRegistry,
         store: RequestStore,
         metrics: SidecarMetrics,
+        analyzer: Analyzer,
         *,
         heartbeat_s: float = 1.0,
     ) -> None:
@@ -35,9 +37,11 @@ class ScoringPipeline:
         self.registry = registry
         self.store = store
         self.metrics = metrics
+        self.analyzer = analyzer
         self.heartbeat_s = heartbeat_s
         self.last_heard = 0.0
         self._rejected_seen = 0
+        self._load_failures_seen = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scoring-pipeline", daemon=True)
 
@@ -70,7 +74,9 @@ class ScoringPipeline:
         header, rows = message
         self.last_heard = time.monotonic()
         self.registry.attach_engine(header.engine)
+        self.analyzer.ensure_decoder(header.engine.model_path)
         self.metrics.engine_dropped(header.engine.engine_id, header.dropped_total)
+        self.metrics.hook_queue_depth.set(header.queue_depth)
         if isinstance(header, Heartbeat):
             self.store.note_engine(header.engine.engine_id, header.next_seq)
             return
@@ -89,6 +95,35 @@ class ScoringPipeline:
             self.metrics.rows_scored.inc(int(index.size))
         self.store.ingest(header, index, probs, columns)
         self.metrics.score_delay_seconds.observe(max(0.0, (time.time_ns() - header.time_ns) / 1e9))
+        for req_id in header.finished:
+            self._account_finished(req_id)
+
+    def _account_finished(self, req_id: str) -> None:
+        """Span verdicts of a finished request, counted once, for alerting."""
+        if not self.store.claim_finished(req_id):
+            return
+        snap = self.store.snapshot(req_id)
+        if snap is None:
+            return
+        columns = self.store.columns
+        analysis = self.analyzer.analyse(*snap, columns)
+        if analysis.record.incomplete:
+            self.metrics.requests_incomplete.inc()
+        if columns is None:
+            return
+        m = self.metrics
+        for name in columns.names:
+            m.tokens_scored.labels(name).inc(sum(name in t.scores for t in analysis.tokens))
+            m.requests_scored.labels(name).inc()
+        flagged_probes = set()
+        for v in analysis.verdicts:
+            m.spans_scored.labels(v.probe, v.span.kind).inc()
+            m.span_score.labels(v.probe).observe(v.score)
+            if v.flagged:
+                m.spans_flagged.labels(v.probe, v.span.kind).inc()
+                flagged_probes.add(v.probe)
+        for name in flagged_probes:
+            m.requests_flagged.labels(name).inc()
 
     def _housekeeping(self) -> None:
         self.store.expire()
@@ -98,6 +133,10 @@ class ScoringPipeline:
         self.metrics.hook_connected.set(1 if self.hook_connected else 0)
         active = self.registry.active()
         self.metrics.probes_active.set(len(active.columns.names) if active else 0)
+        new_failures = self.registry.load_failures - self._load_failures_seen
+        if new_failures > 0:
+            self.metrics.probe_load_failures.inc(new_failures)
+            self._load_failures_seen += new_failures
         new_rejects = self.subscriber.rejected - self._rejected_seen
         if new_rejects > 0:
             self.metrics.messages_rejected.inc(new_rejects)

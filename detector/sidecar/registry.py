@@ -149,7 +149,7 @@ class ProbeRegistry:
                                   hidden_size=engine.hidden_size, device=self.device)
         metas = [a.metadata for a in usable]
         columns = columns_for([m.name for m in metas], [m.score_position for m in metas],
-                              [m.threshold for m in metas])
+                              [m.threshold for m in metas], [m.aggregation for m in metas])
         self._active = ActiveScorer(scorer, columns, engine.engine_id)
         self._notify()
 

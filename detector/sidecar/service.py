@@ -8,6 +8,7 @@ FAILED_PRECONDITION for a probe that does not fit the served model.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -19,8 +20,10 @@ from grpc_reflection.v1alpha import reflection
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.artifact import ProbeArtifactError, ProbeMismatchError
+from detector.sidecar.analysis import Analyzer, RequestAnalysis
 from detector.sidecar.registry import LoadedProbe, ProbeRegistry
-from detector.sidecar.streams import RequestRecord, RequestStore, TokenScore
+from detector.sidecar.spans import SpanVerdict
+from detector.sidecar.streams import ProbeColumns, RequestRecord, RequestStore
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +33,14 @@ APPEAR_WAIT_S = 10.0  # how long a read waits for a request id the sidecar has n
 
 
 class DetectorService(pb_grpc.DetectorServicer):
-    def __init__(self, store: RequestStore, registry: ProbeRegistry) -> None:
+    def __init__(self, store: RequestStore, registry: ProbeRegistry, analyzer: Analyzer, *,
+                 max_streams: int = 256) -> None:
         self.store = store
         self.registry = registry
+        self.analyzer = analyzer
+        self.max_streams = max_streams
+        self._streams = 0
+        self._streams_lock = threading.Lock()
 
     # ----------------------------------------------------------------- scores
     def GetScores(self, request: pb.GetScoresRequest, context: grpc.ServicerContext
@@ -48,44 +56,70 @@ class DetectorService(pb_grpc.DetectorServicer):
         if snap is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} is not known "
                           "(never seen, or expired)")
-        record, tokens = snap
-        names = self.store.columns.names if self.store.columns else ()
+        columns = self.store.columns
+        analysis = self.analyzer.analyse(*snap, columns)
+        record = analysis.record
         return pb.ScoresResponse(
             request_id=request_id,
             engine_request_id=record.req_id,
             state=_state(record),
             incomplete_reason=record.incomplete or "",
             num_prompt_tokens=record.num_prompt_tokens,
-            probes=list(names),
-            tokens=[self._token(i, t) for i, t in enumerate(tokens)],
+            probes=list(columns.names if columns else ()),
+            tokens=_tokens(analysis, 0, len(analysis.tokens), columns),
+            spans=[_span(v) for v in analysis.verdicts],
+            text=analysis.text,
         )
 
     def StreamScores(self, request: pb.StreamScoresRequest, context: grpc.ServicerContext
                      ) -> Iterator[pb.ScoresUpdate]:
         request_id = _check_id(request.request_id, context)
+        with self._streams_lock:
+            if self._streams >= self.max_streams:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"too many open streams (limit {self.max_streams})")
+            self._streams += 1
+        try:
+            yield from self._stream(request_id, context)
+        finally:
+            with self._streams_lock:
+                self._streams -= 1
+
+    def _stream(self, request_id: str, context: grpc.ServicerContext
+                ) -> Iterator[pb.ScoresUpdate]:
         self._await_known(request_id, min(APPEAR_WAIT_S, _budget(context)), context)
-        sent = 0
+        sent_tokens = 0
+        sent_spans: set[tuple] = set()
         while context.is_active():
             snap = self.store.snapshot(request_id)
             if snap is None:
                 context.abort(grpc.StatusCode.NOT_FOUND,
                               f"request {request_id!r} expired while streaming")
-            record, tokens = snap
+            record = snap[0]
             done = record.finished
-            settled = len(tokens) if done else _settled_prefix(tokens, self.store)
-            if settled > sent or done:
+            columns = self.store.columns
+            analysis = self.analyzer.analyse(*snap, columns, settled_only=not done)
+            n = len(analysis.tokens)
+            # A span is final once text follows it (or the request ended).
+            closed = [v for v in analysis.verdicts
+                      if (done or v.span.char_end < len(analysis.text))
+                      and _span_key(v) not in sent_spans]
+            if n > sent_tokens or closed or done:
                 yield pb.ScoresUpdate(
                     request_id=request_id,
                     engine_request_id=record.req_id,
                     state=_state(record),
                     incomplete_reason=record.incomplete or "",
-                    tokens=[self._token(i, tokens[i]) for i in range(sent, settled)],
+                    tokens=_tokens(analysis, sent_tokens, n, columns),
+                    spans=[_span(v) for v in closed],
                     final=done,
                 )
-                sent = settled
+                sent_tokens = n
+                sent_spans.update(_span_key(v) for v in closed)
             if done:
                 return
-            self.store.wait(request_id, after_version=record.version, timeout_s=0.5)
+            self.store.wait(request_id, after_version=record.version,
+                            timeout_s=min(0.5, _budget(context)))
 
     # ----------------------------------------------------------------- probes
     def ListProbes(self, request: pb.ListProbesRequest, context: grpc.ServicerContext
@@ -123,33 +157,36 @@ class DetectorService(pb_grpc.DetectorServicer):
                               "(never seen, or expired)")
             time.sleep(0.05)
 
-    def _token(self, index: int, token: TokenScore) -> pb.TokenScore:
-        thresholds = {}
-        columns = self.store.columns
-        if columns is not None:
-            thresholds = dict(zip(columns.names, columns.thresholds))
-        return pb.TokenScore(
-            index=index,
+
+def _tokens(analysis: RequestAnalysis, start: int, end: int, columns: ProbeColumns | None
+            ) -> list[pb.TokenScore]:
+    thresholds = dict(zip(columns.names, columns.thresholds)) if columns else {}
+    decoded = analysis.decoded
+    out = []
+    for i in range(start, end):
+        token = analysis.tokens[i]
+        out.append(pb.TokenScore(
+            index=i,
             position=token.position,
             token_id=token.token_id,
             scored=bool(token.scores),
-            scores=[
-                pb.ProbeScore(probe=name, probability=p,
-                              flagged=p >= thresholds.get(name, float("inf")))
-                for name, p in token.scores.items()
-            ],
-        )
+            scores=[pb.ProbeScore(probe=name, probability=p,
+                                  flagged=p >= thresholds.get(name, float("inf")))
+                    for name, p in token.scores.items()],
+            text=decoded.text[decoded.starts[i]:decoded.ends[i]] if decoded else "",
+        ))
+    return out
 
 
-def _settled_prefix(tokens: list[TokenScore], store: RequestStore) -> int:
-    """Tokens that already have every active probe's score (later rows cannot change them)."""
-    want = len(store.columns.names) if store.columns else 0
-    n = 0
-    for token in tokens:
-        if len(token.scores) < want:
-            break
-        n += 1
-    return n
+def _span(v: SpanVerdict) -> pb.Span:
+    s = v.span
+    return pb.Span(char_start=s.char_start, char_end=s.char_end, token_start=s.token_start,
+                   token_end=s.token_end, text=s.text, kind=s.kind, probe=v.probe,
+                   score=v.score, threshold=v.threshold, flagged=v.flagged)
+
+
+def _span_key(v: SpanVerdict) -> tuple:
+    return (v.span.kind, v.span.char_start, v.span.char_end, v.probe)
 
 
 def _state(record: RequestRecord) -> int:

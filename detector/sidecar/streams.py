@@ -27,6 +27,7 @@ from detector.channel.wire import StepHeader
 _INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 _PROMPT_INDEX = re.compile(r"^(cmpl-.+)-(\d+)$")
 _ROW_OVERHEAD = 96  # bytes of dict entry + array header per stored row, roughly
+PROMPT_TAIL = 8  # prompt tokens kept per request, to decode the first generated piece
 
 
 def request_aliases(req_id: str) -> list[str]:
@@ -53,6 +54,7 @@ class ProbeColumns:
     names: tuple[str, ...]
     score_positions: tuple[str, ...]
     thresholds: tuple[float, ...]
+    aggregations: tuple[str, ...] = ()
 
     def index(self, name: str) -> int | None:
         try:
@@ -67,6 +69,8 @@ class TokenScore:
     token_id: int
     # probe name -> calibrated probability; a probe missing here could not score the token.
     scores: dict[str, float]
+    # Every row the active probes read for this token has arrived: its scores are final.
+    settled: bool = False
 
 
 @dataclass(slots=True)
@@ -75,6 +79,7 @@ class RequestRecord:
     engine_id: str
     num_prompt_tokens: int
     generated: list[int] = field(default_factory=list)
+    prompt_tail: list[int] = field(default_factory=list)
     rows: dict[int, tuple[ProbeColumns, np.ndarray]] = field(default_factory=dict)
     finished: bool = False
     incomplete: str | None = None
@@ -83,6 +88,7 @@ class RequestRecord:
     first_token_ns: int = 0
     version: int = 0
     nbytes: int = 0
+    accounted: bool = False
 
     def token_scores(self, columns: ProbeColumns | None) -> list[TokenScore]:
         """Every generated token in order, with whatever scores exist for it."""
@@ -90,15 +96,17 @@ class RequestRecord:
         for g, token in enumerate(self.generated):
             q = self.num_prompt_tokens + g
             scores: dict[str, float] = {}
+            settled = True
             if columns is not None:
                 for name, where in zip(columns.names, columns.score_positions):
                     row = self.rows.get(q - 1 if where == "producer" else q)
                     if row is None:
+                        settled = False
                         continue
                     i = row[0].index(name)
                     if i is not None:
                         scores[name] = float(row[1][i])
-            out.append(TokenScore(position=q, token_id=token, scores=scores))
+            out.append(TokenScore(position=q, token_id=token, scores=scores, settled=settled))
         return out
 
 
@@ -194,6 +202,8 @@ class RequestStore:
                     pos = req.first_position + j
                     if pos >= p0:
                         self._set_generated(rec, pos - p0, token)
+                    elif pos >= p0 - PROMPT_TAIL:
+                        self._set_prompt_tail(rec, pos - (p0 - PROMPT_TAIL), token)
                     i = row_of.get(req.row_offset + j)
                     if i is not None and probs is not None and columns is not None:
                         rec.rows[pos] = (columns, probs[i])
@@ -214,6 +224,13 @@ class RequestStore:
                     rec.version += 1
             self._enforce_bounds(now)
             self._cond.notify_all()
+
+    @staticmethod
+    def _set_prompt_tail(rec: RequestRecord, i: int, token: int) -> None:
+        tail = rec.prompt_tail
+        if len(tail) < PROMPT_TAIL:
+            tail.extend([-1] * (PROMPT_TAIL - len(tail)))
+        tail[i] = token
 
     @staticmethod
     def _set_generated(rec: RequestRecord, g: int, token: int) -> None:
@@ -263,6 +280,15 @@ class RequestStore:
         with self._cond:
             self._enforce_bounds(time.monotonic())
 
+    def claim_finished(self, req_id: str) -> bool:
+        """True exactly once per finished request: whoever gets it does the accounting."""
+        with self._cond:
+            rec = self._records.get(req_id)
+            if rec is None or not rec.finished or rec.accounted:
+                return False
+            rec.accounted = True
+            return True
+
     # ----------------------------------------------------------------- reading
     def resolve(self, request_id: str) -> str | None:
         with self._cond:
@@ -278,9 +304,9 @@ class RequestStore:
                 return None
             rec = self._records[req_id]
             copy = RequestRecord(
-                rec.req_id, rec.engine_id, rec.num_prompt_tokens, list(rec.generated), {},
-                rec.finished, rec.incomplete, rec.created, rec.updated, rec.first_token_ns,
-                rec.version, rec.nbytes,
+                rec.req_id, rec.engine_id, rec.num_prompt_tokens, list(rec.generated),
+                [t for t in rec.prompt_tail if t >= 0], {}, rec.finished, rec.incomplete,
+                rec.created, rec.updated, rec.first_token_ns, rec.version, rec.nbytes,
             )
             return copy, rec.token_scores(self.columns)
 
@@ -333,5 +359,7 @@ def rows_to_score(header: StepHeader) -> np.ndarray:
 
 
 def columns_for(names: Sequence[str], score_positions: Sequence[str],
-                thresholds: Sequence[float]) -> ProbeColumns:
-    return ProbeColumns(tuple(names), tuple(score_positions), tuple(float(t) for t in thresholds))
+                thresholds: Sequence[float], aggregations: Sequence[str] | None = None
+                ) -> ProbeColumns:
+    return ProbeColumns(tuple(names), tuple(score_positions), tuple(float(t) for t in thresholds),
+                        tuple(aggregations) if aggregations is not None else ("max",) * len(names))

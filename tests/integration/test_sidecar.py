@@ -126,6 +126,15 @@ def test_scores_arrive_for_the_right_request(vllm_server, stub, hf_model, probe_
         got = np.array([t.scores[0].probability for t in reply.tokens])
         np.testing.assert_allclose(got, expected[len(prompt) - 1:], atol=2e-3)
         seen.append(got)
+        # Text and spans index into exactly what the API client received.
+        assert reply.text == resp["choices"][0]["text"]
+        assert "".join(t.text for t in reply.tokens) == reply.text
+        assert reply.spans, "no spans were judged"
+        for span in reply.spans:
+            assert reply.text[span.char_start:span.char_end] == span.text
+            member = got[span.token_start:span.token_end]
+            assert span.score == pytest.approx(member.max(), abs=1e-6)
+            assert span.flagged == (span.score >= span.threshold)
         by_response_id = stub.GetScores(pb.GetScoresRequest(request_id=resp["id"]), timeout=10)
         assert by_response_id.engine_request_id == reply.engine_request_id
         assert reply.engine_request_id.startswith(f"{resp['id']}-0-")

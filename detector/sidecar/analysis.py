@@ -1,0 +1,56 @@
+"""A request's tokens -> its text, spans and verdicts: what the API returns and metrics count."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from detector.sidecar.spans import SPAN_KINDS, SpanVerdict, find_spans, judge_spans
+from detector.sidecar.streams import ProbeColumns, RequestRecord, TokenScore
+from detector.sidecar.text import DecodedText, TextDecoder
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAnalysis:
+    record: RequestRecord
+    tokens: list[TokenScore]
+    decoded: DecodedText | None
+    verdicts: list[SpanVerdict]
+
+    @property
+    def text(self) -> str:
+        return self.decoded.text if self.decoded else ""
+
+
+class Analyzer:
+    def __init__(self, decoder: TextDecoder | None,
+                 span_kinds: Sequence[str] = ("entity", "sentence")) -> None:
+        unknown = set(span_kinds) - set(SPAN_KINDS)
+        if unknown:
+            raise ValueError(f"unknown span kinds {sorted(unknown)}; choose from {SPAN_KINDS}")
+        self.decoder = decoder
+        self.span_kinds = tuple(span_kinds)
+
+    def ensure_decoder(self, model_path: str | None) -> None:
+        """Without ``--model``, read the tokenizer from the path the engine reports."""
+        if self.decoder is None and model_path and Path(model_path).is_dir():
+            self.decoder = TextDecoder.from_model_dir(model_path)
+
+    def analyse(self, record: RequestRecord, tokens: list[TokenScore],
+                columns: ProbeColumns | None, *, settled_only: bool = False) -> RequestAnalysis:
+        """Decode and judge; with ``settled_only``, only tokens whose scores are final."""
+        if settled_only:
+            n = 0
+            while n < len(tokens) and tokens[n].settled:
+                n += 1
+            tokens = tokens[:n]
+        if self.decoder is None:
+            return RequestAnalysis(record, tokens, None, [])
+        decoded = self.decoder.decode([t.token_id for t in tokens], record.prompt_tail)
+        verdicts: list[SpanVerdict] = []
+        if columns is not None and columns.names:
+            spans = find_spans(decoded, self.span_kinds)
+            probes = list(zip(columns.names, columns.aggregations, columns.thresholds))
+            verdicts = judge_spans(spans, [t.scores for t in tokens], probes)
+        return RequestAnalysis(record, tokens, decoded, verdicts)

@@ -1,0 +1,62 @@
+"""Token ids -> the text the API client received, with each token's character offsets.
+
+The sidecar decodes exactly as vLLM's fast detokenizer does (``tokenizers``' DecodeStream,
+primed with the end of the prompt, special tokens skipped), so span offsets index into the
+``text`` field of the client's response. Only ``tokenizer.json`` is read: no transformers
+import in the sidecar.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedText:
+    text: str
+    # Character range of generated token i in ``text``: [starts[i], ends[i]).
+    starts: list[int]
+    ends: list[int]
+
+
+class TextDecoder:
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path) -> TextDecoder | None:
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.is_file():
+            logger.warning("no tokenizer.json in %s: token text and spans are unavailable",
+                           model_dir)
+            return None
+        return cls(Tokenizer.from_file(str(path)))
+
+    def decode(self, generated: Sequence[int], prompt_tail: Sequence[int] = ()) -> DecodedText:
+        """Decode generated tokens; unknown tokens (-1) decode to nothing."""
+        stream = DecodeStream(ids=list(prompt_tail), skip_special_tokens=True) if prompt_tail \
+            else DecodeStream(skip_special_tokens=True)
+        pieces: list[str] = []
+        for token in generated:
+            piece = ""
+            if token >= 0:
+                try:
+                    piece = stream.step(self.tokenizer, token) or ""
+                except Exception:  # vLLM resets on invalid UTF-8 prefixes; so do we
+                    stream = DecodeStream(skip_special_tokens=True)
+                    piece = stream.step(self.tokenizer, token) or ""
+            pieces.append(piece)
+        starts, ends, pos = [], [], 0
+        for piece in pieces:
+            starts.append(pos)
+            pos += len(piece)
+            ends.append(pos)
+        return DecodedText("".join(pieces), starts, ends)

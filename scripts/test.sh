@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (idempotent, see scripts/setup.sh) and run the whole test suite: fast unit tests, then
+# the integration tests against real vLLM CPU servers on the embedded model.
+# Extra arguments go to pytest, e.g. `scripts/test.sh -k capture`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/setup.sh
+exec .venv/bin/python -m pytest tests -ra --durations=15 "$@"

@@ -48,3 +48,12 @@ def tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def probe_dir(vllm_server: VllmServer, model_dir: Path, tmp_path_factory) -> Path:
+    """A probe fitted on rows captured from the shared server (binds its channel briefly)."""
+    from support import fit_word_start_probe
+
+    out = tmp_path_factory.mktemp("probes") / "word-start"
+    return fit_word_start_probe(vllm_server.channel, vllm_server.base_url, model_dir, out)

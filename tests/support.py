@@ -196,8 +196,8 @@ class SidecarProcess:
                 self.kill()
 
 
-def start_sidecar(channel: str, workdir: Path, *, probes: list[Path], model_dir: Path
-                  ) -> SidecarProcess:
+def start_sidecar(channel: str, workdir: Path, *, probes: list[Path], model_dir: Path,
+                  env: dict[str, str] | None = None) -> SidecarProcess:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -210,7 +210,8 @@ def start_sidecar(channel: str, workdir: Path, *, probes: list[Path], model_dir:
         cmd += ["--probe", str(probe)]
     log_path = workdir / "sidecar.log"
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
     address = f"127.0.0.1:{grpc_port}"
     deadline = time.monotonic() + 60
     with grpc.insecure_channel(address) as ch:
@@ -227,3 +228,60 @@ def start_sidecar(channel: str, workdir: Path, *, probes: list[Path], model_dir:
                 raise TimeoutError("sidecar not healthy")
             time.sleep(0.2)
     return SidecarProcess(proc, address, metrics_port, log_path)
+
+
+def wait_for_engine(stub, timeout_s: float = 30.0) -> None:
+    """The sidecar learns the engine from its heartbeat; until then no probe scores."""
+    from detector.api.liedetector.v1 import detector_pb2 as pb
+
+    deadline = time.monotonic() + timeout_s
+    probes = []
+    while time.monotonic() < deadline:
+        probes = stub.ListProbes(pb.ListProbesRequest()).probes
+        if probes and all(not p.inactive_reason for p in probes):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"probes never became active: {probes}")
+
+
+TRAIN_PROMPTS = [
+    "The capital of Italy is", "Water is made of hydrogen and", "The first president of the USA",
+    "A list of prime numbers: 2, 3, 5,", "My favourite colours are red, green and",
+]
+
+
+def fit_word_start_probe(channel: str, base_url: str, model_dir: Path, out: Path, *,
+                         layer: int = 15, name: str = "word-start") -> Path:
+    """A real probe artifact fitted on rows captured through the server.
+
+    The label (does the token start a new word?) is arbitrary: this probe exists to check
+    plumbing and attribution, not to detect anything.
+    """
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from detector.model_identity import identify_model
+    from probes.linear import LinearProbe
+
+    tap = ChannelTap(channel)
+    try:
+        tap.wait_connected(base_url)
+        complete_many(base_url, [{"prompt": p, "max_tokens": 24, "request_id": f"train-{i}"}
+                                 for i, p in enumerate(TRAIN_PROMPTS)])
+        time.sleep(1.0)
+    finally:
+        tap.close()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    li = LAYERS.index(layer)
+    xs, ys = [], []
+    for cap in tap.requests.values():
+        for pos, row in cap.rows.items():
+            xs.append(row[li].float().numpy())
+            ys.append(int(tok.convert_ids_to_tokens(cap.tokens[pos]).startswith("Ġ")))
+    X, y = np.stack(xs), np.array(ys)
+    assert 0 < y.sum() < len(y)
+    probe = LinearProbe(C=0.1).fit(X, y)
+    artifact = probe.to_artifact(name=name, model=identify_model(model_dir), layers=[layer],
+                                 score_position="producer", threshold=0.5)
+    artifact.save(out)
+    return out

@@ -58,6 +58,7 @@ class SidecarSettings(BaseSettings):
     heartbeat_s: float = Field(1.0, gt=0)
     span_kinds: list[str] = Field(default_factory=lambda: ["entity", "sentence"])
     max_streams: int = Field(256, ge=1)
+    shutdown_grace_s: float = Field(5.0, ge=0)
 
     @field_validator("grpc_address")
     @classmethod
@@ -139,7 +140,6 @@ def _file_source(settings_cls: type[BaseSettings], path: Path) -> Any:
     if suffix == ".json":
         return JsonConfigSettingsSource(settings_cls, json_file=path)
     raise SettingsError(f"config file {path}: use .toml, .yaml or .json")
-    shutdown_grace_s: float = Field(5.0, ge=0)
 
 
 class Sidecar:

@@ -17,58 +17,14 @@ import numpy as np
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from support import LAYERS, ChannelTap, complete, complete_many, start_sidecar
+from support import LAYERS, complete, complete_many, start_sidecar, wait_for_engine
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.artifact import load_probe
-from detector.model_identity import identify_model
 from detector.sidecar.scorer import FusedProbeScorer
-from probes.linear import LinearProbe
 
 pytestmark = pytest.mark.vllm
-
-PROBE_LAYER = 15
-TRAIN_PROMPTS = [
-    "The capital of Italy is", "Water is made of hydrogen and", "The first president of the USA",
-    "A list of prime numbers: 2, 3, 5,", "My favourite colours are red, green and",
-]
-
-
-@pytest.fixture(scope="module")
-def probe_dir(vllm_server, model_dir, tmp_path_factory):
-    """A real probe artifact fitted on rows captured through the server.
-
-    The label (does the token start a new word?) is arbitrary: this probe exists to check
-    plumbing and attribution, not to detect anything.
-    """
-    tap = ChannelTap(vllm_server.channel)
-    try:
-        tap.wait_connected(vllm_server.base_url)
-        complete_many(vllm_server.base_url, [
-            {"prompt": p, "max_tokens": 24, "request_id": f"train-{i}"}
-            for i, p in enumerate(TRAIN_PROMPTS)])
-        time.sleep(1.0)
-    finally:
-        tap.close()
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    li = LAYERS.index(PROBE_LAYER)
-    xs, ys = [], []
-    for cap in tap.requests.values():
-        for pos, row in cap.rows.items():
-            xs.append(row[li].float().numpy())
-            ys.append(int(tok.convert_ids_to_tokens(cap.tokens[pos]).startswith("Ġ")))
-    X, y = np.stack(xs), np.array(ys)
-    assert 0 < y.sum() < len(y)
-    probe = LinearProbe(C=0.1).fit(X, y)
-    artifact = probe.to_artifact(name="word-start", model=identify_model(model_dir),
-                                 layers=[PROBE_LAYER], score_position="producer", threshold=0.5)
-    path = tmp_path_factory.mktemp("probes") / "word-start"
-    artifact.save(path)
-    return path
-
 
 @pytest.fixture(scope="module")
 def sidecar(vllm_server, probe_dir, model_dir, tmp_path_factory):
@@ -84,17 +40,6 @@ def stub(sidecar):
         yield pb_grpc.DetectorStub(channel)
 
 
-def _wait_for_engine(stub) -> None:
-    """The sidecar learns the engine from its heartbeat; until then no probe scores."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        probes = stub.ListProbes(pb.ListProbesRequest()).probes
-        if probes and not probes[0].inactive_reason:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"probe never became active: {probes}")
-
-
 def _expected_probabilities(hf_model, probe_dir, sequence: list[int]) -> np.ndarray:
     art = load_probe(probe_dir)
     scorer = FusedProbeScorer([art], captured_layers=LAYERS, hidden_size=576,
@@ -106,7 +51,7 @@ def _expected_probabilities(hf_model, probe_dir, sequence: list[int]) -> np.ndar
 
 
 def test_scores_arrive_for_the_right_request(vllm_server, stub, hf_model, probe_dir) -> None:
-    _wait_for_engine(stub)
+    wait_for_engine(stub)
     jobs = [{"prompt": p, "max_tokens": n, "request_id": f"score-{i}"} for i, (p, n) in
             enumerate([("The largest planet is", 10), ("Berlin is the capital of", 14),
                        ("Photosynthesis converts light into", 18)])]
@@ -152,7 +97,7 @@ def test_unknown_and_malformed_ids_get_clear_statuses(stub) -> None:
 
 
 def test_stream_delivers_scores_before_generation_ends(vllm_server, stub) -> None:
-    _wait_for_engine(stub)
+    wait_for_engine(stub)
     done_at: dict[str, float] = {}
     result: dict[str, dict] = {}
 

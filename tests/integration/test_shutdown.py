@@ -1,0 +1,57 @@
+"""Graceful shutdown: health turns NOT_SERVING at once, open streams are drained."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import complete, start_sidecar, wait_for_engine
+
+from detector.api.liedetector.v1 import detector_pb2 as pb
+from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.vllm
+
+
+def test_sigterm_turns_health_off_and_drains_streams(vllm_server, probe_dir, model_dir,
+                                                     tmp_path) -> None:
+    sidecar = start_sidecar(vllm_server.channel, tmp_path, probes=[probe_dir],
+                            model_dir=model_dir, env={"LIE_DETECTOR_SHUTDOWN_GRACE_S": "60"})
+    try:
+        with grpc.insecure_channel(sidecar.grpc_address) as channel:
+            stub = pb_grpc.DetectorStub(channel)
+            wait_for_engine(stub)
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service="liedetector.v1.Detector"), timeout=120)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+
+            result: dict = {}
+            worker = threading.Thread(target=lambda: result.update(resp=complete(
+                vllm_server.base_url, "Describe the four seasons.", max_tokens=80,
+                request_id="drain-1", ignore_eos=True)))
+            worker.start()
+            stream = stub.StreamScores(pb.StreamScoresRequest(request_id="drain-1"),
+                                       timeout=120)
+            tokens = []
+            first = next(stream)
+            tokens.extend(first.tokens)
+            sidecar.proc.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+            final = None
+            for update in stream:
+                tokens.extend(update.tokens)
+                final = update
+            worker.join()
+            assert final is not None and final.final
+            assert [t.token_id for t in tokens] == result["resp"]["choices"][0]["token_ids"]
+        deadline = time.monotonic() + 30
+        while sidecar.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sidecar.proc.returncode == 0
+    finally:
+        sidecar.kill()

@@ -174,6 +174,7 @@ def _tokens(analysis: RequestAnalysis, start: int, end: int, columns: ProbeColum
                                   flagged=p >= thresholds.get(name, float("inf")))
                     for name, p in token.scores.items()],
             text=decoded.text[decoded.starts[i]:decoded.ends[i]] if decoded else "",
+            generated_unix_nano=token.generated_ns,
         ))
     return out
 

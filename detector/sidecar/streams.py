@@ -71,6 +71,7 @@ class TokenScore:
     scores: dict[str, float]
     # Every row the active probes read for this token has arrived: its scores are final.
     settled: bool = False
+    generated_ns: int = 0
 
 
 @dataclass(slots=True)
@@ -79,13 +80,13 @@ class RequestRecord:
     engine_id: str
     num_prompt_tokens: int
     generated: list[int] = field(default_factory=list)
+    generated_ns: list[int] = field(default_factory=list)  # step end time per token
     prompt_tail: list[int] = field(default_factory=list)
     rows: dict[int, tuple[ProbeColumns, np.ndarray]] = field(default_factory=dict)
     finished: bool = False
     incomplete: str | None = None
     created: float = field(default_factory=time.monotonic)
     updated: float = field(default_factory=time.monotonic)
-    first_token_ns: int = 0
     version: int = 0
     nbytes: int = 0
     accounted: bool = False
@@ -106,7 +107,9 @@ class RequestRecord:
                     i = row[0].index(name)
                     if i is not None:
                         scores[name] = float(row[1][i])
-            out.append(TokenScore(position=q, token_id=token, scores=scores, settled=settled))
+            when = self.generated_ns[g] if g < len(self.generated_ns) else 0
+            out.append(TokenScore(position=q, token_id=token, scores=scores, settled=settled,
+                                  generated_ns=when))
         return out
 
 
@@ -211,8 +214,7 @@ class RequestStore:
                 end = req.first_position + req.num_rows
                 for k, token in enumerate(req.sampled_token_ids):
                     self._set_generated(rec, end + k - p0, token)
-                if req.sampled_token_ids and not rec.first_token_ns:
-                    rec.first_token_ns = header.time_ns
+                    self._set_time(rec, end + k - p0, header.time_ns)
                 rec.finished = False if req.sampled_token_ids else rec.finished
                 rec.updated = now
                 rec.version += 1
@@ -224,6 +226,16 @@ class RequestStore:
                     rec.version += 1
             self._enforce_bounds(now)
             self._cond.notify_all()
+
+    @staticmethod
+    def _set_time(rec: RequestRecord, g: int, time_ns: int) -> None:
+        if g < 0:
+            return
+        times = rec.generated_ns
+        if g >= len(times):
+            times.extend([0] * (g + 1 - len(times)))
+            rec.nbytes += 8
+        times[g] = time_ns
 
     @staticmethod
     def _set_prompt_tail(rec: RequestRecord, i: int, token: int) -> None:
@@ -305,8 +317,9 @@ class RequestStore:
             rec = self._records[req_id]
             copy = RequestRecord(
                 rec.req_id, rec.engine_id, rec.num_prompt_tokens, list(rec.generated),
-                [t for t in rec.prompt_tail if t >= 0], {}, rec.finished, rec.incomplete,
-                rec.created, rec.updated, rec.first_token_ns, rec.version, rec.nbytes,
+                list(rec.generated_ns), [t for t in rec.prompt_tail if t >= 0], {},
+                rec.finished, rec.incomplete, rec.created, rec.updated,
+                rec.version, rec.nbytes,
             )
             return copy, rec.token_scores(self.columns)
 

@@ -115,6 +115,8 @@ def test_stream_delivers_scores_before_generation_ends(vllm_server, stub) -> Non
         if first_at is None and update.tokens:
             first_at = time.monotonic()
         tokens.extend(t.token_id for t in update.tokens)
+        # Each token says when its step ended; it cannot reach us before that.
+        assert all(0 < t.generated_unix_nano <= time.time_ns() for t in update.tokens)
         final = update.final
     worker.join()
     assert final

@@ -43,20 +43,22 @@ class ProbeScore(_message.Message):
     def __init__(self, probe: _Optional[str] = ..., probability: _Optional[float] = ..., flagged: _Optional[bool] = ...) -> None: ...
 
 class TokenScore(_message.Message):
-    __slots__ = ("index", "position", "token_id", "scored", "scores", "text")
+    __slots__ = ("index", "position", "token_id", "scored", "scores", "text", "generated_unix_nano")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     SCORED_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     index: int
     position: int
     token_id: int
     scored: bool
     scores: _containers.RepeatedCompositeFieldContainer[ProbeScore]
     text: str
-    def __init__(self, index: _Optional[int] = ..., position: _Optional[int] = ..., token_id: _Optional[int] = ..., scored: _Optional[bool] = ..., scores: _Optional[_Iterable[_Union[ProbeScore, _Mapping]]] = ..., text: _Optional[str] = ...) -> None: ...
+    generated_unix_nano: int
+    def __init__(self, index: _Optional[int] = ..., position: _Optional[int] = ..., token_id: _Optional[int] = ..., scored: _Optional[bool] = ..., scores: _Optional[_Iterable[_Union[ProbeScore, _Mapping]]] = ..., text: _Optional[str] = ..., generated_unix_nano: _Optional[int] = ...) -> None: ...
 
 class Span(_message.Message):
     __slots__ = ("char_start", "char_end", "token_start", "token_end", "text", "kind", "probe", "score", "threshold", "flagged")

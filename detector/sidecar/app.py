@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from grpc_health.v1 import health_pb2
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -27,7 +27,13 @@ from detector.sidecar.analysis import Analyzer
 from detector.sidecar.metrics import SidecarMetrics
 from detector.sidecar.pipeline import ScoringPipeline
 from detector.sidecar.registry import ProbeRegistry
-from detector.sidecar.service import SERVICE_NAME, DetectorService, build_server
+from detector.sidecar.security import AdminGuard, server_credentials
+from detector.sidecar.service import (
+    HOOK_HEALTH_NAME,
+    SERVICE_NAME,
+    DetectorService,
+    build_server,
+)
 from detector.sidecar.spans import SPAN_KINDS
 from detector.sidecar.streams import RequestStore
 from detector.sidecar.text import TextDecoder
@@ -59,6 +65,26 @@ class SidecarSettings(BaseSettings):
     span_kinds: list[str] = Field(default_factory=lambda: ["entity", "sentence"])
     max_streams: int = Field(256, ge=1)
     shutdown_grace_s: float = Field(5.0, ge=0)
+    # TLS for gRPC; with a client CA, mutual TLS (clients must present a cert it signed).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    # LoadProbe/UnloadProbe are refused unless one of these allows the caller.
+    admin_token: SecretStr | None = None
+    admin_identities: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> SidecarSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be given together")
+        for path in (self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file/tls_key_file")
+        if self.admin_identities and self.tls_client_ca_file is None:
+            raise ValueError("admin_identities need mutual TLS (tls_client_ca_file)")
+        return self
 
     @field_validator("grpc_address")
     @classmethod
@@ -165,12 +191,25 @@ class Sidecar:
         self.analyzer = Analyzer(decoder, settings.span_kinds)
         self.pipeline = ScoringPipeline(self.subscriber, self.registry, self.store, self.metrics,
                                         self.analyzer, heartbeat_s=settings.heartbeat_s)
+        admin = AdminGuard(
+            token=settings.admin_token.get_secret_value() if settings.admin_token else None,
+            identities=settings.admin_identities)
         self.service = DetectorService(self.store, self.registry, self.analyzer,
-                                       max_streams=settings.max_streams)
-        self.server, self.health, self.grpc_port = build_server(self.service,
-                                                                settings.grpc_address)
+                                       max_streams=settings.max_streams, admin=admin)
+        credentials = None
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file,
+                                             settings.tls_client_ca_file)
+        self.server, self.health, self.grpc_port = build_server(
+            self.service, settings.grpc_address, credentials=credentials)
+        self.pipeline.on_hook_state.append(self._hook_health)
         self._stopping = threading.Event()
         self._stopped = threading.Event()
+
+    def _hook_health(self, connected: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if connected
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.set(HOOK_HEALTH_NAME, status)
 
     def start(self) -> None:
         self.pipeline.start()
@@ -186,7 +225,7 @@ class Sidecar:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, HOOK_HEALTH_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(self.settings.shutdown_grace_s).wait()
         self.pipeline.stop()

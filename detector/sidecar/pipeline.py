@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -41,6 +42,9 @@ class ScoringPipeline:
         self.heartbeat_s = heartbeat_s
         self.last_heard = 0.0
         self._rejected_seen = 0
+        self._hook_state: bool | None = None
+        # Called with True/False when the hook is first heard from / falls silent.
+        self.on_hook_state: list[Callable[[bool], None]] = []
         self._load_failures_seen = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scoring-pipeline", daemon=True)
@@ -130,7 +134,15 @@ class ScoringPipeline:
         stats = self.store.stats()
         self.metrics.requests_tracked.set(stats.requests)
         self.metrics.store_bytes.set(stats.bytes)
-        self.metrics.hook_connected.set(1 if self.hook_connected else 0)
+        connected = self.hook_connected
+        self.metrics.hook_connected.set(1 if connected else 0)
+        if connected != self._hook_state:
+            self._hook_state = connected
+            if not connected and self.last_heard:
+                logger.warning("the in-engine hook fell silent (no message for %.0f s)",
+                               time.monotonic() - self.last_heard)
+            for callback in self.on_hook_state:
+                callback(connected)
         active = self.registry.active()
         self.metrics.probes_active.set(len(active.columns.names) if active else 0)
         new_failures = self.registry.load_failures - self._load_failures_seen

@@ -2,7 +2,8 @@
 
 Every RPC validates its input and answers with a status a caller can act on:
 INVALID_ARGUMENT for malformed requests, NOT_FOUND for unknown request ids,
-FAILED_PRECONDITION for a probe that does not fit the served model.
+FAILED_PRECONDITION for a probe that does not fit the served model, RESOURCE_EXHAUSTED
+over the stream limit, UNAUTHENTICATED / PERMISSION_DENIED for admin calls not allowed.
 """
 
 from __future__ import annotations
@@ -22,22 +23,27 @@ from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.artifact import ProbeArtifactError, ProbeMismatchError
 from detector.sidecar.analysis import Analyzer, RequestAnalysis
 from detector.sidecar.registry import LoadedProbe, ProbeRegistry
+from detector.sidecar.security import AdminGuard, is_loopback
 from detector.sidecar.spans import SpanVerdict
 from detector.sidecar.streams import ProbeColumns, RequestRecord, RequestStore
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name
+# A health entry of its own: SERVING while the in-engine hook is heard from. Kept apart from
+# the overall status, so a sidecar that starts before vLLM is ready without a hook.
+HOOK_HEALTH_NAME = "liedetector.v1.Hook"
 MAX_ID_LENGTH = 512
 APPEAR_WAIT_S = 10.0  # how long a read waits for a request id the sidecar has not seen yet
 
 
 class DetectorService(pb_grpc.DetectorServicer):
     def __init__(self, store: RequestStore, registry: ProbeRegistry, analyzer: Analyzer, *,
-                 max_streams: int = 256) -> None:
+                 max_streams: int = 256, admin: AdminGuard | None = None) -> None:
         self.store = store
         self.registry = registry
         self.analyzer = analyzer
+        self.admin = admin or AdminGuard()
         self.max_streams = max_streams
         self._streams = 0
         self._streams_lock = threading.Lock()
@@ -128,6 +134,7 @@ class DetectorService(pb_grpc.DetectorServicer):
 
     def LoadProbe(self, request: pb.LoadProbeRequest, context: grpc.ServicerContext
                   ) -> pb.ProbeInfo:
+        self.admin.check(context, "LoadProbe")
         if not request.path or len(request.path) > 4096:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "path must be a probe directory")
         try:
@@ -142,6 +149,7 @@ class DetectorService(pb_grpc.DetectorServicer):
 
     def UnloadProbe(self, request: pb.UnloadProbeRequest, context: grpc.ServicerContext
                     ) -> pb.UnloadProbeResponse:
+        self.admin.check(context, "UnloadProbe")
         if not request.name:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name is required")
         if not self.registry.unload(request.name):
@@ -224,7 +232,8 @@ def _probe_info(loaded: LoadedProbe) -> pb.ProbeInfo:
     )
 
 
-def build_server(service: DetectorService, address: str, *, max_workers: int = 16
+def build_server(service: DetectorService, address: str, *, max_workers: int = 16,
+                 credentials: grpc.ServerCredentials | None = None
                  ) -> tuple[grpc.Server, health.HealthServicer, int]:
     """A gRPC server with the detector, the standard health service and reflection."""
     server = grpc.server(
@@ -237,9 +246,16 @@ def build_server(service: DetectorService, address: str, *, max_workers: int = 1
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        if not is_loopback(address):
+            logger.warning("gRPC listens on %s without TLS: anyone who can reach it can read "
+                           "scores; set tls_cert_file/tls_key_file", address)
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen for gRPC on {address}")
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set(HOOK_HEALTH_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
     return server, health_servicer, port

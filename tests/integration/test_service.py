@@ -24,12 +24,16 @@ from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.vllm
 
+ADMIN_TOKEN = "test-admin-token"
+ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+
 
 @pytest.fixture(scope="module")
 def sidecar(vllm_server, probe_dir, model_dir, tmp_path_factory):
     proc = start_sidecar(vllm_server.channel, tmp_path_factory.mktemp("service"),
                          probes=[probe_dir], model_dir=model_dir,
-                         env={"LIE_DETECTOR_MAX_STREAMS": "2"})
+                         env={"LIE_DETECTOR_MAX_STREAMS": "2",
+                              "LIE_DETECTOR_ADMIN_TOKEN": ADMIN_TOKEN})
     yield proc
     proc.stop()
 
@@ -80,7 +84,7 @@ def test_reflection_only_client_can_list_and_call(channel, vllm_server, stub) ->
 def test_error_statuses(stub, tmp_path, probe_dir) -> None:
     def code(call, request, **kw):
         with pytest.raises(grpc.RpcError) as err:
-            call(request, timeout=kw.get("timeout", 10))
+            call(request, timeout=kw.get("timeout", 10), metadata=kw.get("metadata", ADMIN))
         assert err.value.details(), "every error carries a readable message"
         return err.value.code(), err.value.details()
 
@@ -92,6 +96,12 @@ def test_error_statuses(stub, tmp_path, probe_dir) -> None:
         grpc.StatusCode.INVALID_ARGUMENT
     assert code(stub.LoadProbe, pb.LoadProbeRequest(path=""))[0] == \
         grpc.StatusCode.INVALID_ARGUMENT
+    # Admin calls need the token.
+    assert code(stub.LoadProbe, pb.LoadProbeRequest(path=str(probe_dir)), metadata=())[0] == \
+        grpc.StatusCode.UNAUTHENTICATED
+    assert code(stub.UnloadProbe, pb.UnloadProbeRequest(name="word-start"),
+                metadata=(("authorization", "Bearer wrong"),))[0] == \
+        grpc.StatusCode.PERMISSION_DENIED
     assert code(stub.UnloadProbe, pb.UnloadProbeRequest(name="never-loaded"))[0] == \
         grpc.StatusCode.NOT_FOUND
     # A corrupt artifact is refused with the reason; the server keeps serving.
@@ -166,7 +176,7 @@ def test_hot_reload_while_requests_run(vllm_server, stub, probe_dir, tmp_path) -
     worker = threading.Thread(target=run)
     worker.start()
     time.sleep(0.5)
-    info = stub.LoadProbe(pb.LoadProbeRequest(path=str(second)), timeout=10)
+    info = stub.LoadProbe(pb.LoadProbeRequest(path=str(second)), timeout=10, metadata=ADMIN)
     assert info.name == "word-start-b" and not info.inactive_reason
     worker.join()
     assert len(responses) == 4  # vLLM never noticed
@@ -185,7 +195,8 @@ def test_hot_reload_while_requests_run(vllm_server, stub, probe_dir, tmp_path) -
     for job in jobs:
         r = stub.GetScores(pb.GetScoresRequest(request_id=job["request_id"]), timeout=10)
         assert all(any(s.probe == "word-start" for s in t.scores) for t in r.tokens)
-    assert stub.UnloadProbe(pb.UnloadProbeRequest(name="word-start-b"), timeout=10).unloaded
+    assert stub.UnloadProbe(pb.UnloadProbeRequest(name="word-start-b"), timeout=10,
+                            metadata=ADMIN).unloaded
     names = [p.name for p in stub.ListProbes(pb.ListProbesRequest()).probes]
     assert names == ["word-start"]
 

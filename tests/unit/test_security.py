@@ -1,0 +1,177 @@
+"""Security of a real in-process sidecar: owner-only channel, loopback by default, TLS,
+mutual TLS, and admin calls refused unless a token or an mTLS identity allows them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import socket
+import stat
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from detector.api.liedetector.v1 import detector_pb2 as pb
+from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.sidecar.app import Sidecar, SidecarSettings, load_settings
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cert(subject: str, issuer_key=None, issuer_name=None, *, ca: bool = False):
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(name)
+               .issuer_name(issuer_name or name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=1))
+               .not_valid_after(now + dt.timedelta(hours=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+    cert = builder.sign(issuer_key or key, hashes.SHA256())
+    return key, cert
+
+
+def _write(path: Path, key, cert) -> tuple[Path, Path]:
+    key_path, cert_path = path.with_suffix(".key"), path.with_suffix(".crt")
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pki")
+    ca_key, ca_cert = _cert("test-ca", ca=True)
+    _, ca_crt = _write(d / "ca", ca_key, ca_cert)
+    files = {"ca": ca_crt}
+    for who in ("server", "admin-client", "reader-client"):
+        key, cert = _cert(who, ca_key, ca_cert.subject)
+        files[who] = _write(d / who, key, cert)
+    return files
+
+
+def _sidecar(tmp_path: Path, **settings) -> Sidecar:
+    s = SidecarSettings(channel=f"ipc://{tmp_path}/ch.sock",
+                        grpc_address=f"127.0.0.1:{_free_port()}", metrics_port=None, **settings)
+    sidecar = Sidecar(s)
+    sidecar.start()
+    return sidecar
+
+
+def test_channel_socket_is_owner_only_and_grpc_on_loopback(tmp_path) -> None:
+    sidecar = _sidecar(tmp_path)
+    try:
+        mode = stat.S_IMODE((tmp_path / "ch.sock").stat().st_mode)
+        assert mode == 0o600
+        assert SidecarSettings().grpc_address.startswith("127.0.0.1:")
+    finally:
+        sidecar.stop()
+
+
+def test_admin_calls_are_off_by_default(tmp_path) -> None:
+    sidecar = _sidecar(tmp_path)
+    try:
+        with grpc.insecure_channel(sidecar.settings.grpc_address) as ch:
+            stub = pb_grpc.DetectorStub(ch)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.LoadProbe(pb.LoadProbeRequest(path="/x"), timeout=5,
+                               metadata=(("authorization", "Bearer anything"),))
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "LIE_DETECTOR_ADMIN_TOKEN" in err.value.details()
+            # Reads stay open.
+            assert stub.ListProbes(pb.ListProbesRequest(), timeout=5).probes == []
+    finally:
+        sidecar.stop()
+
+
+def test_admin_token(tmp_path) -> None:
+    sidecar = _sidecar(tmp_path, admin_token="s3cret")
+    try:
+        with grpc.insecure_channel(sidecar.settings.grpc_address) as ch:
+            stub = pb_grpc.DetectorStub(ch)
+            for metadata, code in [((), grpc.StatusCode.UNAUTHENTICATED),
+                                   ((("authorization", "Bearer nope"),),
+                                    grpc.StatusCode.PERMISSION_DENIED),
+                                   ((("authorization", "Bearer s3cret"),),
+                                    grpc.StatusCode.NOT_FOUND)]:  # allowed: reaches the call
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.UnloadProbe(pb.UnloadProbeRequest(name="p"), timeout=5,
+                                     metadata=metadata)
+                assert err.value.code() == code
+    finally:
+        sidecar.stop()
+
+
+def test_tls_refuses_plaintext_clients(tmp_path, pki) -> None:
+    key, crt = pki["server"]
+    sidecar = _sidecar(tmp_path, tls_cert_file=crt, tls_key_file=key)
+    try:
+        address = sidecar.settings.grpc_address
+        creds = grpc.ssl_channel_credentials(root_certificates=pki["ca"].read_bytes())
+        with grpc.secure_channel(address, creds) as ch:
+            assert pb_grpc.DetectorStub(ch).ListProbes(pb.ListProbesRequest(),
+                                                       timeout=5).probes == []
+        with grpc.insecure_channel(address) as ch, pytest.raises(grpc.RpcError) as err:
+            pb_grpc.DetectorStub(ch).ListProbes(pb.ListProbesRequest(), timeout=3)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        sidecar.stop()
+
+
+def test_mutual_tls_identity_allows_admin(tmp_path, pki) -> None:
+    key, crt = pki["server"]
+    sidecar = _sidecar(tmp_path, tls_cert_file=crt, tls_key_file=key,
+                       tls_client_ca_file=pki["ca"], admin_identities=["admin-client"])
+    address = sidecar.settings.grpc_address
+    ca = pki["ca"].read_bytes()
+
+    def stub_for(who: str | None):
+        if who is None:
+            return grpc.secure_channel(address, grpc.ssl_channel_credentials(ca))
+        k, c = pki[who]
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(
+            ca, private_key=k.read_bytes(), certificate_chain=c.read_bytes()))
+
+    try:
+        with stub_for("admin-client") as ch, pytest.raises(grpc.RpcError) as err:
+            pb_grpc.DetectorStub(ch).UnloadProbe(pb.UnloadProbeRequest(name="p"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # allowed through
+        with stub_for("reader-client") as ch:
+            stub = pb_grpc.DetectorStub(ch)
+            assert stub.ListProbes(pb.ListProbesRequest(), timeout=5).probes == []
+            with pytest.raises(grpc.RpcError) as err:
+                stub.UnloadProbe(pb.UnloadProbeRequest(name="p"), timeout=5)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with stub_for(None) as ch, pytest.raises(grpc.RpcError) as err:
+            pb_grpc.DetectorStub(ch).ListProbes(pb.ListProbesRequest(), timeout=3)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # no client cert, no entry
+    finally:
+        sidecar.stop()
+
+
+def test_tls_settings_are_checked(tmp_path, pki) -> None:
+    from detector.sidecar.app import SettingsError
+
+    key, crt = pki["server"]
+    with pytest.raises(SettingsError, match="together"):
+        load_settings(None, tls_cert_file=crt)
+    with pytest.raises(SettingsError, match="need mutual TLS"):
+        load_settings(None, admin_identities=["x"])
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(None, tls_cert_file=tmp_path / "no.crt", tls_key_file=key)

@@ -161,6 +161,7 @@ def _after_load_model(runner: Any, settings: HookSettings) -> None:
     method = _attach_capture(runner, model, layers)
     if method is None:
         return
+    _key_compile_cache(runner.vllm_config, method, layers)
     dtype = TORCH_TO_WIRE.get(model_config.dtype)
     if dtype is None:
         logger.error("lie-detector: dtype %s not supported; capture is OFF", model_config.dtype)
@@ -223,6 +224,22 @@ def _attach_capture(runner: Any, model: Any, layers: list[int]) -> str | None:
         return None
     logger.warning("lie-detector: using forward hooks (eager mode required and in use)")
     return "forward_hook"
+
+
+def _key_compile_cache(vllm_config: Any, method: str, layers: list[int]) -> None:
+    """Make vLLM's compile-cache key depend on what we capture.
+
+    The aux outputs change the compiled graph, but vLLM keys its (AOT) compile cache by
+    the vLLM config and its own environment variables only: without this, a server with the
+    plugin off, or capturing other layers, could load this graph (or we theirs).
+    ``additional_config`` is hashed into the key and is meant for plugins; this runs after
+    the model is built and before its first (compiling) forward pass.
+    """
+    extra = vllm_config.additional_config
+    if isinstance(extra, dict):
+        extra["lie_detector"] = {"capture": method, "layers": list(layers)}
+    else:
+        logger.warning("lie-detector: additional_config is not a dict; compile cache shared")
 
 
 def _decoder_layers(model: Any) -> Any:

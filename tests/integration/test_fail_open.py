@@ -86,3 +86,18 @@ def test_sidecar_killed_mid_generation_leaves_generation_intact(
     assert killed_after is not None and killed_after < max_tokens
     assert finish == "length"
     assert tokens == reference
+
+
+def test_compile_cache_is_keyed_by_capture(vllm_server, vllm_server_disabled) -> None:
+    """The aux outputs change the compiled graph; a shared compile cache must not hand the
+    plugin-off server the plugin-on graph (or capture one layer set with another's)."""
+    import re
+
+    pattern = re.compile(r"torch_aot_compile/([0-9a-f]{16,})")
+
+    def keys(server) -> set[str]:
+        return set(pattern.findall(server.log_path.read_text(errors="replace")))
+
+    on, off = keys(vllm_server), keys(vllm_server_disabled)
+    assert on and off, "no AOT compile cache path in the vLLM logs"
+    assert not on & off

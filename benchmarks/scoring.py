@@ -1,0 +1,162 @@
+"""Sidecar scoring throughput: the fused scorer against a plain matrix-product bound.
+
+For each probe count, one engine step's worth of rows (``--rows`` tokens x the captured
+layers) goes through ``FusedProbeScorer`` (layout copy + one GEMM + calibration), and through
+a bare ``torch.mm`` of the same shape on rows already laid out for it: the best any scorer
+of this design can do on this machine. Both are timed interleaved, many times; the result is
+rows per second and the ratio fused / bound. On a GPU the same command measures the GPU
+(``--device cuda``) and also reports the fraction of the device's memory bandwidth used.
+
+    .venv/bin/python -m benchmarks.scoring            # full
+    .venv/bin/python -m benchmarks.scoring --quick    # CI smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from detector.artifact import ProbeArtifact, ProbeMetadata
+from detector.model_identity import ModelIdentity
+from detector.sidecar.scorer import FusedProbeScorer
+
+logger = logging.getLogger("benchmarks.scoring")
+
+HIDDEN = 576  # SmolLM2-135M
+LAYERS = [8, 15, 22]
+MODEL = ModelIdentity(name="bench", fingerprint="0" * 16, hidden_size=HIDDEN, num_layers=30)
+
+
+def random_probes(n: int, seed: int = 0) -> list[ProbeArtifact]:
+    g = torch.Generator().manual_seed(seed)
+    probes = []
+    for i in range(n):
+        layer = LAYERS[i % len(LAYERS)]
+        meta = ProbeMetadata(name=f"p{i}", model=MODEL, layers=[layer], hidden_size=HIDDEN,
+                             score_position="producer", calibration="platt", platt_a=1.0,
+                             platt_b=0.0, threshold=0.5)
+        probes.append(ProbeArtifact(metadata=meta,
+                                    weight=torch.randn(HIDDEN, generator=g) / HIDDEN ** 0.5,
+                                    bias=torch.zeros(1)))
+    return probes
+
+
+def _time(fn, device: torch.device, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def measure(num_probes: int, rows: int, device: torch.device, rounds: int, repeats: int
+            ) -> dict:
+    scorer = FusedProbeScorer(random_probes(num_probes), captured_layers=LAYERS,
+                              hidden_size=HIDDEN, device=device)
+    # As the channel delivers them: (layers, rows, hidden) on the host.
+    step_rows = torch.randn(len(LAYERS), rows, HIDDEN)
+    if device.type == "cuda":
+        step_rows = step_rows.pin_memory()
+    flat = step_rows.permute(1, 0, 2).reshape(rows, -1).contiguous().to(device)
+    weight = scorer.weight.to(device)
+
+    def fused() -> None:
+        scorer.probabilities(scorer.logits(step_rows))
+
+    def bound() -> None:
+        torch.mm(flat, weight)
+
+    for fn in (fused, bound):  # warm-up
+        _time(fn, device, 3)
+    fused_t: list[float] = []
+    bound_t: list[float] = []
+    for _ in range(rounds):  # interleaved so machine noise hits both alike
+        fused_t += _time(fused, device, repeats)
+        bound_t += _time(bound, device, repeats)
+    f, b = statistics.median(fused_t), statistics.median(bound_t)
+    result = {
+        "probes": num_probes, "rows_per_step": rows,
+        "fused_rows_per_s": rows / f, "bound_rows_per_s": rows / b,
+        "fused_over_bound": b / f,
+        "fused_ms_per_step": f * 1e3, "bound_ms_per_step": b * 1e3,
+        "fused_p90_ms": sorted(fused_t)[int(0.9 * len(fused_t))] * 1e3,
+    }
+    if device.type == "cuda":
+        # Bytes the bound must read: the rows (float32) and the weights.
+        bytes_moved = flat.numel() * 4 + weight.numel() * 4
+        result["bound_gb_per_s"] = bytes_moved / b / 1e9
+    return result
+
+
+def machine(device: torch.device) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "device": str(device)}
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                   if line.startswith("model name"))
+        info["cpu"] = cpu
+    except (OSError, StopIteration):
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def to_markdown(results: list[dict], info: dict) -> str:
+    lines = [
+        f"Sidecar scoring on `{info['device']}` ({info.get('gpu') or info.get('cpu', '?')}, "
+        f"{info['threads']} threads), {results[0]['rows_per_step']} rows per step, "
+        f"{len(LAYERS)} layers x {HIDDEN}:",
+        "",
+        "| probes | fused rows/s | GEMM bound rows/s | fused / bound | fused ms/step |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        lines.append(f"| {r['probes']} | {r['fused_rows_per_s']:,.0f} | "
+                     f"{r['bound_rows_per_s']:,.0f} | {r['fused_over_bound']:.2f} | "
+                     f"{r['fused_ms_per_step']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few repeats (CI smoke run)")
+    parser.add_argument("--probes", default="1,8,16,64")
+    parser.add_argument("--rows", type=int, default=256, help="rows per engine step")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    device = torch.device(args.device)
+    rounds, repeats = (3, 5) if args.quick else (10, 20)
+    counts = [int(p) for p in args.probes.split(",")]
+    results = [measure(n, args.rows, device, rounds, repeats)
+               for n in tqdm(counts, desc="probe counts")]
+    info = machine(device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"scoring-{device.type}" + ("-quick" if args.quick else "")
+    payload = {"date": datetime.now(timezone.utc).isoformat(), "quick": args.quick,
+               "machine": info, "layers": LAYERS, "hidden": HIDDEN, "results": results}
+    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
+    table = to_markdown(results, info)
+    (args.out / f"{stem}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -124,6 +124,8 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
                         help="keep vLLM's prefix caching (cached prompt rows are not captured)")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--dtype", default="float32",
+                        help="vLLM dtype; use the one the probes were trained on (float32)")
     parser.add_argument("--log-dir", help="write each process's output to a file here")
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER,
                         help="after --, extra arguments for vLLM")
@@ -143,7 +145,7 @@ def _serve(args: argparse.Namespace) -> int:
         grpc_address=f"127.0.0.1:{args.grpc_port}", metrics_port=args.metrics_port,
         probes=[Path(p) for p in args.probe], layers=parse_layers(args.layers),
         prefix_caching=args.prefix_caching, enforce_eager=args.enforce_eager,
-        max_model_len=args.max_model_len,
+        max_model_len=args.max_model_len, dtype=args.dtype,
         vllm_args=[a for a in args.vllm_args if a != "--"],
         log_dir=Path(args.log_dir) if args.log_dir else None,
     )
@@ -152,7 +154,257 @@ def _serve(args: argparse.Namespace) -> int:
     return Supervisor(opts, identify_model(model_dir).num_layers).run()
 
 
+def _demo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--question", action="append", default=None, metavar="TEXT",
+                        help="ask your own question (repeatable) instead of the built-in mix")
+    parser.add_argument("--short", action="store_true", help="three questions, short answers")
+    parser.add_argument("--report", default="lie-detector-report.html", metavar="FILE",
+                        help="where to write the HTML report")
+    parser.add_argument("--probe", metavar="DIR", help="probe artifact (default: the shipped one)")
+    parser.add_argument("--model", metavar="DIR", help="model folder (default: the embedded model)")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from detector.demo import run_demo
+
+    return run_demo(model=args.model, questions=args.question, short=args.short,
+                    report=Path(args.report), probe=Path(args.probe) if args.probe else None,
+                    verbose=args.verbose)
+
+
+# --- probe training (probes/) ----------------------------------------------------------------
+
+
+def _quiet_http_logs() -> None:
+    for name in ("httpx", "httpcore", "matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _dataset_list(args: argparse.Namespace) -> int:
+    from probes.datasets.registry import TOPICS
+
+    for topic in TOPICS.values():
+        print(f"{topic.name:30} {topic.domain:10} {topic.description}")
+    return 0
+
+
+def _dataset_build_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, metavar="FILE", help="questions JSONL to write")
+    parser.add_argument("--topics", help="comma-separated topics (default: all, see `dataset list`)")
+    parser.add_argument("--limit-per-topic", type=int, help="subsample each topic to N questions")
+    parser.add_argument("--invented-per-template", type=int, default=30,
+                        help="questions per invented-entity template (default 30)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _dataset_build(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from probes.datasets.registry import build_dataset, write_questions
+
+    topics = [t for t in args.topics.split(",") if t] if args.topics else None
+    questions = build_dataset(topics, limit_per_topic=args.limit_per_topic,
+                              invented_per_template=args.invented_per_template, seed=args.seed)
+    write_questions(questions, args.out)
+    for topic, n in sorted(Counter(q.topic for q in questions).items()):
+        print(f"{topic:30} {n}")
+    print(f"{len(questions)} questions -> {args.out}")
+    return 0
+
+
+def _dataset_validate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="a user JSONL file (see docs/training.md)")
+
+
+def _dataset_validate(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from probes.datasets.user import UserDataError, load_user_jsonl
+
+    try:
+        records = load_user_jsonl(args.file)
+    except UserDataError as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        return 1
+    labels = Counter(s.label for r in records for s in r.spans)
+    print(f"{args.file}: {len(records)} records, "
+          + ", ".join(f"{n} {k}" for k, n in sorted(labels.items())))
+    return 0
+
+
+def _capture_args(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--questions", metavar="FILE", help="questions JSONL from `dataset build`")
+    src.add_argument("--user-data", metavar="FILE", help="labelled JSONL in the user format")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="capture directory (resumed if it exists)")
+    parser.add_argument("--model", metavar="DIR", help="model folder (default: the embedded model)")
+    parser.add_argument("--layers", default="4,6,8,10,12,14,16,18,20,22,24,26,28",
+                        help="layers to capture (default every 2nd from 4 to 28)")
+    parser.add_argument("--styles", default="plain,chat", help="prompt styles: plain,chat")
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--concurrency", type=int, default=12)
+    parser.add_argument("--dtype", help="vLLM --dtype for the server we start (default: vLLM's)")
+    parser.add_argument("--base-url", help="use a running vLLM server with the plugin instead "
+                        "of starting one (also give --channel)")
+    parser.add_argument("--channel", help="that server's LIE_DETECTOR_CHANNEL endpoint (this "
+                        "command binds it: stop any sidecar on it first)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _capture(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from detector.config import parse_layers
+    from detector.embedded_model import resolve_model
+    from probes.capture import CaptureSettings, capture_questions, capture_user_records
+
+    _quiet_http_logs()
+    model_dir = resolve_model(args.model)
+    settings = CaptureSettings(
+        layers=parse_layers(args.layers) or [], styles=[s for s in args.styles.split(",") if s],
+        max_tokens=args.max_tokens, concurrency=args.concurrency, dtype=args.dtype,
+    )
+    common = dict(model_dir=model_dir, settings=settings, base_url=args.base_url,
+                  channel=args.channel, progress=not args.no_progress)
+    if args.questions:
+        from probes.datasets.registry import read_questions
+
+        summary = capture_questions(read_questions(args.questions), Path(args.out), **common)
+    else:
+        from probes.datasets.user import UserDataError, load_user_jsonl
+
+        try:
+            records = load_user_jsonl(args.user_data)
+        except UserDataError as exc:
+            print(f"{args.user_data}: {exc}", file=sys.stderr)
+            return 1
+        summary = capture_user_records(records, Path(args.out), **common)
+    print(summary.describe())
+    return 0 if summary.incomplete == 0 else 3
+
+
+def _train_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--candidate-layers", help="layers to choose from (default: all captured)")
+    parser.add_argument("--positions", default="producer,own",
+                        help="score positions to compare: producer,own")
+    parser.add_argument("--Cs", default="0.001,0.01,0.1,1", help="inverse regularisation grid")
+    parser.add_argument("--concat-top", type=int, default=2,
+                        help="also try the best K layers concatenated (0 = off)")
+    parser.add_argument("--cv-folds", type=int, default=5)
+    parser.add_argument("--test-fraction", type=float, default=0.25,
+                        help="fraction of entities held out for the test set")
+    parser.add_argument("--calibration", choices=["platt", "isotonic", "none"], default="platt")
+    parser.add_argument("--target-fpr", type=float, default=0.10,
+                        help="the threshold flags at most this fraction of retrievals")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cross-topic", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def _train_config(args: argparse.Namespace, name: str):
+    from detector.config import parse_layers
+    from probes.train import TrainConfig
+
+    return TrainConfig(
+        name=name, layers=parse_layers(args.candidate_layers),
+        score_positions=[p for p in args.positions.split(",") if p],
+        Cs=[float(c) for c in args.Cs.split(",") if c], concat_top=args.concat_top,
+        cv_folds=args.cv_folds, test_fraction=args.test_fraction, calibration=args.calibration,
+        target_fpr=args.target_fpr, seed=args.seed, cross_topic=not args.no_cross_topic,
+    )
+
+
+def _train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--capture", required=True, metavar="DIR", help="a capture directory")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="probe directory to write (artifact + report; replaced)")
+    parser.add_argument("--name", default="fabrication", help="probe name")
+    _train_common_args(parser)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from probes.pipeline import train_from_capture
+
+    _quiet_http_logs()
+    result = train_from_capture(args.capture, args.out, config=_train_config(args, args.name),
+                                progress=not args.no_progress)
+    print(result.summary())
+    return 0
+
+
+def _eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--probe", required=True, metavar="DIR", help="probe artifact directory")
+    parser.add_argument("--capture", required=True, metavar="DIR", help="a capture directory")
+    parser.add_argument("--out", required=True, metavar="DIR", help="report directory")
+    parser.add_argument("--topics", help="only these topics (comma-separated)")
+    parser.add_argument("--fpr", type=float, default=0.10)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from probes.pipeline import evaluate_probe
+
+    _quiet_http_logs()
+    topics = [t for t in args.topics.split(",") if t] if args.topics else None
+    metrics = evaluate_probe(args.probe, args.capture, args.out, fpr=args.fpr, topics=topics)
+    for name, m in metrics["all"].items():
+        if hasattr(m, "auroc"):
+            print(f"{name:18} AUROC {m.auroc:.3f}  AUPRC {m.auprc:.3f}  "
+                  f"recall@{args.fpr:.0%}FPR {m.recall_at_fpr:.3f}  (n={m.n})")
+    print(f"report: {args.out}/report.html")
+    return 0
+
+
+def _train_default_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", metavar="DIR", help="where the probe and its report go "
+                        "(default: probes/default/smollm2-135m-fabrication)")
+    parser.add_argument("--work", metavar="DIR", help="questions and capture (default: "
+                        "$LIE_DETECTOR_CACHE or ~/.cache/vllm-lie-detector, /training/<name>)")
+    parser.add_argument("--limit-per-topic", type=int, help="subsample topics (quick runs)")
+    parser.add_argument("--concurrency", type=int, default=12)
+    parser.add_argument("--fresh", action="store_true", help="discard an earlier capture")
+    _train_common_args(parser)
+
+
+def _train_default(args: argparse.Namespace) -> int:
+    import shutil
+    from pathlib import Path
+
+    from detector.embedded_model import ensure_embedded_model
+    from probes.capture import CaptureSettings, capture_questions
+    from probes.datasets.registry import build_dataset, write_questions
+    from probes.pipeline import DEFAULT_PROBE_DIR, DEFAULT_PROBE_NAME, default_work_dir
+    from probes.pipeline import train_from_capture
+
+    _quiet_http_logs()
+    work = Path(args.work) if args.work else default_work_dir()
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = ensure_embedded_model(progress=not args.no_progress)
+    questions = build_dataset(limit_per_topic=args.limit_per_topic, seed=args.seed)
+    write_questions(questions, work / "questions.jsonl")
+    log.info("%d questions -> %s", len(questions), work / "questions.jsonl")
+    summary = capture_questions(questions, work / "capture", model_dir=model_dir,
+                                settings=CaptureSettings(concurrency=args.concurrency),
+                                progress=not args.no_progress)
+    print(summary.describe())
+    result = train_from_capture(work / "capture", Path(args.out or DEFAULT_PROBE_DIR),
+                                config=_train_config(args, DEFAULT_PROBE_NAME),
+                                progress=not args.no_progress)
+    print(result.summary())
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
+    "demo": Command(
+        help="start vLLM and the sidecar on the embedded model, ask questions, show flagged "
+        "spans live and write an HTML report",
+        handler=_demo,
+        add_arguments=_demo_args,
+    ),
     "serve": Command(
         help="run vLLM's OpenAI server with the plugin and the sidecar, supervised as a pair",
         handler=_serve,
@@ -176,6 +428,36 @@ COMMANDS: dict[str, Command] = {
                 handler=_model_path,
             ),
         },
+    ),
+    "dataset": Command(
+        help="labelled questions for probe training (knowledge-base builders, user JSONL)",
+        subcommands={
+            "list": Command(help="list the built-in topics", handler=_dataset_list),
+            "build": Command(help="write questions with ground truth to a JSONL file",
+                             handler=_dataset_build, add_arguments=_dataset_build_args),
+            "validate": Command(help="check a user JSONL file of labelled spans",
+                                handler=_dataset_validate, add_arguments=_dataset_validate_args),
+        },
+    ),
+    "capture": Command(
+        help="run a dataset through vLLM with the plugin and store the labelled spans' rows",
+        handler=_capture,
+        add_arguments=_capture_args,
+    ),
+    "train": Command(
+        help="train, evaluate and write a probe artifact with its report from a capture",
+        handler=_train,
+        add_arguments=_train_args,
+    ),
+    "eval": Command(
+        help="evaluate a probe artifact on a capture against the baselines",
+        handler=_eval,
+        add_arguments=_eval_args,
+    ),
+    "train-default": Command(
+        help="build the built-in dataset, capture it and train the embedded model's default probe",
+        handler=_train_default,
+        add_arguments=_train_default_args,
     ),
 }
 

@@ -33,6 +33,9 @@ class ServeOptions:
     prefix_caching: bool = False
     enforce_eager: bool = False
     max_model_len: int = 2048
+    # Probes must score rows of the dtype they were trained on; the shipped probe was
+    # captured in float32 (vLLM's CPU default would be bfloat16 for this model).
+    dtype: str = "float32"
     vllm_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None
 
@@ -60,6 +63,7 @@ def vllm_command(opts: ServeOptions) -> list[str]:
         "--model", str(opts.model_dir),
         "--host", opts.host, "--port", str(opts.port),
         "--max-model-len", str(opts.max_model_len),
+        "--dtype", opts.dtype,
     ]
     if not opts.prefix_caching:
         # Cached prompt rows are never recomputed, so they would never be captured.
@@ -148,8 +152,14 @@ class Supervisor:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                pass
+            # Each process leads its own group; whatever is left in it (vLLM's engine and
+            # worker processes, multiprocessing's resource tracker) goes with it.
+            try:
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            except ProcessLookupError:
+                pass
+            proc.wait()
 
 
 def wait_until_healthy(base_url: str, proc: subprocess.Popen | None = None,
@@ -170,3 +180,27 @@ def wait_until_healthy(base_url: str, proc: subprocess.Popen | None = None,
             pass
         time.sleep(0.5)
     raise TimeoutError(f"vLLM at {base_url} not healthy after {timeout_s:.0f} s")
+
+
+def wait_for_grpc_health(address: str, proc: subprocess.Popen | None = None,
+                         timeout_s: float = 60.0, service: str = "") -> None:
+    """Poll the standard gRPC health service until ``service`` reports SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"process exited with status {proc.returncode} while starting")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} {service or 'server'} not SERVING after "
+                                   f"{timeout_s:.0f} s")
+            time.sleep(0.2)

@@ -19,7 +19,13 @@ import torch
 
 from detector.channel.subscriber import ChannelSubscriber
 from detector.channel.wire import StepHeader
-from detector.serve import ServeOptions, engine_env, vllm_command, wait_until_healthy
+from detector.serve import (
+    ServeOptions,
+    engine_env,
+    vllm_command,
+    wait_for_grpc_health,
+    wait_until_healthy,
+)
 
 # Layers the test server captures (SmolLM2 has 30; transformers' hidden_states index).
 LAYERS = [8, 15, 22]
@@ -60,7 +66,7 @@ def start_vllm(model_dir: Path, workdir: Path, *, disable: bool = False,
     opts = ServeOptions(
         model_dir=model_dir, port=port, channel=f"ipc://{workdir}/channel.sock", layers=layers,
         max_model_len=1024,
-        vllm_args=["--dtype", "float32", "--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
+        vllm_args=["--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
                    "--max-num-seqs", "16", "--seed", "0"],
     )
     env = engine_env(opts, layers)
@@ -198,9 +204,6 @@ class SidecarProcess:
 
 def start_sidecar(channel: str, workdir: Path, *, probes: list[Path], model_dir: Path,
                   env: dict[str, str] | None = None) -> SidecarProcess:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     workdir.mkdir(parents=True, exist_ok=True)
     grpc_port, metrics_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "detector.cli", "sidecar", "--channel", channel,
@@ -213,20 +216,11 @@ def start_sidecar(channel: str, workdir: Path, *, probes: list[Path], model_dir:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})
     address = f"127.0.0.1:{grpc_port}"
-    deadline = time.monotonic() + 60
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited:\n{log_path.read_text()[-3000:]}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    break
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("sidecar not healthy")
-            time.sleep(0.2)
+    try:
+        wait_for_grpc_health(address, proc)
+    except Exception:
+        proc.kill()
+        raise RuntimeError(f"sidecar did not start:\n{log_path.read_text()[-3000:]}") from None
     return SidecarProcess(proc, address, metrics_port, log_path)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import stat
 import time
 from pathlib import Path
 
@@ -19,8 +21,35 @@ from detector.channel.wire import Message, WireError, decode
 logger = logging.getLogger(__name__)
 
 
+MAX_MESSAGE_BYTES = 1 << 30  # ZeroMQ drops larger messages before we allocate them
+
+
+class ChannelError(RuntimeError):
+    """The channel cannot be bound (another sidecar holds it, or the path is not ours)."""
+
+
 def ipc_path(endpoint: str) -> Path | None:
     return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
+
+
+def _prepare_socket_path(path: Path) -> None:
+    """Create the socket's directory owner-only; clear a stale socket, never a live one."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True)
+        os.chmod(path.parent, 0o700)  # mkdir's mode is filtered by the umask
+    if not path.exists() and not path.is_symlink():
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise ChannelError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)  # stale: left by a sidecar that died
+        return
+    finally:
+        probe.close()
+    raise ChannelError(f"another process is listening on {path}; is a sidecar already running?")
 
 
 class ChannelSubscriber:
@@ -33,17 +62,18 @@ class ChannelSubscriber:
         self._last_reject_log = 0.0
         path = ipc_path(endpoint)
         if path is not None:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(path.parent, 0o700)
-            if path.exists():  # a stale socket from a sidecar that died
-                path.unlink()
+            _prepare_socket_path(path)
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self._sock.bind(endpoint)
+        self._inode = None
         if path is not None:
             os.chmod(path, 0o600)
+            st = path.stat()
+            self._inode = (st.st_ino, st.st_ctime_ns)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
 
@@ -77,8 +107,13 @@ class ChannelSubscriber:
     def close(self) -> None:
         self._sock.close(linger=0)
         path = ipc_path(self.endpoint)
-        if path is not None and path.exists():
-            path.unlink()
+        # Remove our socket file only: a newer sidecar may have bound the path since.
+        try:
+            st = path.stat() if path is not None else None
+            if st is not None and (st.st_ino, st.st_ctime_ns) == self._inode:
+                path.unlink()
+        except FileNotFoundError:
+            pass
 
     def __enter__(self) -> ChannelSubscriber:
         return self

@@ -30,6 +30,7 @@ from pydantic import (
 
 WIRE_VERSION = 1
 MAX_ROWS_PER_STEP = 1 << 20
+MAX_POSITION = 1 << 24  # far beyond any context length; bounds what a header can make us allocate
 MAX_LAYERS = 256
 MAX_HIDDEN = 65536
 
@@ -83,8 +84,8 @@ class RequestRows(BaseModel):
     req_id: str = Field(max_length=512)
     row_offset: Annotated[int, Field(ge=0)]
     num_rows: Annotated[int, Field(ge=0)]
-    first_position: Annotated[int, Field(ge=0)]
-    num_prompt_tokens: Annotated[int, Field(ge=0)]
+    first_position: Annotated[int, Field(ge=0, le=MAX_POSITION)]
+    num_prompt_tokens: Annotated[int, Field(ge=0, le=MAX_POSITION)]
     input_token_ids: list[int]
     # Tokens sampled in this step (empty for a partial prefill chunk).
     sampled_token_ids: list[int] = Field(default_factory=list)

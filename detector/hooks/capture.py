@@ -26,6 +26,10 @@ from detector.channel.wire import RequestRows
 
 logger = logging.getLogger(__name__)
 
+# vLLM runs at most a couple of steps ahead of their outputs; more open steps than this
+# means some were never resolved, and the oldest are let go.
+MAX_OPEN_STEPS = 8
+
 
 @dataclass(slots=True)
 class ScheduledRequest:
@@ -55,6 +59,11 @@ class StepAssembler:
     def __init__(self, publisher: ChannelPublisher) -> None:
         self.publisher = publisher
         self._history: dict[str, list[int]] = {}
+        # Requests that ended while a later step holding them was still open (asynchronous
+        # scheduling runs one step ahead): their history is kept for that step, whose
+        # sampled tokens vLLM throws away and so do we.
+        self._ended: set[str] = set()
+        self._open: list[OpenStep] = []
         self._lock = threading.Lock()
 
     def knows(self, req_id: str) -> bool:
@@ -74,20 +83,30 @@ class StepAssembler:
                 if req.req_id not in self._history:
                     self._history[req.req_id] = list(req.prompt_token_ids or ())
             seq = self.publisher.take_seq()
-        return OpenStep(seq, time.time_ns(), rows, scheduled, list(finished), hook_ns, ready)
+            step = OpenStep(seq, time.time_ns(), rows, scheduled, list(finished), hook_ns, ready)
+            self._open.append(step)
+            if len(self._open) > MAX_OPEN_STEPS:  # never closed (vLLM dropped an output)
+                self._open.pop(0)
+        return step
+
+    def _still_open(self, req_id: str) -> bool:
+        return any(r.req_id == req_id for step in self._open for r in step.scheduled)
 
     def close_step(self, step: OpenStep, sampled: dict[str, list[int]], *, hook_ns: int = 0) -> bool:
         """Attach sampled tokens, update histories, and offer the step to the channel."""
         requests: list[RequestRows] = []
         offset = 0
         with self._lock:
+            if step in self._open:
+                self._open.remove(step)
             for req in step.scheduled:
                 history = self._history.setdefault(req.req_id, [])
                 end = req.first_position + req.num_rows
                 if end > len(history):
                     # Prompt ids were unavailable (e.g. prompt embeddings): mark unknown.
                     history.extend([-1] * (end - len(history)))
-                new_tokens = list(sampled.get(req.req_id, ()))
+                ended = req.req_id in self._ended
+                new_tokens = [] if ended else list(sampled.get(req.req_id, ()))
                 requests.append(
                     RequestRows.model_construct(
                         req_id=req.req_id,
@@ -105,8 +124,13 @@ class StepAssembler:
                     # never fed back (a re-run after preemption rewrites it).
                     del history[end:]
                     history.extend(new_tokens)
-            for req_id in step.finished:
-                self._history.pop(req_id, None)
+            gone = set(step.finished) | {r.req_id for r in step.scheduled if r.req_id in self._ended}
+            for req_id in gone:
+                if self._still_open(req_id):
+                    self._ended.add(req_id)
+                else:
+                    self._ended.discard(req_id)
+                    self._history.pop(req_id, None)
         return self.publisher.offer(
             PendingStep(
                 seq=step.seq,

@@ -61,7 +61,9 @@ class SidecarSettings(BaseSettings):
     max_requests: int = Field(10_000, ge=1)
     max_store_bytes: int = Field(512 << 20, ge=1 << 20)
     finished_ttl_s: float = Field(600.0, gt=0)
-    heartbeat_s: float = Field(1.0, gt=0)
+    # The hook counts as disconnected after this long without a message. It heartbeats
+    # every second, but vLLM's start-up compilation can hold the GIL for several seconds.
+    hook_timeout_s: float = Field(10.0, gt=0)
     span_kinds: list[str] = Field(default_factory=lambda: ["entity", "sentence"])
     max_streams: int = Field(256, ge=1)
     shutdown_grace_s: float = Field(5.0, ge=0)
@@ -190,7 +192,7 @@ class Sidecar:
         decoder = TextDecoder.from_model_dir(settings.model_dir) if settings.model_dir else None
         self.analyzer = Analyzer(decoder, settings.span_kinds)
         self.pipeline = ScoringPipeline(self.subscriber, self.registry, self.store, self.metrics,
-                                        self.analyzer, heartbeat_s=settings.heartbeat_s)
+                                        self.analyzer, hook_timeout_s=settings.hook_timeout_s)
         admin = AdminGuard(
             token=settings.admin_token.get_secret_value() if settings.admin_token else None,
             identities=settings.admin_identities)

@@ -32,14 +32,14 @@ class ScoringPipeline:
         metrics: SidecarMetrics,
         analyzer: Analyzer,
         *,
-        heartbeat_s: float = 1.0,
+        hook_timeout_s: float = 10.0,
     ) -> None:
         self.subscriber = subscriber
         self.registry = registry
         self.store = store
         self.metrics = metrics
         self.analyzer = analyzer
-        self.heartbeat_s = heartbeat_s
+        self.hook_timeout_s = hook_timeout_s
         self.last_heard = 0.0
         self._rejected_seen = 0
         self._hook_state: bool | None = None
@@ -58,7 +58,7 @@ class ScoringPipeline:
 
     @property
     def hook_connected(self) -> bool:
-        return time.monotonic() - self.last_heard < 3 * self.heartbeat_s
+        return time.monotonic() - self.last_heard < self.hook_timeout_s
 
     def _run(self) -> None:
         last_housekeeping = time.monotonic()

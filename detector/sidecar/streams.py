@@ -27,6 +27,7 @@ from detector.channel.wire import StepHeader
 _INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 _PROMPT_INDEX = re.compile(r"^(cmpl-.+)-(\d+)$")
 _ROW_OVERHEAD = 96  # bytes of dict entry + array header per stored row, roughly
+MAX_GAP = 1 << 16  # missing tokens filled in at once; more is treated as corrupt
 PROMPT_TAIL = 8  # prompt tokens kept per request, to decode the first generated piece
 
 
@@ -209,6 +210,9 @@ class RequestStore:
                         self._set_prompt_tail(rec, pos - (p0 - PROMPT_TAIL), token)
                     i = row_of.get(req.row_offset + j)
                     if i is not None and probs is not None and columns is not None:
+                        old = rec.rows.get(pos)
+                        if old is not None:  # re-scored (recompute): replace, don't add
+                            rec.nbytes -= old[1].nbytes + _ROW_OVERHEAD
                         rec.rows[pos] = (columns, probs[i])
                         rec.nbytes += probs[i].nbytes + _ROW_OVERHEAD
                 end = req.first_position + req.num_rows
@@ -229,12 +233,12 @@ class RequestStore:
 
     @staticmethod
     def _set_time(rec: RequestRecord, g: int, time_ns: int) -> None:
-        if g < 0:
-            return
         times = rec.generated_ns
+        if g < 0 or g - len(times) > MAX_GAP:
+            return
         if g >= len(times):
+            rec.nbytes += 8 * (g + 1 - len(times))
             times.extend([0] * (g + 1 - len(times)))
-            rec.nbytes += 8
         times[g] = time_ns
 
     @staticmethod
@@ -254,9 +258,9 @@ class RequestStore:
             rec.generated.append(token)
             rec.nbytes += 8
         else:  # a gap: tokens we never saw
+            rec.nbytes += 8 * (g + 1 - len(rec.generated))
             rec.generated.extend([-1] * (g - len(rec.generated)))
             rec.generated.append(token)
-            rec.nbytes += 8 * (g + 1)
             if rec.incomplete is None:
                 rec.incomplete = "some tokens were never received"
 

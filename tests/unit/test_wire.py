@@ -1,0 +1,408 @@
+"""Wire format: exact round trips, and every inconsistent message refused as ``WireError``."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from detector.channel.wire import (
+    MAX_ROWS_PER_STEP,
+    DTYPES,
+    EngineInfo,
+    Heartbeat,
+    RequestRows,
+    StepHeader,
+    WireError,
+    decode,
+    encode_heartbeat,
+    encode_step,
+)
+
+LAYERS = [2, 5, 7]
+HIDDEN = 8
+
+
+def engine(dtype: str = "float32", **overrides) -> EngineInfo:
+    fields = dict(
+        engine_id="e0", model="tiny", hidden_size=HIDDEN, num_layers=12, layers=LAYERS,
+        dtype=dtype, capture_method="forward_hook", pid=123, started_at=1.5,
+    )
+    fields.update(overrides)
+    return EngineInfo(**fields)
+
+
+def requests_for(sizes: list[int]) -> list[RequestRows]:
+    out, offset = [], 0
+    for i, n in enumerate(sizes):
+        out.append(RequestRows(
+            req_id=f"r{i}", row_offset=offset, num_rows=n, first_position=3 * i,
+            num_prompt_tokens=5, input_token_ids=[100 * i + j for j in range(n)],
+            sampled_token_ids=[7 + i] if n else [],
+        ))
+        offset += n
+    return out
+
+
+def step(dtype: str = "float32", sizes: tuple[int, ...] = (3, 1, 2), seq: int = 4) -> StepHeader:
+    return StepHeader(
+        engine=engine(dtype), seq=seq, time_ns=10**18, num_rows=sum(sizes),
+        requests=requests_for(list(sizes)), finished=["gone"], hook_ns=77, dropped_total=3,
+    )
+
+
+def random_rows(header: StepHeader, seed: int = 0) -> torch.Tensor:
+    torch_dtype = DTYPES[header.engine.dtype][0]
+    g = torch.Generator().manual_seed(seed)
+    shape = (len(header.engine.layers), header.num_rows, header.engine.hidden_size)
+    rows = torch.randn(shape, generator=g, dtype=torch.float32) * 100
+    rows = rows.to(torch_dtype)
+    if rows.numel():  # special values must survive too
+        flat = rows.view(-1)
+        flat[0] = float("inf")
+        flat[1] = float("-inf")
+        flat[2] = -0.0
+        flat[3] = float("nan")
+    return rows
+
+
+def header_dict(header: StepHeader | Heartbeat) -> dict:
+    return json.loads(header.model_dump_json())
+
+
+def frames_from(head: dict, payload: bytes) -> list[bytes]:
+    return [json.dumps(head).encode(), payload]
+
+
+def valid_frames(dtype: str = "float32") -> tuple[dict, bytes]:
+    header = step(dtype)
+    frames = encode_step(header, random_rows(header))
+    return header_dict(header), bytes(frames[1])
+
+
+def assert_rejected(frames: list, *words: str) -> str:
+    with pytest.raises(WireError) as info:
+        decode(frames)
+    message = str(info.value).lower()
+    for word in words:
+        assert word.lower() in message, f"{word!r} not in {message!r}"
+    return message
+
+
+# ------------------------------------------------------------------ round trips
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_step_round_trip_is_bit_exact(dtype: str) -> None:
+    header = step(dtype)
+    rows = random_rows(header, seed=len(dtype))
+    frames = encode_step(header, rows)
+    assert len(frames) == 2
+    got_header, got_rows = decode([bytes(f) for f in frames])
+    assert got_header == header
+    assert got_rows.dtype == rows.dtype
+    assert got_rows.shape == rows.shape
+    # Bit-exact, NaN included: compare the raw bytes, not float values.
+    assert torch.equal(got_rows.view(torch.int16 if rows.element_size() == 2 else torch.int32),
+                       rows.view(torch.int16 if rows.element_size() == 2 else torch.int32))
+    # The memoryview frame itself (what the publisher sends) decodes the same.
+    _, again = decode(frames)
+    assert torch.equal(again.view(torch.uint8), rows.view(torch.uint8))
+
+
+def test_round_trip_of_non_contiguous_rows() -> None:
+    header = step("float32")
+    rows = random_rows(header)
+    transposed = rows.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    assert not transposed.is_contiguous()
+    _, got = decode(encode_step(header, transposed))
+    assert torch.equal(got.view(torch.int32), rows.view(torch.int32))
+
+
+def test_request_slices_carry_their_own_rows() -> None:
+    header = step("float32", sizes=(3, 1, 2))
+    rows = torch.zeros(len(LAYERS), 6, HIDDEN)
+    for r in header.requests:
+        rows[:, r.row_offset:r.row_offset + r.num_rows] = float(int(r.req_id[1:]) + 1)
+    got_header, got = decode(encode_step(header, rows))
+    for r in got_header.requests:
+        part = got[:, r.row_offset:r.row_offset + r.num_rows]
+        assert part.shape[1] == len(r.input_token_ids)
+        assert torch.all(part == int(r.req_id[1:]) + 1)
+
+
+def test_empty_step_round_trip() -> None:
+    header = StepHeader(engine=engine(), seq=0, time_ns=1, num_rows=0, requests=[],
+                        finished=["a", "b"])
+    got_header, got = decode(encode_step(header, torch.empty(len(LAYERS), 0, HIDDEN)))
+    assert got_header.finished == ["a", "b"]
+    assert got.shape == (len(LAYERS), 0, HIDDEN)
+
+
+def test_heartbeat_round_trip() -> None:
+    beat = Heartbeat(engine=engine("bfloat16"), time_ns=42, steps_published=9,
+                     dropped_total=4, next_seq=13)
+    got, rows = decode(encode_heartbeat(beat))
+    assert rows is None
+    assert isinstance(got, Heartbeat)
+    assert got == beat
+    assert (got.next_seq, got.dropped_total, got.steps_published) == (13, 4, 9)
+
+
+def test_encode_refuses_rows_of_the_wrong_shape() -> None:
+    header = step()
+    with pytest.raises(WireError, match="shape"):
+        encode_step(header, torch.zeros(len(LAYERS), header.num_rows + 1, HIDDEN))
+
+
+# ------------------------------------------------------------------ rejections
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_wrong_frame_count(count: int) -> None:
+    head, payload = valid_frames()
+    frames = [json.dumps(head).encode(), payload, b""][:count]
+    assert_rejected(frames, "frames", str(count))
+
+
+def test_truncated_rows_frame() -> None:
+    head, payload = valid_frames()
+    msg = assert_rejected(frames_from(head, payload[:-1]), "rows frame", str(len(payload) - 1))
+    assert str(len(payload)) in msg
+
+
+def test_rows_frame_too_long() -> None:
+    head, payload = valid_frames()
+    assert_rejected(frames_from(head, payload + b"\0" * 4), "rows frame", str(len(payload) + 4))
+
+
+def test_rows_frame_for_another_dtype() -> None:
+    head, payload = valid_frames("float32")
+    head["engine"]["dtype"] = "float16"  # same header, payload twice as long as implied
+    assert_rejected(frames_from(head, payload), "rows frame")
+
+
+@pytest.mark.parametrize("raw", [b"", b"not json", b"{", b"\xff\xfe\x00", b"[]", b"null", b"42",
+                                 b'{"kind": "step"'])
+def test_header_garbage(raw: bytes) -> None:
+    assert_rejected([raw, b""], "invalid header")
+
+
+def test_header_with_unknown_kind() -> None:
+    head, payload = valid_frames()
+    head["kind"] = "shutdown"
+    assert_rejected(frames_from(head, payload), "invalid header", "shutdown")
+
+
+def test_header_without_kind() -> None:
+    head, payload = valid_frames()
+    del head["kind"]
+    assert_rejected(frames_from(head, payload), "invalid header", "kind")
+
+
+@pytest.mark.parametrize("version", [0, 2, "1", None])
+def test_wrong_version(version) -> None:
+    head, payload = valid_frames()
+    head["version"] = version
+    assert_rejected(frames_from(head, payload), "invalid header", "version")
+
+
+def test_wrong_heartbeat_version() -> None:
+    head = header_dict(Heartbeat(engine=engine(), time_ns=1))
+    head["version"] = 2
+    assert_rejected(frames_from(head, b""), "version")
+
+
+def test_overlapping_requests() -> None:
+    head, payload = valid_frames()
+    head["requests"][1]["row_offset"] -= 1  # r1 starts inside r0
+    assert_rejected(frames_from(head, payload), "invalid header", "consecutive")
+
+
+def test_gap_between_requests() -> None:
+    head, payload = valid_frames()
+    head["requests"][2]["row_offset"] += 1
+    assert_rejected(frames_from(head, payload), "invalid header", "consecutive")
+
+
+def test_first_request_not_at_zero() -> None:
+    head, payload = valid_frames()
+    for r in head["requests"]:
+        r["row_offset"] += 1
+    assert_rejected(frames_from(head, payload), "consecutive")
+
+
+def test_requests_exceed_num_rows() -> None:
+    head, payload = valid_frames()
+    r = head["requests"][-1]
+    r["num_rows"] += 1
+    r["input_token_ids"].append(1)
+    assert_rejected(frames_from(head, payload), "invalid header", "cover 7 rows", "says 6")
+
+
+def test_requests_leave_rows_uncovered() -> None:
+    head, payload = valid_frames()
+    r = head["requests"][-1]
+    r["num_rows"] -= 1
+    r["input_token_ids"].pop()
+    assert_rejected(frames_from(head, payload), "cover 5 rows", "says 6")
+
+
+def test_negative_row_offset() -> None:
+    head, payload = valid_frames()
+    head["requests"][0]["row_offset"] = -1
+    assert_rejected(frames_from(head, payload), "row_offset")
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_input_token_ids_length_differs_from_num_rows(delta: int) -> None:
+    head, payload = valid_frames()
+    ids = head["requests"][0]["input_token_ids"]
+    if delta < 0:
+        ids.pop()
+    else:
+        ids.append(5)
+    assert_rejected(frames_from(head, payload), "invalid header", "input_token_ids")
+
+
+@pytest.mark.parametrize(
+    "layers, words",
+    [
+        ([5, 2, 7], ("sorted",)),
+        ([2, 2, 7], ("sorted",)),
+        ([0, 5, 7], ("1..11",)),
+        ([2, 5, 12], ("1..11",)),
+        ([-3, 5, 7], ("1..11",)),
+        ([], ("layers",)),
+    ],
+)
+def test_bad_layers(layers: list[int], words: tuple[str, ...]) -> None:
+    head, payload = valid_frames()
+    head["engine"]["layers"] = layers
+    assert_rejected(frames_from(head, payload), "invalid header", "engine", *words)
+
+
+def test_too_many_layers() -> None:
+    head = header_dict(Heartbeat(engine=engine(), time_ns=1))
+    head["engine"]["num_layers"] = 1024
+    head["engine"]["layers"] = list(range(1, 258))
+    assert_rejected(frames_from(head, b""), "layers")
+
+
+@pytest.mark.parametrize("hidden", [10**9, 0, -8, 65537])
+def test_absurd_hidden_size(hidden: int) -> None:
+    head, payload = valid_frames()
+    head["engine"]["hidden_size"] = hidden
+    assert_rejected(frames_from(head, payload), "invalid header", "hidden_size")
+
+
+def test_num_rows_above_limit() -> None:
+    head = header_dict(StepHeader(engine=engine(), seq=0, time_ns=1, num_rows=0, requests=[]))
+    n = MAX_ROWS_PER_STEP + 1
+    head["num_rows"] = n
+    # Make the requests consistent so that only the limit is wrong.
+    head["requests"] = [dict(req_id="big", row_offset=0, num_rows=n, first_position=0,
+                             num_prompt_tokens=n, input_token_ids=[0] * n)]
+    assert_rejected(frames_from(head, b""), "invalid header", "num_rows")
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float64", "", "FLOAT32", None])
+def test_unknown_dtype(dtype) -> None:
+    head, payload = valid_frames()
+    head["engine"]["dtype"] = dtype
+    assert_rejected(frames_from(head, payload), "invalid header", "dtype")
+
+
+def test_negative_seq() -> None:
+    head, payload = valid_frames()
+    head["seq"] = -1
+    assert_rejected(frames_from(head, payload), "seq")
+
+
+def test_missing_engine() -> None:
+    head, payload = valid_frames()
+    del head["engine"]
+    assert_rejected(frames_from(head, payload), "engine")
+
+
+def test_overlong_req_id() -> None:
+    head, payload = valid_frames()
+    head["requests"][0]["req_id"] = "x" * 513
+    assert_rejected(frames_from(head, payload), "req_id")
+
+
+# ------------------------------------------------------------------ fuzz
+def _assert_consistent(message) -> None:
+    header, rows = message
+    if isinstance(header, Heartbeat):
+        assert rows is None
+        return
+    assert isinstance(header, StepHeader)
+    eng = header.engine
+    assert rows.dtype == DTYPES[eng.dtype][0]
+    assert tuple(rows.shape) == (len(eng.layers), header.num_rows, eng.hidden_size)
+    assert eng.layers == sorted(set(eng.layers))
+    assert 1 <= eng.layers[0] and eng.layers[-1] < eng.num_layers
+    assert 0 < eng.hidden_size <= 65536
+    assert 0 <= header.num_rows <= MAX_ROWS_PER_STEP
+    end = 0
+    for r in header.requests:
+        assert r.row_offset == end
+        assert len(r.input_token_ids) == r.num_rows >= 0
+        end += r.num_rows
+    assert end == header.num_rows
+
+
+def _mutate(rng: random.Random, head: bytes, payload: bytes) -> list[bytes]:
+    choice = rng.randrange(8)
+    h, p = bytearray(head), bytearray(payload)
+    if choice == 0:  # flip random bits in the header
+        for _ in range(rng.randint(1, 3)):
+            h[rng.randrange(len(h))] ^= 1 << rng.randrange(8)
+    elif choice == 1:  # replace a digit with another digit: stays valid JSON, changes values
+        digits = [i for i, c in enumerate(h) if chr(c).isdigit()]
+        for i in rng.sample(digits, k=min(len(digits), rng.randint(1, 2))):
+            h[i] = ord(str(rng.randrange(10)))
+    elif choice == 2:  # truncate the header
+        h = h[: rng.randrange(len(h))]
+    elif choice == 3:  # truncate or extend the payload
+        if rng.random() < 0.5 and p:
+            p = p[: rng.randrange(len(p))]
+        else:
+            p += bytes(rng.randrange(256) for _ in range(rng.randint(1, 9)))
+    elif choice == 4:  # random bytes anywhere in the header, any value
+        for _ in range(rng.randint(1, 4)):
+            h[rng.randrange(len(h))] = rng.randrange(256)
+    elif choice == 5:  # insert a digit after another: bigger numbers
+        digits = [i for i, c in enumerate(h) if chr(c).isdigit()]
+        i = rng.choice(digits)
+        h[i:i] = str(rng.randrange(10)).encode() * rng.randint(1, 12)
+    elif choice == 6:  # flip payload bits: values change, message must stay valid
+        if p:
+            p[rng.randrange(len(p))] ^= 0xFF
+    else:  # swap or duplicate frames
+        return rng.choice([[bytes(p), bytes(h)], [bytes(h)], [bytes(h), bytes(p), bytes(p)],
+                           [bytes(h), bytes(h)]])
+    return [bytes(h), bytes(p)]
+
+
+def test_fuzzed_messages_decode_consistently_or_raise_wire_error() -> None:
+    rng = random.Random(20240917)
+    seeds = []
+    for dtype in ("float32", "float16", "bfloat16"):
+        header = step(dtype, sizes=(2, 1, 0, 3))
+        frames = encode_step(header, random_rows(header))
+        seeds.append((bytes(frames[0]), bytes(frames[1])))
+    beat = encode_heartbeat(Heartbeat(engine=engine(), time_ns=5, next_seq=2))
+    seeds.append((beat[0], beat[1]))
+    accepted = rejected = 0
+    for _ in range(4000):
+        head, payload = rng.choice(seeds)
+        frames = _mutate(rng, head, payload)
+        try:
+            message = decode(frames)
+        except WireError:
+            rejected += 1
+            continue
+        _assert_consistent(message)
+        accepted += 1
+    # Both branches must actually be exercised for the loop to mean anything.
+    assert accepted > 200 and rejected > 1000, (accepted, rejected)

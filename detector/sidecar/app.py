@@ -58,6 +58,9 @@ class SidecarSettings(BaseSettings):
     probes: list[Path] = Field(default_factory=list)
     model_dir: Path | None = None  # identifies the served model before vLLM connects
     device: str | None = None
+    # Scoring a step is a small GEMM; on the CPU extra threads mostly spin-wait on the cores
+    # vLLM needs (benchmarks/overhead.py measures what the sidecar's CPU costs vLLM).
+    cpu_threads: int = Field(1, ge=1)
     max_requests: int = Field(10_000, ge=1)
     max_store_bytes: int = Field(512 << 20, ge=1 << 20)
     finished_ttl_s: float = Field(600.0, gt=0)
@@ -177,6 +180,7 @@ class Sidecar:
         self.settings = settings
         served = identify_model(settings.model_dir) if settings.model_dir else None
         device = torch.device(settings.device) if settings.device else None
+        torch.set_num_threads(settings.cpu_threads)
         self.metrics = SidecarMetrics()
         self.registry = ProbeRegistry(served=served, device=device)
         self.store = RequestStore(max_requests=settings.max_requests,

@@ -33,6 +33,26 @@ vpip() {
 cd "$REPO_ROOT"
 start=$SECONDS
 
+# System packages for the deployment tests (tests/deploy): Debian's `prometheus` package
+# carries promtool (rule checks and unit tests) and the prometheus server (end-to-end test).
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+    if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        log "installing Debian's prometheus package (promtool, prometheus) for tests/deploy"
+        # Tests start their own Prometheus: keep the package from starting its service.
+        policy_rc_d_added=0
+        if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+            printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+            policy_rc_d_added=1
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+        if [[ $policy_rc_d_added -eq 1 ]]; then rm -f /usr/sbin/policy-rc.d; fi
+        log "$(promtool --version 2>&1 | head -1)"
+    else
+        log "warning: promtool/prometheus missing and apt-get unavailable (not root?): tests/deploy will skip them"
+    fi
+fi
+
 if [[ ! -x "$VENV/bin/python" ]]; then
     log "creating virtual environment at $VENV ($("$PYTHON" --version 2>&1))"
     "$PYTHON" -m venv "$VENV"

@@ -187,6 +187,9 @@ class Sidecar:
                                   max_bytes=settings.max_store_bytes,
                                   finished_ttl_s=settings.finished_ttl_s)
         self.registry.on_change.append(self.store.set_columns)
+        self.registry.on_change.append(
+            lambda columns: self.metrics.init_probe_labels(
+                columns.names if columns else (), settings.span_kinds))
         for path in settings.probes:
             try:
                 self.registry.load(path)

@@ -78,6 +78,16 @@ class SidecarMetrics:
             buckets=_SCORE_BUCKETS, registry=r)
         self._engine_dropped_seen: dict[str, int] = {}
 
+    def init_probe_labels(self, probes: tuple[str, ...] | list[str], kinds: list[str]) -> None:
+        """Create each probe's series at 0, so rate() sees the first increment."""
+        for name in probes:
+            for counter in (self.tokens_scored, self.requests_scored, self.requests_flagged):
+                counter.labels(name)
+            self.span_score.labels(name)
+            for kind in kinds:
+                self.spans_scored.labels(name, kind)
+                self.spans_flagged.labels(name, kind)
+
     def engine_dropped(self, engine_id: str, dropped_total: int) -> None:
         """Turn the hook's running drop count into increments of our counter."""
         seen = self._engine_dropped_seen.get(engine_id, 0)

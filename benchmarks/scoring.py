@@ -138,8 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probes", default="1,8,16,64")
     parser.add_argument("--rows", type=int, default=256, help="rows per engine step")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (the sidecar's default cpu_threads is 1)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     device = torch.device(args.device)
     rounds, repeats = (3, 5) if args.quick else (10, 20)

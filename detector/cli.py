@@ -124,8 +124,8 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
                         help="keep vLLM's prefix caching (cached prompt rows are not captured)")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument("--dtype", default="float32",
-                        help="vLLM dtype; use the one the probes were trained on (float32)")
+    parser.add_argument("--dtype", help="vLLM dtype (default: the one the probes were captured "
+                        "in, recorded in their metadata)")
     parser.add_argument("--log-dir", help="write each process's output to a file here")
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER,
                         help="after --, extra arguments for vLLM")

@@ -33,9 +33,9 @@ class ServeOptions:
     prefix_caching: bool = False
     enforce_eager: bool = False
     max_model_len: int = 2048
-    # Probes must score rows of the dtype they were trained on; the shipped probe was
-    # captured in float32 (vLLM's CPU default would be bfloat16 for this model).
-    dtype: str = "float32"
+    # Probes must score rows of the dtype they were captured in; None: the dtype the
+    # probes record (``training.served_dtype``), else vLLM's own choice.
+    dtype: str | None = None
     vllm_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None
 
@@ -48,6 +48,19 @@ def probe_layers(paths: list[Path]) -> list[int]:
     for path in paths:
         layers.update(load_probe(path).metadata.layers)
     return sorted(layers)
+
+
+def probe_dtype(paths: list[Path]) -> str | None:
+    """The vLLM dtype the probes' rows were captured in, when they agree on one."""
+    from detector.artifact import load_probe
+
+    dtypes = {load_probe(p).metadata.training.get("served_dtype") for p in paths}
+    dtypes.discard(None)
+    if len(dtypes) > 1:
+        logger.warning("probes were captured in different dtypes %s; using vLLM's default",
+                       sorted(dtypes))
+        return None
+    return dtypes.pop() if dtypes else None
 
 
 def capture_layers(opts: ServeOptions, num_layers: int) -> list[int]:
@@ -63,8 +76,10 @@ def vllm_command(opts: ServeOptions) -> list[str]:
         "--model", str(opts.model_dir),
         "--host", opts.host, "--port", str(opts.port),
         "--max-model-len", str(opts.max_model_len),
-        "--dtype", opts.dtype,
     ]
+    dtype = opts.dtype or probe_dtype(opts.probes)
+    if dtype:
+        cmd += ["--dtype", dtype]
     if not opts.prefix_caching:
         # Cached prompt rows are never recomputed, so they would never be captured.
         cmd.append("--no-enable-prefix-caching")

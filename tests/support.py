@@ -65,7 +65,7 @@ def start_vllm(model_dir: Path, workdir: Path, *, disable: bool = False,
     port = free_port()
     opts = ServeOptions(
         model_dir=model_dir, port=port, channel=f"ipc://{workdir}/channel.sock", layers=layers,
-        max_model_len=1024,
+        max_model_len=1024, dtype="float32",
         vllm_args=["--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
                    "--max-num-seqs", "16", "--seed", "0"],
     )
@@ -279,3 +279,89 @@ def fit_word_start_probe(channel: str, base_url: str, model_dir: Path, out: Path
                                  score_position="producer", threshold=0.5)
     artifact.save(out)
     return out
+
+
+# --- reliability helpers (tests/reliability) ---------------------------------------------------
+
+
+def synthetic_probe(model_dir: Path, out: Path, *, name: str = "synthetic", layers=(15,),
+                    seed: int = 0, score_position: str = "producer") -> Path:
+    """A valid probe artifact for the served model with random weights: it scores every
+    token (plumbing, not detection) without capturing training rows from a server first."""
+    from detector.artifact import ProbeArtifact, ProbeMetadata
+    from detector.model_identity import identify_model
+
+    identity = identify_model(model_dir)
+    g = torch.Generator().manual_seed(seed)
+    meta = ProbeMetadata(name=name, model=identity, layers=list(layers),
+                         hidden_size=identity.hidden_size, score_position=score_position,
+                         calibration="platt", platt_a=0.05, platt_b=0.0, threshold=0.5)
+    weight = torch.randn(len(layers) * identity.hidden_size, generator=g)
+    return ProbeArtifact(metadata=meta, weight=weight, bias=torch.zeros(1)).save(out)
+
+
+def process_rss(pid: int) -> int:
+    """Resident memory of a process in bytes (VmRSS of /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def vllm_worker_pid(server: VllmServer, timeout_s: float = 30.0) -> int:
+    """The process that runs the model (and the hook): vLLM's worker, a descendant of the
+    API server process (API server -> EngineCore -> VLLM::Worker on the CPU build)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        procs = psutil.Process(server.proc.pid).children(recursive=True)
+        for wanted in ("VLLM::Worker", "EngineCore"):
+            for p in procs:
+                try:
+                    title = " ".join(p.cmdline()) or p.name()
+                except psutil.Error:
+                    continue
+                if wanted in title or wanted in p.name():
+                    return p.pid
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no vLLM worker among {[p.pid for p in procs]}")
+        time.sleep(0.5)
+
+
+def scrape_metrics(port: int, timeout: float = 10.0) -> dict[str, float]:
+    """The sidecar's Prometheus samples by name (label sets folded into the name as JSON)."""
+    import json
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=timeout).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = s.name + (json.dumps(s.labels, sort_keys=True) if s.labels else "")
+            out[key] = s.value
+    return out
+
+
+def health_status(address: str, service: str, timeout: float = 5.0) -> int | None:
+    """The gRPC health status of ``service`` (HealthCheckResponse enum), None if unreachable."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout).status
+        except grpc.RpcError:
+            return None
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.2, what: str = "") -> None:
+    """Poll ``predicate`` until it is true; AssertionError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what or predicate}")
+        time.sleep(interval_s)
+

@@ -97,8 +97,12 @@ class ProbeRegistry:
 
     # ----------------------------------------------------------------- engine
     def attach_engine(self, engine: EngineInfo) -> None:
-        """Called for every message; rebuilds only when the engine changes."""
-        if self._engine is not None and self._engine.engine_id == engine.engine_id:
+        """Called for every message; rebuilds only when the engine changes.
+
+        The whole description is compared, not just the id: rows must always be read with
+        the layers, hidden size and dtype their own message declares."""
+        current = self._engine
+        if current is not None and (current is engine or current == engine):
             return
         with self._lock:
             self._engine = engine
@@ -145,6 +149,11 @@ class ProbeRegistry:
                 continue
             loaded.inactive_reason = ""
             usable.append(loaded.artifact)
+            trained = loaded.artifact.metadata.training.get("served_dtype")
+            if trained and trained != engine.dtype:
+                logger.warning("probe %s was trained on %s rows but the engine serves %s: "
+                               "scores may drift; start vLLM with --dtype %s",
+                               loaded.artifact.metadata.name, trained, engine.dtype, trained)
         scorer = FusedProbeScorer(usable, captured_layers=engine.layers,
                                   hidden_size=engine.hidden_size, device=self.device)
         metas = [a.metadata for a in usable]

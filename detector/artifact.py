@@ -259,6 +259,24 @@ def load_probe(path: str | Path) -> ProbeArtifact:
     return artifact
 
 
+DEFAULT_PROBE_NAME = "smollm2-135m-fabrication"
+
+
+def default_probe_dir() -> Path | None:
+    """The probe shipped for the embedded model (``lie-detector train-default``), if present.
+
+    Located without importing ``probes`` (whose training dependencies a sidecar-only
+    install may lack).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("probes")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "default" / DEFAULT_PROBE_NAME
+    return path if (path / METADATA_FILE).is_file() else None
+
+
 def check_compatible(
     meta: ProbeMetadata, served: ModelIdentity, captured_layers: Sequence[int]
 ) -> None:

@@ -71,7 +71,10 @@ def _sidecar_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464)")
     parser.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     parser.add_argument("--probe", action="append", default=None, metavar="DIR",
-                        help="probe artifact directory to load (repeatable)")
+                        help="probe artifact directory to load (repeatable; default: the probe "
+                        "shipped for the embedded model)")
+    parser.add_argument("--no-default-probe", action="store_true",
+                        help="start with no probe (load them later with LoadProbe)")
     parser.add_argument("--model", metavar="DIR",
                         help="the served model's folder, to check probes before vLLM connects")
     parser.add_argument("--device", help="torch device for scoring (default: cuda if present)")
@@ -97,6 +100,8 @@ def _sidecar(args: argparse.Namespace) -> int:
         overrides["metrics_port"] = args.metrics_port
     if args.probe:
         overrides["probes"] = args.probe
+    elif args.no_default_probe:
+        overrides["probes"] = []
     if args.model:
         overrides["model_dir"] = args.model
     if args.device:
@@ -116,7 +121,8 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-port", type=int, default=50051)
     parser.add_argument("--metrics-port", type=int, default=9464)
     parser.add_argument("--probe", action="append", default=[], metavar="DIR",
-                        help="probe artifact directory (repeatable)")
+                        help="probe artifact directory (repeatable; default: the probe shipped "
+                        "for the embedded model)")
     parser.add_argument("--layers", help="layers to capture, e.g. 8,15,22 (default: the probes' "
                         "layers plus a spread over the middle of the network)")
     parser.add_argument("--channel", help="channel endpoint")
@@ -134,6 +140,7 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from detector.artifact import default_probe_dir
     from detector.config import parse_layers
     from detector.embedded_model import resolve_model
     from detector.model_identity import identify_model
@@ -143,7 +150,8 @@ def _serve(args: argparse.Namespace) -> int:
     opts = ServeOptions(
         model_dir=model_dir, host=args.host, port=args.port,
         grpc_address=f"127.0.0.1:{args.grpc_port}", metrics_port=args.metrics_port,
-        probes=[Path(p) for p in args.probe], layers=parse_layers(args.layers),
+        probes=[Path(p) for p in args.probe] or [p for p in [default_probe_dir()] if p],
+        layers=parse_layers(args.layers),
         prefix_caching=args.prefix_caching, enforce_eager=args.enforce_eager,
         max_model_len=args.max_model_len, dtype=args.dtype,
         vllm_args=[a for a in args.vllm_args if a != "--"],
@@ -257,6 +265,7 @@ def _capture_args(parser: argparse.ArgumentParser) -> None:
 def _capture(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from detector.artifact import default_probe_dir
     from detector.config import parse_layers
     from detector.embedded_model import resolve_model
     from probes.capture import CaptureSettings, capture_questions, capture_user_records

@@ -27,6 +27,7 @@ from rich.text import Text
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.artifact import default_probe_dir
 from detector.serve import ServeOptions, Supervisor, wait_for_grpc_health, wait_until_healthy
 
 logger = logging.getLogger(__name__)
@@ -69,13 +70,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def default_probe_dir() -> Path | None:
-    import probes
-
-    path = Path(probes.__file__).parent / "default" / "smollm2-135m-fabrication"
-    return path if (path / "probe.json").is_file() else None
 
 
 class Demo:

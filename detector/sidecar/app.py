@@ -19,7 +19,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from detector.artifact import ProbeArtifactError
+from detector.artifact import ProbeArtifactError, default_probe_dir
 from detector.channel.subscriber import ChannelSubscriber
 from detector.config import default_channel
 from detector.model_identity import identify_model
@@ -55,7 +55,9 @@ class SidecarSettings(BaseSettings):
     grpc_address: str = "127.0.0.1:50051"
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(9464, ge=0, le=65535)
-    probes: list[Path] = Field(default_factory=list)
+    # Default: the probe shipped for the embedded model; it stays inactive, with the
+    # reason, if the engine serves another model.
+    probes: list[Path] = Field(default_factory=lambda: [p for p in [default_probe_dir()] if p])
     model_dir: Path | None = None  # identifies the served model before vLLM connects
     device: str | None = None
     # Scoring a step is a small GEMM; on the CPU extra threads mostly spin-wait on the cores

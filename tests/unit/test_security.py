@@ -67,7 +67,7 @@ def pki(tmp_path_factory):
 
 
 def _sidecar(tmp_path: Path, **settings) -> Sidecar:
-    s = SidecarSettings(channel=f"ipc://{tmp_path}/ch.sock",
+    s = SidecarSettings(channel=f"ipc://{tmp_path}/ch.sock", probes=[],
                         grpc_address=f"127.0.0.1:{_free_port()}", metrics_port=None, **settings)
     sidecar = Sidecar(s)
     sidecar.start()

@@ -1,0 +1,67 @@
+"""Turn a question into the text the model reads: a plain few-shot prompt or a chat one.
+
+``plain``::
+
+    Q: What is the capital of France?
+    A: Paris
+    ...
+    Q: What is the capital of Mongolia?
+    A:
+
+``chat``: the same shots as earlier user/assistant turns, rendered with the model's own
+chat template (so it needs the tokenizer). Both stop at the end of the line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from probes.datasets.schema import PromptStyle, Question
+
+STOP = ["\n"]
+
+
+def plain_prompt(question: Question) -> str:
+    parts = [f"Q: {s.question}\nA: {s.answer}" for s in question.shots]
+    parts.append(f"Q: {question.question}\nA:")
+    return "\n".join(parts)
+
+
+def chat_messages(question: Question) -> list[dict[str, str]]:
+    messages: list[dict[str, str]] = []
+    for s in question.shots:
+        messages += [{"role": "user", "content": s.question},
+                     {"role": "assistant", "content": s.answer}]
+    messages.append({"role": "user", "content": question.question})
+    return messages
+
+
+class PromptRenderer:
+    """Renders prompts; loads the model's tokenizer lazily, only for the chat style."""
+
+    def __init__(self, model_dir: str | Path | None = None, *, tokenizer: Any = None) -> None:
+        self.model_dir = Path(model_dir) if model_dir is not None else None
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            if self.model_dir is None:
+                raise ValueError("the chat style needs the model folder (for its chat template)")
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        return self._tokenizer
+
+    def render(self, question: Question, style: PromptStyle) -> str:
+        if style == "plain":
+            return plain_prompt(question)
+        if style == "chat":
+            return self.tokenizer.apply_chat_template(
+                chat_messages(question), tokenize=False, add_generation_prompt=True
+            )
+        raise ValueError(f"unknown prompt style {style!r} (plain|chat)")
+
+
+__all__ = ["STOP", "PromptRenderer", "chat_messages", "plain_prompt"]

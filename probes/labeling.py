@@ -1,0 +1,241 @@
+"""Label a model's answer: retrieval, fabrication, refusal or ambiguous.
+
+The answer span is the core claim of the first line of the completion ("Ulaanbaatar" in
+" The capital of Mongolia is Ulaanbaatar."): leading restatements, articles, trailing
+clauses and punctuation are trimmed, and the span keeps its character offsets so it can
+be mapped onto the generated tokens. Then, after normalisation (accents, case,
+punctuation, articles, "St." = "Saint"):
+
+* **retrieval**: the answer equals an accepted answer or contains one as whole words;
+* **refusal**: the model declines ("I don't know", "there is no such country"); left out;
+* **ambiguous**: no answer, a long description instead of a short answer, a near miss
+  ("Dollar" for the Australian dollar), a fragment of an accepted answer ("New" for
+  "New Delhi"), a correct answer outside the extracted span, or an answer cut off by
+  ``max_tokens`` (marked by the capture); left out;
+* **fabrication**: anything else, i.e. a confident wrong answer. Every substantive answer
+  about an invented entity is a fabrication.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from probes.datasets.schema import Question
+
+Label = Literal["retrieval", "fabrication", "refusal", "ambiguous"]
+TRAINABLE: tuple[Label, ...] = ("retrieval", "fabrication")
+
+MAX_ANSWER_WORDS = 6  # longer spans are descriptions or evasions, not a claim to judge
+_ABBREVIATIONS = {"st", "mt", "ft", "dr", "mr", "mrs", "ms", "jr", "sr", "no", "vs", "gen", "prof"}
+_WORD_SUBSTITUTIONS = {"st": "saint", "ste": "sainte", "mt": "mount", "ft": "fort"}
+_ARTICLES = ("the ", "a ", "an ")
+_REFUSALS = [
+    "i dont know", "i do not know", "dont know", "not sure", "no idea", "unknown",
+    "no such", "does not exist", "doesnt exist", "do not exist", "dont exist", "not exist",
+    "not a real", "fictional", "fictitious", "imaginary", "made up", "there is no",
+    "there are no", "i cannot", "i cant", "im sorry", "i am sorry", "sorry",
+    "not applicable", "n a", "no information", "not aware", "no capital", "no currency",
+    "no official", "not a country", "not a state", "not an element", "not a city",
+    "no known", "cannot be determined", "unclear", "not available", "none",
+    "i am not able", "im not able", "unable to", "not known", "no answer",
+]  # fmt: skip
+_REFUSAL_RE = re.compile(r"(?:^| )(?:" + "|".join(re.escape(r) for r in _REFUSALS) + r")(?: |$)")
+_RESTATEMENT_VERB = re.compile(r"\b(?:is|was|are|were)\b\s+(?:called\s+|named\s+|known as\s+)?",
+                               re.IGNORECASE)
+_CLAUSE_BREAKS = (", ", " (", "(", "; ", " - ", " – ", " — ", ": ", " which ", " and is ")
+_TRAILING = " \t.,;:!?\"')]}"
+
+
+class AnswerLabel(BaseModel):
+    """The outcome of labelling one completion."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label: Label
+    reason: str
+    span: tuple[int, int] | None = None  # characters of the answer in the completion
+    answer: str = ""
+    matched: str | None = None  # the accepted answer it matched
+
+
+def normalize(text: str) -> str:
+    """Accent-, case- and punctuation-insensitive form used for every comparison."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    text = text.lower().replace("&", " and ")
+    text = re.sub(r"['`\u2019]", "", text)
+    text = re.sub(r"[^a-z0-9]+", " ", text).strip()
+    words = [_WORD_SUBSTITUTIONS.get(w, w) for w in text.split()]
+    text = " ".join(words)
+    for article in _ARTICLES:
+        if text.startswith(article):
+            text = text[len(article):]
+            break
+    return text
+
+
+def contains_words(haystack: str, needle: str) -> bool:
+    """Whether normalised ``needle`` occurs in normalised ``haystack`` as whole words."""
+    return bool(needle) and f" {needle} " in f" {haystack} "
+
+
+def is_refusal(text: str) -> bool:
+    return bool(_REFUSAL_RE.search(normalize(text)))
+
+
+def _sentence_end(text: str, start: int, stop: int) -> int:
+    """End of the first sentence in text[start:stop] (abbreviations are not ends)."""
+    i = start
+    while i < stop:
+        ch = text[i]
+        if ch in "!?;":
+            return i
+        if ch == "." and (i + 1 >= stop or text[i + 1].isspace()):
+            word = re.split(r"\s", text[start:i])[-1]
+            bare = word.replace(".", "")
+            if "." in word or len(bare) <= 1 or bare.lower() in _ABBREVIATIONS:
+                i += 1
+                continue
+            return i
+        i += 1
+    return stop
+
+
+_STOPWORDS = {"what", "which", "who", "is", "the", "of", "a", "an", "in", "on", "did", "does",
+              "do", "year", "us", "has", "have", "was", "were", "are"}
+
+
+def extract_answer(completion: str, *, context: str | None = None) -> tuple[int, int] | None:
+    """Character span ``(start, end)`` of the core answer, or None when there is none.
+
+    ``context`` (the question) tells a restatement ("The capital of Mongolia is X") from an
+    answer that merely contains "is" ("Washington D.C. is the capital"): the words before
+    the verb must share a content word with it.
+    """
+    stop = completion.find("\n")
+    stop = len(completion) if stop < 0 else stop
+    start = len(completion[:stop]) - len(completion[:stop].lstrip())
+    if start >= stop:
+        return None
+    end = _sentence_end(completion, start, stop)
+    # "The capital of Mongolia is Ulaanbaatar" -> "Ulaanbaatar"
+    m = _RESTATEMENT_VERB.search(completion, start, end)
+    if m is not None:
+        prefix = set(normalize(completion[start:m.start()]).split())
+        keywords = set(normalize(context).split()) - _STOPWORDS if context else set()
+        if prefix & keywords:
+            start = m.end()
+    # A leading article is not part of the claim.
+    for article in ("the ", "a ", "an "):
+        if completion[start:start + len(article)].lower() == article:
+            start += len(article)
+            break
+    for brk in _CLAUSE_BREAKS:
+        cut = completion.find(brk, start, end)
+        if cut > start:
+            end = cut
+    while end > start and completion[end - 1] in _TRAILING:
+        end -= 1
+    while start < end and completion[start] in " \t\"'([{":
+        start += 1
+    return (start, end) if end > start else None
+
+
+def _numbers(text: str) -> list[int]:
+    return [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", text)]
+
+
+def label_answer(question: Question, completion: str) -> AnswerLabel:
+    """Label one completion of ``question`` (see the module docstring for the rules)."""
+    first_line = completion.split("\n", 1)[0]
+    span = extract_answer(completion, context=f"{question.question} {question.subject}")
+    if is_refusal(first_line):
+        return AnswerLabel(label="refusal", reason="declined to answer", span=span,
+                           answer=completion[span[0]:span[1]] if span else "")
+    if span is None:
+        return AnswerLabel(label="ambiguous", reason="empty answer")
+    answer = completion[span[0]:span[1]]
+
+    def out(label: Label, reason: str, matched: str | None = None) -> AnswerLabel:
+        return AnswerLabel(label=label, reason=reason, span=span, answer=answer, matched=matched)
+
+    if not re.search(r"[A-Za-z0-9]", answer):
+        return out("ambiguous", "no letters or digits")
+    if len(answer.split()) > MAX_ANSWER_WORDS:
+        return out("ambiguous", f"not a short answer (> {MAX_ANSWER_WORDS} words)")
+    if question.invented:
+        return out("fabrication", "answered about an invented entity")
+
+    if question.answer_type == "number":
+        numbers = _numbers(answer)
+        if not numbers:
+            return out("ambiguous", "no number in the answer")
+        gold = {int(a) for a in question.answers if a.strip().isdigit()}
+        if numbers[0] in gold:
+            return out("retrieval", "number matches", str(numbers[0]))
+        return out("fabrication", f"number {numbers[0]} is not {sorted(gold)}")
+
+    norm = normalize(answer)
+    aliases = {normalize(a): a for a in question.answers}
+    aliases.pop("", None)
+    if question.answer_type == "symbol":
+        head = norm.split(" ")[0] if norm else ""
+        if head in aliases:
+            return out("retrieval", "symbol matches", aliases[head])
+        return out("fabrication", f"{head!r} is not {sorted(aliases)}")
+
+    if norm in aliases:
+        return out("retrieval", "equals an accepted answer", aliases[norm])
+    for alias_norm, alias in sorted(aliases.items(), key=lambda kv: -len(kv[0])):
+        if contains_words(norm, alias_norm):
+            return out("retrieval", "contains an accepted answer", alias)
+    for near in question.near_misses:
+        near_norm = normalize(near)
+        if near_norm and norm == near_norm:
+            return out("ambiguous", f"near miss {near!r}")
+    if norm != normalize(question.subject) and any(
+        contains_words(alias_norm, norm) for alias_norm in aliases
+    ):
+        return out("ambiguous", "part of an accepted answer")
+    line = normalize(first_line)
+    if any(contains_words(line, alias_norm) for alias_norm in aliases):
+        return out("ambiguous", "an accepted answer appears outside the extracted span")
+    return out("fabrication", "matches no accepted answer")
+
+
+def token_span(text_offsets: Sequence[int], span: tuple[int, int], text_length: int
+               ) -> tuple[int, int] | None:
+    """Generated tokens ``[t0, t1)`` that overlap the character span.
+
+    ``text_offsets[i]`` is where token i starts in the completion (vLLM's logprobs
+    ``text_offset``); a token ends where the next begins. Tokens past the text (the stop
+    token) have empty ranges and never overlap.
+    """
+    start, end = span
+    hit: list[int] = []
+    n = len(text_offsets)
+    for i, begin in enumerate(text_offsets):
+        stop = text_offsets[i + 1] if i + 1 < n else max(begin, text_length)
+        stop = min(stop, text_length)
+        if begin < end and stop > start and stop > begin:
+            hit.append(i)
+    if not hit:
+        return None
+    return hit[0], hit[-1] + 1
+
+
+__all__ = [
+    "TRAINABLE",
+    "AnswerLabel",
+    "Label",
+    "contains_words",
+    "extract_answer",
+    "is_refusal",
+    "label_answer",
+    "normalize",
+    "token_span",
+]

@@ -14,11 +14,12 @@ from support import LAYERS, MAX_BATCHED_TOKENS, ChannelTap, complete_many
 pytestmark = pytest.mark.vllm
 
 # Float32 on both sides. vLLM's CPU kernels (fused RMSNorm, its attention, torch.compile's
-# fused graph) sum in other orders than transformers' eager PyTorch; after 22 layers the
-# difference measured here is ~1e-5 of the row's scale. 1e-3 relative leaves headroom for
-# other CPUs while a row from a neighbouring position or another request (differences of
-# the order of the row itself) fails by three orders of magnitude.
-RELATIVE_TOLERANCE = 1e-3
+# fused graph) sum in other orders than transformers' eager PyTorch. Measured here: the
+# largest |vLLM - transformers| over all rows of a layer is 0.4-2.1e-6 of that layer's
+# largest |activation| (SmolLM2 has outlier dimensions near 2e4, so absolute errors reach
+# 0.05). 1e-4 leaves ~50x headroom for other CPUs and thread counts, while a row taken
+# from a neighbouring position or another request is off by the order of the row itself.
+RELATIVE_TOLERANCE = 1e-4
 
 LONG_PROMPT = " ".join(
     f"Fact {i}: the river {name} flows into the sea near the city of {city}."
@@ -119,6 +120,9 @@ def test_rows_equal_transformers_hidden_states(captured, hf_model, index: int) -
         got = torch.stack([cap.rows[p][li] for p in range(len(sequence))]).float()
         scale = expected.abs().max()
         err = (got - expected).abs().max()
+        # Shown with `pytest -rP`: the measured error behind RELATIVE_TOLERANCE.
+        print(f"{JOBS[index]['request_id']} layer {layer}: max abs error {err:.3g}, "
+              f"relative {err / scale:.3g}")
         assert err <= RELATIVE_TOLERANCE * scale, (
             f"layer {layer}: max |vLLM - transformers| = {err:.3g}, row scale {scale:.3g}")
 

@@ -60,6 +60,8 @@ from typing import Any
 
 import httpx
 
+from benchmarks.streaming import prompts_for
+
 logger = logging.getLogger("benchmarks.overhead")
 
 LAYERS = [8, 15, 22]
@@ -69,16 +71,6 @@ VLLM_ARGS = ["--dtype", "float32", "--max-num-seqs", "16", "--seed", "0"]
 MAX_MODEL_LEN = 1024
 START_TIMEOUT_S = 600.0
 COMPILE_CACHE = Path.home() / ".cache" / "vllm-lie-detector" / "benchmark-vllm-cache"
-
-TOPICS = [
-    "the history of the printing press", "how volcanoes form", "the life cycle of a star",
-    "the rules of chess", "why the sky is blue", "the water cycle", "how bread is baked",
-    "the causes of the French Revolution", "how vaccines work", "the migration of birds",
-    "the invention of the telephone", "how a bicycle stays upright", "the Roman Empire",
-    "photosynthesis in plants", "the structure of the atom", "how bees make honey",
-    "the Great Wall of China", "ocean tides", "the first moon landing", "how glaciers move",
-]
-STYLES = ["Explain", "Describe in detail", "Write a short essay about", "Tell a student about"]
 
 
 # --------------------------------------------------------------------------- processes
@@ -144,22 +136,36 @@ class Server:
 
 
 def start_vllm(groups: ProcessGroups, name: str, model_dir: Path, workdir: Path, channel: str,
-               *, plugin: bool) -> Server:
+               *, plugin: bool, layers: list[int] | None = None, enforce_eager: bool = False,
+               python: str | Path | None = None, extra_env: dict[str, str] | None = None,
+               cache_variant: str | None = None) -> Server:
+    """One vLLM OpenAI server on the embedded model, with the benchmark's common flags.
+
+    ``plugin=False`` sets ``LIE_DETECTOR_DISABLE=1``. ``python`` runs the server with another
+    interpreter (the vllm-lens environment); ``extra_env`` is applied last. Each
+    ``cache_variant`` gets its own compile cache (``VLLM_CACHE_ROOT``).
+    """
     from detector.serve import ServeOptions, engine_env, vllm_command
 
+    layers = list(layers or LAYERS)
     port = free_port()
-    opts = ServeOptions(model_dir=model_dir, port=port, channel=channel, layers=LAYERS,
-                        max_model_len=MAX_MODEL_LEN, vllm_args=list(VLLM_ARGS))
+    opts = ServeOptions(model_dir=model_dir, port=port, channel=channel, layers=layers,
+                        max_model_len=MAX_MODEL_LEN, vllm_args=list(VLLM_ARGS),
+                        enforce_eager=enforce_eager)
     cmd = vllm_command(opts)
-    # Same flags for both: default compile mode (no --enforce-eager), no prefix caching.
-    assert "--enforce-eager" not in cmd and "--no-enable-prefix-caching" in cmd
-    env = engine_env(opts, LAYERS)
+    if python is not None:
+        cmd[0] = str(python)
+    # Same flags for all: compile mode unless asked (no --enforce-eager), no prefix caching.
+    assert ("--enforce-eager" in cmd) == enforce_eager and "--no-enable-prefix-caching" in cmd
+    env = engine_env(opts, layers)
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     env.pop("LIE_DETECTOR_DISABLE", None)
     if not plugin:
         env["LIE_DETECTOR_DISABLE"] = "1"
-    variant = f"plugin-on-L{'_'.join(map(str, LAYERS))}" if plugin else "plugin-off"
+    variant = cache_variant or (f"plugin-on-L{'_'.join(map(str, layers))}" if plugin
+                                else "plugin-off")
     env["VLLM_CACHE_ROOT"] = str(COMPILE_CACHE / variant)
+    env.update(extra_env or {})
     proc = groups.spawn(name, cmd, env, workdir / f"{name}.log")
     return Server(name, f"http://127.0.0.1:{port}", proc, workdir / f"{name}.log")
 
@@ -186,7 +192,7 @@ class Sidecar:
 
 def start_sidecar(groups: ProcessGroups, channel: str, workdir: Path, probe: Path,
                   model_dir: Path, cpus: set[int] | None = None,
-                  extra_env: dict[str, str] | None = None) -> Sidecar:
+                  extra_env: dict[str, str] | None = None, name: str = "sidecar") -> Sidecar:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -194,8 +200,8 @@ def start_sidecar(groups: ProcessGroups, channel: str, workdir: Path, probe: Pat
     cmd = [sys.executable, "-m", "detector.cli", "sidecar", "--channel", channel,
            "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
            "--model", str(model_dir), "--probe", str(probe)]
-    log_path = workdir / "sidecar.log"
-    proc = groups.spawn("sidecar", cmd, {**os.environ, **(extra_env or {})}, log_path, cpus)
+    log_path = workdir / f"{name}.log"
+    proc = groups.spawn(name, cmd, {**os.environ, **(extra_env or {})}, log_path, cpus)
     address = f"127.0.0.1:{grpc_port}"
     deadline = time.monotonic() + 120
     with grpc.insecure_channel(address) as ch:
@@ -216,7 +222,7 @@ def start_sidecar(groups: ProcessGroups, channel: str, workdir: Path, probe: Pat
     return Sidecar(proc, address, f"http://127.0.0.1:{metrics_port}/metrics", log_path)
 
 
-def make_random_probe(model_dir: Path, directory: Path) -> Path:
+def make_random_probe(model_dir: Path, directory: Path, layer: int = PROBE_LAYER) -> Path:
     """A valid probe artifact with random weights: exercises scoring, measures nothing."""
     import torch
 
@@ -227,7 +233,7 @@ def make_random_probe(model_dir: Path, directory: Path) -> Path:
     g = torch.Generator().manual_seed(0)
     d = identity.hidden_size
     meta = ProbeMetadata(
-        name="benchmark-random", model=identity, layers=[PROBE_LAYER],
+        name="benchmark-random", model=identity, layers=[layer],
         hidden_size=identity.hidden_size, score_position="producer", calibration="none",
         threshold=0.5, training={"note": "random weights for the overhead benchmark"},
     )
@@ -344,17 +350,6 @@ def heavy_processes(limit: int = 8) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the load
-def prompts_for(round_index: int, n: int) -> list[str]:
-    """n distinct prompts; the same index gives the same prompts (used by both of a pair)."""
-    out = []
-    for i in range(n):
-        k = round_index * n + i
-        topic = TOPICS[k % len(TOPICS)]
-        style = STYLES[(k // len(TOPICS)) % len(STYLES)]
-        out.append(f"Request {k}. {style} {topic}.")
-    return out
-
-
 @dataclass
 class RoundResult:
     server: str

@@ -5,7 +5,9 @@ layers) goes through ``FusedProbeScorer`` (layout copy + one GEMM + calibration)
 a bare ``torch.mm`` of the same shape on rows already laid out for it: the best any scorer
 of this design can do on this machine. Both are timed interleaved, many times; the result is
 rows per second and the ratio fused / bound. On a GPU the same command measures the GPU
-(``--device cuda``) and also reports the fraction of the device's memory bandwidth used.
+(``--device cuda``) and also measures the device's memory bandwidth (a large device-to-device
+copy) and the rows/s that bandwidth allows: scoring reads every row once, so on a GPU the
+bound that matters is bytes moved, not FLOPs. Every figure carries the device it came from.
 
     .venv/bin/python -m benchmarks.scoring            # full
     .venv/bin/python -m benchmarks.scoring --quick    # CI smoke run
@@ -63,8 +65,17 @@ def _time(fn, device: torch.device, repeats: int) -> list[float]:
     return out
 
 
-def measure(num_probes: int, rows: int, device: torch.device, rounds: int, repeats: int
-            ) -> dict:
+def memory_bandwidth(device: torch.device, mib: int = 512, repeats: int = 10) -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted)."""
+    n = mib * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    times = _time(lambda: dst.copy_(src), device, repeats)
+    return 2 * src.numel() * 4 / statistics.median(times)
+
+
+def measure(num_probes: int, rows: int, device: torch.device, rounds: int, repeats: int,
+            bandwidth_bytes_s: float | None = None) -> dict:
     scorer = FusedProbeScorer(random_probes(num_probes), captured_layers=LAYERS,
                               hidden_size=HIDDEN, device=device)
     # As the channel delivers them: (layers, rows, hidden) on the host.
@@ -95,10 +106,16 @@ def measure(num_probes: int, rows: int, device: torch.device, rounds: int, repea
         "fused_ms_per_step": f * 1e3, "bound_ms_per_step": b * 1e3,
         "fused_p90_ms": sorted(fused_t)[int(0.9 * len(fused_t))] * 1e3,
     }
-    if device.type == "cuda":
-        # Bytes the bound must read: the rows (float32) and the weights.
-        bytes_moved = flat.numel() * 4 + weight.numel() * 4
+    result["device"] = str(device)
+    if device.type == "cuda" or bandwidth_bytes_s:
+        # Bytes one step must move at least: the rows and weights read, the logits written.
+        bytes_moved = (flat.numel() + weight.numel() + rows * weight.shape[1]) * 4
         result["bound_gb_per_s"] = bytes_moved / b / 1e9
+        result["fused_gb_per_s"] = bytes_moved / f / 1e9
+        if bandwidth_bytes_s:
+            bw_step_s = bytes_moved / bandwidth_bytes_s
+            result["bandwidth_bound_rows_per_s"] = rows / bw_step_s
+            result["fused_over_bandwidth_bound"] = bw_step_s / f
     return result
 
 
@@ -116,6 +133,25 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def run(counts: list[int], rows: int, device: torch.device | str, *, quick: bool,
+        threads: int = 1) -> dict:
+    """The whole measurement as one JSON-able payload (used by ``benchmarks.run_all``)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+    torch.set_num_threads(threads)
+    rounds, repeats = (3, 5) if quick else (10, 20)
+    bandwidth = memory_bandwidth(device) if device.type == "cuda" else None
+    results = [measure(n, rows, device, rounds, repeats, bandwidth)
+               for n in tqdm(counts, desc="probe counts", disable=None)]
+    info = machine(device)
+    if bandwidth:
+        info["memory_bandwidth_gb_per_s"] = bandwidth / 1e9
+    return {"date": datetime.now(timezone.utc).isoformat(), "quick": quick, "device": str(device),
+            "machine": info, "layers": LAYERS, "hidden": HIDDEN, "rows_per_step": rows,
+            "rounds": rounds, "repeats_per_round": repeats, "results": results}
+
+
 def to_markdown(results: list[dict], info: dict) -> str:
     lines = [
         f"Sidecar scoring on `{info['device']}` ({info.get('gpu') or info.get('cpu', '?')}, "
@@ -129,6 +165,15 @@ def to_markdown(results: list[dict], info: dict) -> str:
         lines.append(f"| {r['probes']} | {r['fused_rows_per_s']:,.0f} | "
                      f"{r['bound_rows_per_s']:,.0f} | {r['fused_over_bound']:.2f} | "
                      f"{r['fused_ms_per_step']:.3f} |")
+    if any("bandwidth_bound_rows_per_s" in r for r in results):
+        lines += ["", f"Memory-bandwidth bound on `{info['device']}` "
+                  f"({info.get('memory_bandwidth_gb_per_s', 0):,.0f} GB/s measured by a copy):", "",
+                  "| probes | fused rows/s | bandwidth bound rows/s | fused / bound |",
+                  "| ---: | ---: | ---: | ---: |"]
+        for r in results:
+            lines.append(f"| {r['probes']} | {r['fused_rows_per_s']:,.0f} | "
+                         f"{r['bandwidth_bound_rows_per_s']:,.0f} | "
+                         f"{r['fused_over_bandwidth_bound']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -142,20 +187,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch CPU threads (the sidecar's default cpu_threads is 1)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     device = torch.device(args.device)
-    rounds, repeats = (3, 5) if args.quick else (10, 20)
     counts = [int(p) for p in args.probes.split(",")]
-    results = [measure(n, args.rows, device, rounds, repeats)
-               for n in tqdm(counts, desc="probe counts")]
-    info = machine(device)
+    payload = run(counts, args.rows, device, quick=args.quick, threads=args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"scoring-{device.type}" + ("-quick" if args.quick else "")
-    payload = {"date": datetime.now(timezone.utc).isoformat(), "quick": args.quick,
-               "machine": info, "layers": LAYERS, "hidden": HIDDEN, "results": results}
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
-    table = to_markdown(results, info)
+    table = to_markdown(payload["results"], payload["machine"])
     (args.out / f"{stem}.md").write_text(table)
     print(table)
     return 0

@@ -1,7 +1,10 @@
 """Copy the benchmark and evaluation tables into README.md, between their markers.
 
-Each ``<!-- results:NAME:start -->`` ... ``<!-- results:NAME:end -->`` block is replaced by the
-file ``SOURCES[NAME]``, so the README's numbers are always those the last run wrote.
+Each ``<!-- results:NAME:start -->`` ... ``<!-- results:NAME:end -->`` block is replaced by what
+``SOURCES[NAME]`` gives: a results file written by a benchmark, or a function that renders a
+table from one (the shipped probe's ``metrics.json``). The README's numbers are therefore
+always those the last run wrote, never typed. ``benchmarks.run_all`` calls this after a full
+run; it can also be run on its own:
 
     .venv/bin/python -m benchmarks.update_readme
 """
@@ -10,14 +13,33 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = {
+
+
+def _detection() -> str:
+    from benchmarks import detection
+
+    return detection.markdown(detection.summarise(detection.METRICS))
+
+
+SOURCES: dict[str, Path | Callable[[], str]] = {
     "overhead": ROOT / "benchmarks/results/overhead.md",
     "scoring": ROOT / "benchmarks/results/scoring-cpu.md",
-    "detection": ROOT / "probes/default/smollm2-135m-fabrication/metrics.md",
+    # Rendered from the probe's own evaluation, so it appears as soon as the probe ships.
+    "detection": _detection,
+    "benchmarks": ROOT / "benchmarks/results/benchmarks.md",
 }
+
+
+def _body(source: Path | Callable[[], str]) -> str:
+    if callable(source):
+        return source().strip() + "\n"
+    if source.is_file():
+        return source.read_text().strip() + "\n"
+    return f"(not measured yet: {source.relative_to(ROOT)} is missing)\n"
 
 
 def update(readme: Path = ROOT / "README.md") -> list[str]:
@@ -28,8 +50,7 @@ def update(readme: Path = ROOT / "README.md") -> list[str]:
                              re.DOTALL)
         if not pattern.search(text):
             continue
-        body = source.read_text().strip() + "\n" if source.is_file() else (
-            f"(not measured yet: {source.relative_to(ROOT)} is missing)\n")
+        body = _body(source)
         text, n = pattern.subn(lambda m: m.group(1) + body + m.group(3), text)
         changed.append(name)
     readme.write_text(text)

@@ -198,10 +198,11 @@ class Demo:
         return table
 
 
-def _flagged_chars(answer: Answer) -> set[int]:
+def _flagged_chars(answer: Answer, kinds: tuple[str, ...] = ("entity",)) -> set[int]:
+    """Characters inside flagged spans of the given kinds."""
     chars: set[int] = set()
     for s in answer.flagged:
-        if s.kind == "entity":
+        if s.kind in kinds:
             chars.update(range(s.char_start, s.char_end))
     return chars
 
@@ -236,7 +237,7 @@ def write_report(answers: list[Answer], path: Path, *, probe: Path | None) -> Pa
                      f"<td>{html.escape(flagged) or '-'}</td></tr>")
     parts.append("</table>")
     for a in answers:
-        flagged_chars = _flagged_chars(a)
+        flagged_chars = _flagged_chars(a, kinds=("word", "entity", "sentence"))
         parts.append(f"<div class='answer' id='{html.escape(a.request_id)}'>"
                      f"<h3>{html.escape(a.question)}</h3><p>")
         pos = 0

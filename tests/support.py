@@ -134,6 +134,8 @@ class ChannelTap:
         self.steps: list[StepHeader] = []
         self.heartbeats = 0
         self.last_dropped_total = 0
+        self.seq_gaps = 0  # steps numbered but never received (dropped by the hook)
+        self._last_seq: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -149,6 +151,9 @@ class ChannelTap:
                 self.heartbeats += 1
                 continue
             self.steps.append(header)
+            if self._last_seq is not None and header.seq > self._last_seq + 1:
+                self.seq_gaps += header.seq - self._last_seq - 1
+            self._last_seq = header.seq
             for req in header.requests:
                 cap = self.requests[req.req_id]
                 cap.num_prompt_tokens = req.num_prompt_tokens

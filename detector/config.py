@@ -47,7 +47,7 @@ class HookSettings(BaseSettings):
     channel: str = Field(default_factory=default_channel)
     # None: a default spread of layers chosen for the model at load time.
     layers: str | None = None
-    queue_steps: int = Field(64, ge=1, le=65536)
+    queue_steps: int = Field(1024, ge=1, le=65536)
     queue_bytes: int = Field(256 << 20, ge=1 << 16)
     heartbeat_s: float = Field(1.0, gt=0, le=60)
 

@@ -56,7 +56,7 @@ class ChannelPublisher:
         endpoint: str,
         engine: EngineInfo,
         *,
-        max_steps: int = 64,
+        max_steps: int = 1024,
         max_bytes: int = 256 << 20,
         heartbeat_s: float = 1.0,
         sndhwm: int = 8,

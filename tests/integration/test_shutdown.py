@@ -29,16 +29,19 @@ def test_sigterm_turns_health_off_and_drains_streams(vllm_server, probe_dir, mod
                 health_pb2.HealthCheckRequest(service="liedetector.v1.Detector"), timeout=120)
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
 
-            result: dict = {}
-            worker = threading.Thread(target=lambda: result.update(resp=complete(
-                vllm_server.base_url, "Describe the four seasons.", max_tokens=80,
-                request_id="drain-1", ignore_eos=True)))
-            worker.start()
+            # The stream is opened before the request starts (it waits for the request to
+            # appear), and the request is long, so SIGTERM lands while it is running.
             stream = stub.StreamScores(pb.StreamScoresRequest(request_id="drain-1"),
                                        timeout=120)
+            result: dict = {}
+            worker = threading.Thread(target=lambda: result.update(resp=complete(
+                vllm_server.base_url, "Describe the four seasons.", max_tokens=600,
+                request_id="drain-1", ignore_eos=True)))
+            worker.start()
             tokens = []
             first = next(stream)
             tokens.extend(first.tokens)
+            assert not first.final, "the request ended before SIGTERM could be sent"
             sidecar.proc.send_signal(signal.SIGTERM)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
             watch.cancel()

@@ -1,10 +1,11 @@
 """The engine side of the channel: hand a step over without ever waiting for the sidecar.
 
-The engine thread only appends to a bounded queue (``offer``); a daemon thread encodes the
-message and sends it with ``zmq.NOBLOCK``. Whatever goes wrong downstream (no sidecar, a
-slow one, a dead one) ends as a counted drop, never as a wait: the queue is bounded in
-steps and bytes, ZeroMQ's send queue is bounded by its high-water mark, and
-``IMMEDIATE`` keeps ZeroMQ from queueing for a peer that is not connected.
+The engine thread only appends to a bounded queue (``offer``); a daemon thread encodes each
+message and sends it, waiting for room when the sidecar is slow, stalled or not connected.
+Whatever goes wrong downstream ends as a counted drop at ``offer`` once the queue is full,
+never as a wait in the engine: the queue is bounded in steps and bytes, ZeroMQ's send
+queue by its high-water mark, and ``IMMEDIATE`` keeps ZeroMQ from queueing for a peer that
+is not connected. A sidecar that restarts within the queue's span gets the steps it missed.
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ class ChannelPublisher:
         self._cond = threading.Condition()
         self._closed = False
         self.next_seq = 0
+        # Highest seq handed to ``offer`` (queued or dropped). Heartbeats report the seq after
+        # it, not ``next_seq``: a step whose seq is taken but whose tokens are not sampled yet
+        # (asynchronous scheduling) is still to come, and must not look like a gap.
+        self._offered_seq = -1
         self.published = 0
         self.dropped = 0
         self._thread = threading.Thread(
@@ -88,6 +93,7 @@ class ChannelPublisher:
     def offer(self, step: PendingStep) -> bool:
         """Queue a step if there is room; otherwise drop it. Never blocks for long."""
         with self._cond:
+            self._offered_seq = max(self._offered_seq, step.seq)
             if (
                 self._closed
                 or len(self._queue) >= self.max_steps
@@ -134,8 +140,12 @@ class ChannelPublisher:
                     step = self._queue.popleft() if self._queue else None
                     if step is not None:
                         self._queued_bytes -= step.nbytes
+                    else:
+                        # Taken with the queue seen empty: a step offered from now on has
+                        # a seq at least this, and is sent after this heartbeat.
+                        beat_seq = self._offered_seq + 1
                 if step is None:
-                    self._send(sock, encode_heartbeat(self._heartbeat()))
+                    self._send(sock, encode_heartbeat(self._heartbeat(beat_seq)))
                     continue
                 self._publish(sock, step)
         except Exception:  # fail-open: the engine must never notice
@@ -161,12 +171,27 @@ class ChannelPublisher:
             dropped_total=self.dropped,
             queue_depth=len(self._queue),
         )
-        sent = self._send(sock, encode_step(header, step.rows))
+        sent = self._send_waiting(sock, encode_step(header, step.rows))
         with self._cond:
             if sent:
                 self.published += 1
             else:
                 self.dropped += 1
+
+    def _send_waiting(self, sock: zmq.Socket, frames: list) -> bool:
+        """Send a step, waiting for room on the socket; False only when closed meanwhile.
+
+        Waiting here is what lets the queue absorb a slow, stalled or restarting sidecar:
+        the engine thread keeps offering (and the queue drops once full) while this thread
+        holds the oldest step. Dropping on ZeroMQ's small high-water mark instead would lose
+        steps whenever the sidecar paused for a fraction of a second."""
+        while True:
+            if self._send(sock, frames):
+                return True
+            with self._cond:
+                if self._closed:
+                    return False
+            sock.poll(100, zmq.POLLOUT)
 
     def _send(self, sock: zmq.Socket, frames: list) -> bool:
         try:
@@ -175,13 +200,13 @@ class ChannelPublisher:
         except zmq.Again:
             return False
 
-    def _heartbeat(self) -> Heartbeat:
+    def _heartbeat(self, next_seq: int) -> Heartbeat:
         return Heartbeat(
             engine=self.engine,
             time_ns=now_ns(),
             steps_published=self.published,
             dropped_total=self.dropped,
             queue_depth=len(self._queue),
-            next_seq=self.next_seq,
+            next_seq=next_seq,
         )
 

@@ -143,6 +143,17 @@ def overhead_markdown(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _first_token_note(cfg: dict[str, Any]) -> str:
+    """How a stream opened before its request found it, in the sidecar that was measured."""
+    if cfg.get("stream_wait") == "woken":
+        return ("A stream opened before its request exists is woken by the step that first "
+                "mentions it (`RequestStore.wait_known`).")
+    return ("The first token's delay is larger because, in the sidecar measured here, a stream "
+            "opened before its request existed polled for it every 50 ms; the sidecar now wakes "
+            "it on the step that first mentions the request (`RequestStore.wait_known`), not "
+            "measured yet.")
+
+
 def delay_markdown(r: dict[str, Any]) -> list[str]:
     d = r.get("score_delay")
     if not d:
@@ -155,9 +166,7 @@ def delay_markdown(r: dict[str, Any]) -> list[str]:
         f"sampled the token). {cfg['delay_rounds']} dedicated round(s) per N (not the overhead "
         f"rounds) x {cfg['max_tokens']} tokens per request. The random probe scores at the "
         "`producer` position (same step); a probe at the `own` position (the shipped one) "
-        "settles one engine step later, i.e. about one ITL more. The first token's delay is "
-        "larger because a stream opened before its request exists polls for it every 50 ms "
-        "(`_await_known` in `detector/sidecar/service.py`).",
+        "settles one engine step later, i.e. about one ITL more. " + _first_token_note(cfg),
         "",
         "| N | scored tokens | p50 ms | p95 ms | p99 ms | max ms | first token p50 ms | "
         "ITL p50 ms (same rounds) | sidecar step-end to scored, mean ms | streams complete |",

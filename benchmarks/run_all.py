@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
                 "dtype": "float32", "layers": args.layers, "probe_layer": args.probe_layer,
                 "concurrency": args.concurrency, "repeats": args.repeats,
                 "max_tokens": args.max_tokens, "gap_s": args.gap,
-                "delay_rounds": args.delay_rounds, "with_lens": args.lens,
+                "delay_rounds": args.delay_rounds, "stream_wait": "woken", "with_lens": args.lens,
                 "eager_pair": args.eager, "lens_version": lens_mod.LENS_VERSION,
                 "vllm_args": oh.VLLM_ARGS + ["--max-model-len", str(oh.MAX_MODEL_LEN),
                                              "--no-enable-prefix-caching"],

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support import VllmServer, start_vllm  # noqa: E402
+from support import VllmServer, log_tails, start_vllm  # noqa: E402
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failing test's report carries the tails of the process logs written during it."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when in ("setup", "call"):
+        for title, tail in log_tails(since=call.start - 1):
+            report.sections.append((title, tail))
 
 
 @pytest.fixture(scope="session")

@@ -59,6 +59,25 @@ class VllmServer:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
 
+# Logs of the processes tests started, newest last: their tails go into a failing test's
+# report (CI keeps nothing else), see conftest.py.
+PROCESS_LOGS: list[tuple[str, Path]] = []
+
+
+def log_tails(since: float, lines: int = 40) -> list[tuple[str, str]]:
+    """(title, tail) of each process log written to since ``since`` (a ``time.time()``)."""
+    out = []
+    for name, path in PROCESS_LOGS:
+        try:
+            if path.stat().st_mtime < since:
+                continue
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            continue
+        out.append((f"{name} log {path}", "\n".join(tail)))
+    return out
+
+
 def start_vllm(model_dir: Path, workdir: Path, *, disable: bool = False,
                layers: list[int] = LAYERS) -> VllmServer:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -70,9 +89,13 @@ def start_vllm(model_dir: Path, workdir: Path, *, disable: bool = False,
                    "--max-num-seqs", "16", "--seed", "0"],
     )
     env = engine_env(opts, layers)
+    # A smaller queue than the default (1024 steps) so the SIGSTOP test fills it in seconds;
+    # still a few seconds of decoding, so a sidecar briefly starved of CPU loses nothing.
+    env.setdefault("LIE_DETECTOR_QUEUE_STEPS", "256")
     if disable:
         env["LIE_DETECTOR_DISABLE"] = "1"
     log_path = workdir / "vllm.log"
+    PROCESS_LOGS.append(("vLLM", log_path))
     with log_path.open("wb") as log:
         proc = subprocess.Popen(vllm_command(opts), env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -217,6 +240,7 @@ def start_sidecar(channel: str, workdir: Path, *, probes: list[Path], model_dir:
     for probe in probes:
         cmd += ["--probe", str(probe)]
     log_path = workdir / "sidecar.log"
+    PROCESS_LOGS.append(("sidecar", log_path))
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from detector.channel.publisher import ChannelPublisher, PendingStep
-from detector.channel.wire import RequestRows
+from detector.channel.wire import DTYPES, RequestRows
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,25 @@ class StepAssembler:
                 ready=step.ready,
             )
         )
+
+    def end_requests(self, req_ids: Sequence[str]) -> bool:
+        """Requests vLLM ended in a step that ran no tokens: tell the sidecar and forget them.
+
+        vLLM tells the worker that a request ended (an abort, a client timeout, a stop string
+        matched by the API server) in the next step. When the engine goes idle after it, that
+        step schedules no tokens and no rows are captured, so the adapter must hand the ids
+        here: they ride on a step still waiting for its tokens (keeping step order), or go
+        out as a step of their own with no rows."""
+        if not req_ids:
+            return True
+        with self._lock:
+            if self._open:
+                self._open[-1].finished.extend(req_ids)
+                return True
+        engine = self.publisher.engine
+        rows = torch.empty((len(engine.layers), 0, engine.hidden_size),
+                           dtype=DTYPES[engine.dtype][0])
+        return self.close_step(self.open_step(rows, [], req_ids), {})
 
     def forget(self, req_ids: Sequence[str]) -> None:
         with self._lock:

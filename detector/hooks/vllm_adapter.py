@@ -70,6 +70,7 @@ def patch_model_runner_module(module: Any, settings: HookSettings) -> None:
         cls = module.GPUModelRunner
         _wrap(cls, "load_model", _after_load_model, settings)
         _wrap_sample_tokens(cls)
+        _wrap_execute_model(cls)
     elif name == CPU_RUNNER_MODULE:
         # CPUModelRunner overrides load_model; sample_tokens is inherited.
         _wrap(module.CPUModelRunner, "load_model", _after_load_model, settings)
@@ -123,6 +124,33 @@ def _wrap_sample_tokens(cls: type) -> None:
 
     sample_tokens.__lie_detector__ = True  # type: ignore[attr-defined]
     cls.sample_tokens = sample_tokens
+
+
+def _wrap_execute_model(cls: type) -> None:
+    """Catch steps that schedule no tokens: vLLM runs one to tell the worker which requests
+    ended (an abort, a client timeout, a stop string) when nothing else is running, and it
+    returns before ``sample_tokens``. Without this the sidecar would learn of those ends
+    only from its idle timeout."""
+    original = cls.__dict__["execute_model"]
+    if getattr(original, "__lie_detector__", False):
+        return
+
+    @functools.wraps(original)
+    def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        output = original(self, scheduler_output, *args, **kwargs)
+        cap: _RunnerCapture | None = getattr(self, _ATTR, None)
+        if cap is not None and cap.enabled:
+            try:
+                if not scheduler_output.total_num_scheduled_tokens:
+                    ended = [r for r in sorted(scheduler_output.finished_req_ids)
+                             if cap.assembler.knows(r)]
+                    cap.assembler.end_requests(ended)
+            except Exception as exc:
+                cap.disable(f"reading an empty step failed: {exc!r}")
+        return output
+
+    execute_model.__lie_detector__ = True  # type: ignore[attr-defined]
+    cls.execute_model = execute_model
 
 
 def _refuse_v2_runner(runner: Any, settings: HookSettings) -> None:

@@ -69,6 +69,11 @@ class SidecarSettings(BaseSettings):
     # The hook counts as disconnected after this long without a message. It heartbeats
     # every second, but vLLM's start-up compilation can hold the GIL for several seconds.
     hook_timeout_s: float = Field(10.0, gt=0)
+    # Requests still running once the engine has run no step for this long have ended
+    # (vLLM ends aborted requests, and ones a stop string ended, in a step without tokens,
+    # which the hook does not see when the engine goes idle after it); so have requests
+    # that lost steps and got no new step for this long (their end was in a lost step).
+    engine_idle_s: float = Field(30.0, gt=0)
     span_kinds: list[str] = Field(default_factory=lambda: ["entity", "sentence"])
     max_streams: int = Field(256, ge=1)
     shutdown_grace_s: float = Field(5.0, ge=0)
@@ -201,7 +206,8 @@ class Sidecar:
         decoder = TextDecoder.from_model_dir(settings.model_dir) if settings.model_dir else None
         self.analyzer = Analyzer(decoder, settings.span_kinds)
         self.pipeline = ScoringPipeline(self.subscriber, self.registry, self.store, self.metrics,
-                                        self.analyzer, hook_timeout_s=settings.hook_timeout_s)
+                                        self.analyzer, hook_timeout_s=settings.hook_timeout_s,
+                                        engine_idle_s=settings.engine_idle_s)
         admin = AdminGuard(
             token=settings.admin_token.get_secret_value() if settings.admin_token else None,
             identities=settings.admin_identities)

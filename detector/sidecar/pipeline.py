@@ -33,6 +33,7 @@ class ScoringPipeline:
         analyzer: Analyzer,
         *,
         hook_timeout_s: float = 10.0,
+        engine_idle_s: float = 30.0,
     ) -> None:
         self.subscriber = subscriber
         self.registry = registry
@@ -40,12 +41,17 @@ class ScoringPipeline:
         self.metrics = metrics
         self.analyzer = analyzer
         self.hook_timeout_s = hook_timeout_s
+        # Running requests are taken as ended once the engine has run no step for this long.
+        self.engine_idle_s = engine_idle_s
         self.last_heard = 0.0
+        self.last_step = 0.0
         self._rejected_seen = 0
         self._hook_state: bool | None = None
         # Called with True/False when the hook is first heard from / falls silent.
         self.on_hook_state: list[Callable[[bool], None]] = []
         self._load_failures_seen = 0
+        self._stale_refused = 0
+        self._last_stale_log = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scoring-pipeline", daemon=True)
 
@@ -71,7 +77,7 @@ class ScoringPipeline:
                     logger.exception("failed to score a step; continuing")
             now = time.monotonic()
             if now - last_housekeeping > 1.0:
-                self._housekeeping()
+                self._housekeeping(received=message is not None)
                 last_housekeeping = now
 
     def handle(self, message: Message) -> None:
@@ -85,7 +91,11 @@ class ScoringPipeline:
             self.store.note_engine(header.engine.engine_id, header.next_seq)
             return
         assert isinstance(header, StepHeader) and rows is not None
+        self.last_step = self.last_heard
         self.metrics.steps_received.inc()
+        if self.store.is_stale(header.engine.engine_id, header.seq):
+            self._refuse_stale(header)
+            return
         self.metrics.hook_step_seconds.observe(header.hook_ns / 1e9)
         index = rows_to_score(header)
         active = self.registry.active()
@@ -97,10 +107,30 @@ class ScoringPipeline:
             probs = scorer.probabilities(scorer.logits(selected)).cpu().numpy()
             columns = active.columns
             self.metrics.rows_scored.inc(int(index.size))
-        self.store.ingest(header, index, probs, columns)
+        if not self.store.ingest(header, index, probs, columns):
+            self._refuse_stale(header)
+            return
         self.metrics.score_delay_seconds.observe(max(0.0, (time.time_ns() - header.time_ns) / 1e9))
         for req_id in header.finished:
             self._account_finished(req_id)
+
+    def _ended(self, req_ids: list[str]) -> None:
+        if req_ids:
+            logger.info("%d running request(s) ended without a finish from the engine",
+                        len(req_ids))
+        for req_id in req_ids:
+            self._account_finished(req_id)
+
+    def _refuse_stale(self, header: StepHeader) -> None:
+        """A replayed or out-of-order step: counted as a rejected message, logged rarely."""
+        self.metrics.messages_rejected.inc()
+        self._stale_refused += 1
+        now = time.monotonic()
+        if now - self._last_stale_log > 5:
+            logger.warning("channel: refused a stale step (seq %d of engine %s arrived out of "
+                           "order or twice; %d so far)", header.seq, header.engine.engine_id[:8],
+                           self._stale_refused)
+            self._last_stale_log = now
 
     def _account_finished(self, req_id: str) -> None:
         """Span verdicts of a finished request, counted once, for alerting."""
@@ -129,20 +159,42 @@ class ScoringPipeline:
         for name in flagged_probes:
             m.requests_flagged.labels(name).inc()
 
-    def _housekeeping(self) -> None:
+    def _pending(self) -> bool:
+        pending = getattr(self.subscriber, "pending", None)
+        return bool(pending is not None and pending())
+
+    def _housekeeping(self, received: bool = False) -> None:
+        """Gauges, hook state and request ends; ``received``: the receive just before it
+        returned a message."""
         self.store.expire()
         stats = self.store.stats()
         self.metrics.requests_tracked.set(stats.requests)
         self.metrics.store_bytes.set(stats.bytes)
-        connected = self.hook_connected
+        # Silence counts only once every message has been read: after the sidecar itself
+        # was stalled (SIGSTOP, starved of CPU), a backlog from a live hook may be waiting.
+        listening = not received and not self._pending()
+        connected = self.hook_connected or (not listening and self.last_heard > 0)
         self.metrics.hook_connected.set(1 if connected else 0)
+        engine = self.registry.engine
         if connected != self._hook_state:
             self._hook_state = connected
             if not connected and self.last_heard:
                 logger.warning("the in-engine hook fell silent (no message for %.0f s)",
                                time.monotonic() - self.last_heard)
+                if engine is not None:
+                    self._ended(self.store.end_running(
+                        engine.engine_id, reason="the in-engine hook fell silent "
+                        "(vLLM stopped, crashed or hung)"))
             for callback in self.on_hook_state:
                 callback(connected)
+        if connected and engine is not None and self.last_step:
+            # An idle engine runs nothing: requests still running ended in a step without
+            # tokens. While it is busy, a request that lost steps and has been quiet since
+            # most likely ended in a dropped step. (Either is revived by its next token, so
+            # a backlog not read yet does no harm here.)
+            idle = time.monotonic() - self.last_step > self.engine_idle_s
+            self._ended(self.store.end_running(engine.engine_id, quiet_s=self.engine_idle_s,
+                                               only_incomplete=not idle))
         active = self.registry.active()
         self.metrics.probes_active.set(len(active.columns.names) if active else 0)
         new_failures = self.registry.load_failures - self._load_failures_seen

@@ -64,7 +64,11 @@ class ProbeRegistry:
     def load(self, path: str | Path, *, replace: bool = False) -> LoadedProbe:
         """Load and check an artifact; raises ``ProbeArtifactError`` with the reason."""
         try:
-            artifact = load_probe(path)
+            try:
+                artifact = load_probe(path)
+            except OSError as exc:  # a path the OS refuses (name too long, no permission...)
+                raise ProbeArtifactError(f"{str(path)[:300]}: cannot be read: "
+                                         f"{exc.strerror or exc}") from None
             with self._lock:
                 name = artifact.metadata.name
                 if name in self._probes and not replace:

@@ -159,11 +159,11 @@ class DetectorService(pb_grpc.DetectorServicer):
     # ----------------------------------------------------------------- helpers
     def _await_known(self, request_id: str, wait_s: float, context: grpc.ServicerContext) -> None:
         deadline = time.monotonic() + wait_s
-        while self.store.resolve(request_id) is None:
+        # Slices of a quarter second: a client that went away frees its thread soon.
+        while not self.store.wait_known(request_id, min(0.25, deadline - time.monotonic())):
             if time.monotonic() >= deadline or not context.is_active():
                 context.abort(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} is not known "
                               "(never seen, or expired)")
-            time.sleep(0.05)
 
 
 def _tokens(analysis: RequestAnalysis, start: int, end: int, columns: ProbeColumns | None
@@ -232,6 +232,64 @@ def _probe_info(loaded: LoadedProbe) -> pb.ProbeInfo:
     )
 
 
+class _Malformed:
+    """What a request that is not a valid protobuf message deserialises to."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class MalformedRequestInterceptor(grpc.ServerInterceptor):
+    """Answer INVALID_ARGUMENT, not INTERNAL, to bytes that do not parse as the request.
+
+    grpcio turns a deserializer's exception into INTERNAL ("Exception deserializing
+    request!"), which tells a client the server is broken. Every method (ours, health,
+    reflection) gets a deserializer that never raises and a check that refuses the result.
+    """
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def safe_parse(raw: bytes) -> object:
+            try:
+                return parse(raw)
+            except Exception as exc:  # DecodeError, invalid UTF-8 in a string field, ...
+                return _Malformed(f"{type(exc).__name__}: {exc}"[:200])
+
+        def refuse(context: grpc.ServicerContext, bad: _Malformed) -> None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"malformed request message ({bad.reason})")
+
+        def checked(requests, context):
+            for request in requests:
+                if isinstance(request, _Malformed):
+                    refuse(context, request)
+                yield request
+
+        def unary(behaviour):
+            def run(request, context):
+                if isinstance(request, _Malformed):
+                    refuse(context, request)
+                return behaviour(request, context)
+            return run
+
+        def streaming(behaviour):
+            return lambda requests, context: behaviour(checked(requests, context), context)
+
+        changes: dict = {"request_deserializer": safe_parse}
+        for kind, wrap in (("unary_unary", unary), ("unary_stream", unary),
+                           ("stream_unary", streaming), ("stream_stream", streaming)):
+            behaviour = getattr(handler, kind)
+            if behaviour is not None:
+                changes[kind] = wrap(behaviour)
+        return handler._replace(**changes)
+
+
 def build_server(service: DetectorService, address: str, *, max_workers: int = 16,
                  credentials: grpc.ServerCredentials | None = None
                  ) -> tuple[grpc.Server, health.HealthServicer, int]:
@@ -239,6 +297,7 @@ def build_server(service: DetectorService, address: str, *, max_workers: int = 1
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=[("grpc.max_receive_message_length", 1 << 20)],
+        interceptors=[MalformedRequestInterceptor()],
     )
     pb_grpc.add_DetectorServicer_to_server(service, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)

@@ -13,6 +13,7 @@ client sees (``cmpl-X`` / ``chatcmpl-X``) and by the ``X-Request-Id`` they were 
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -23,6 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from detector.channel.wire import StepHeader
+
+logger = logging.getLogger(__name__)
 
 _INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 _PROMPT_INDEX = re.compile(r"^(cmpl-.+)-(\d+)$")
@@ -91,6 +94,8 @@ class RequestRecord:
     version: int = 0
     nbytes: int = 0
     accounted: bool = False
+    # Ended by the sidecar (``end_running``), not by the engine: may still be running.
+    inferred_end: bool = False
 
     def token_scores(self, columns: ProbeColumns | None) -> list[TokenScore]:
         """Every generated token in order, with whatever scores exist for it."""
@@ -142,6 +147,12 @@ class RequestStore:
         self._aliases: dict[str, str] = {}
         self._bytes = 0
         self._last_seq: dict[str, int] = {}
+        # Highest step seq recorded per engine (heartbeats do not move it): a step at or
+        # below it is a replay or arrived out of order, and is refused.
+        self._max_step_seq: dict[str, int] = {}
+        self.stale = 0
+        self.gaps = 0
+        self._last_gap_log = 0.0
         self._engine_id: str | None = None
         self.columns: ProbeColumns | None = None
         self.evicted = 0
@@ -164,9 +175,25 @@ class RequestStore:
             if next_seq is not None:
                 last = self._last_seq.get(engine_id)
                 if last is not None and next_seq - 1 > last:
+                    self._note_gap(engine_id, last + 1, next_seq - 1)
                     self._mark_active_incomplete(engine_id, "the channel dropped steps")
                     self._last_seq[engine_id] = next_seq - 1
             self._cond.notify_all()
+
+    def _note_gap(self, engine_id: str, first: int, last: int) -> None:
+        """Steps that never arrived: counted, and logged at most every 5 s."""
+        self.gaps += 1
+        now = time.monotonic()
+        if now - self._last_gap_log > 5:
+            logger.warning("channel: steps %d..%d of engine %s never arrived (the hook dropped "
+                           "them; %d gaps so far); requests running are marked incomplete",
+                           first, last, engine_id[:8], self.gaps)
+            self._last_gap_log = now
+
+    def is_stale(self, engine_id: str, seq: int) -> bool:
+        """A step this store already has, or one older than a step it has (out of order)."""
+        with self._cond:
+            return seq <= self._max_step_seq.get(engine_id, -1)
 
     def ingest(
         self,
@@ -174,17 +201,27 @@ class RequestStore:
         positions_scored: np.ndarray,
         probs: np.ndarray | None,
         columns: ProbeColumns | None,
-    ) -> None:
+    ) -> bool:
         """Record one step. ``probs[i]`` scores the row at global row index
-        ``positions_scored[i]`` of the step (rows not listed were not scored)."""
+        ``positions_scored[i]`` of the step (rows not listed were not scored).
+
+        A replayed or out-of-order step (seq not above the engine's newest) is refused and
+        False returned: it could only repeat what is known or rewind newer state (revive a
+        finished request). Its rows are lost; the gap its late arrival left is already
+        marked."""
         engine = header.engine.engine_id
         now = time.monotonic()
         with self._cond:
+            if header.seq <= self._max_step_seq.get(engine, -1):
+                self.stale += 1
+                return False
+            self._max_step_seq[engine] = header.seq
             if self._engine_id is not None and engine != self._engine_id:
                 self._mark_active_incomplete(self._engine_id, "the vLLM engine restarted")
             self._engine_id = engine
             last = self._last_seq.get(engine)
             if last is not None and header.seq > last + 1:
+                self._note_gap(engine, last + 1, header.seq - 1)
                 self._mark_active_incomplete(engine, "the channel dropped steps")
             self._last_seq[engine] = max(header.seq, last if last is not None else -1)
             row_of = {int(r): i for i, r in enumerate(positions_scored)}
@@ -195,6 +232,10 @@ class RequestStore:
                     if req.first_position > max(req.num_prompt_tokens - 1, 0):
                         rec.incomplete = "capture started after the request began"
                         self.incomplete += 1
+                        logger.info("request %s first seen at position %d (prompt of %d "
+                                    "tokens, step %d): its earlier steps were not received",
+                                    req.req_id, req.first_position, req.num_prompt_tokens,
+                                    header.seq)
                     self._records[req.req_id] = rec
                     for alias in request_aliases(req.req_id):
                         self._aliases.setdefault(alias, req.req_id)
@@ -219,7 +260,8 @@ class RequestStore:
                 for k, token in enumerate(req.sampled_token_ids):
                     self._set_generated(rec, end + k - p0, token)
                     self._set_time(rec, end + k - p0, header.time_ns)
-                rec.finished = False if req.sampled_token_ids else rec.finished
+                if req.sampled_token_ids:
+                    rec.finished = rec.inferred_end = False
                 rec.updated = now
                 rec.version += 1
                 self._bytes += rec.nbytes - before
@@ -227,9 +269,11 @@ class RequestStore:
                 rec = self._records.get(req_id)
                 if rec is not None:
                     rec.finished = True
+                    rec.inferred_end = False
                     rec.version += 1
             self._enforce_bounds(now)
             self._cond.notify_all()
+        return True
 
     @staticmethod
     def _set_time(rec: RequestRecord, g: int, time_ns: int) -> None:
@@ -264,9 +308,38 @@ class RequestStore:
             if rec.incomplete is None:
                 rec.incomplete = "some tokens were never received"
 
+    def end_running(self, engine_id: str, *, reason: str | None = None, quiet_s: float = 0.0,
+                    only_incomplete: bool = False) -> list[str]:
+        """End requests of ``engine_id`` still running (and quiet for ``quiet_s``, and, with
+        ``only_incomplete``, already missing steps); returns their ids.
+
+        With no ``reason`` they end finished: vLLM ended them in a step the hook did not
+        see (a step without tokens once the engine went idle: an abort, a client timeout, a
+        stop string matched by the API server; or a dropped step, for a request already
+        marked incomplete). With a ``reason`` (the hook fell silent) they end incomplete. A
+        request that turns out to be running after all is revived by its next token."""
+        ended = []
+        now = time.monotonic()
+        with self._cond:
+            for rec in self._records.values():
+                if rec.engine_id != engine_id or rec.finished or now - rec.updated < quiet_s:
+                    continue
+                if only_incomplete and rec.incomplete is None:
+                    continue
+                if reason is not None and rec.incomplete is None:
+                    rec.incomplete = reason
+                    self.incomplete += 1
+                rec.finished = rec.inferred_end = True
+                rec.version += 1
+                ended.append(rec.req_id)
+            if ended:
+                self._cond.notify_all()
+        return ended
+
     def _mark_active_incomplete(self, engine_id: str, reason: str) -> None:
         for rec in self._records.values():
-            if rec.engine_id == engine_id and not rec.finished and rec.incomplete is None:
+            running = not rec.finished or rec.inferred_end  # an inferred end may be wrong
+            if rec.engine_id == engine_id and running and rec.incomplete is None:
                 rec.incomplete = reason
                 rec.version += 1
                 self.incomplete += 1
@@ -311,6 +384,16 @@ class RequestStore:
             if request_id in self._records:
                 return request_id
             return self._aliases.get(request_id)
+
+    def wait_known(self, request_id: str, timeout_s: float) -> bool:
+        """Block until ``request_id`` (or an alias of it) is known; False on timeout.
+
+        Woken by the step that first mentions it, so a stream opened before its request
+        starts gets the first token without a polling delay."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: request_id in self._records or request_id in self._aliases,
+                timeout=max(0.0, timeout_s))
 
     def snapshot(self, request_id: str) -> tuple[RequestRecord, list[TokenScore]] | None:
         """A consistent copy of one request's state and token scores."""

@@ -25,12 +25,40 @@ def _detection() -> str:
     return detection.markdown(detection.summarise(detection.METRICS))
 
 
+def _soak() -> str:
+    """The last soak run (tests/reliability/test_soak.py writes soak.json)."""
+    import json
+
+    path = ROOT / "benchmarks/results/soak.json"
+    if not path.is_file():
+        return "(not measured yet: benchmarks/results/soak.json is missing)"
+    d = json.loads(path.read_text())
+    rss = d["rss_mib"]
+    unhealthy = d.get("unhealthy_outcomes", {})
+    return "\n".join([
+        f"Soak of {d['soak_s']:.0f} s on {d['machine']['cpus']} CPU cores: {d['concurrency']} "
+        f"concurrent generations, {d['stream_clients']} streaming gRPC clients attaching and "
+        "detaching at random (`tests/reliability/test_soak.py`).",
+        "",
+        "| requests | tokens | tokens/s | steps dropped | fully scored | not seen whole "
+        "(incomplete / not found / finished) | sidecar RSS growth after warm-up | "
+        "vLLM worker RSS growth after warm-up |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {d['requests']} | {d['tokens']} | {d['tokens_per_s']:.0f} | {d['dropped_steps']:.0f} "
+        f"| {d['healthy_fully_scored']} | {d['unhealthy']} ({unhealthy.get('incomplete', 0)} / "
+        f"{unhealthy.get('not_found', 0)} / {unhealthy.get('finished', 0)}) | "
+        f"{rss['sidecar']['growth_after_warmup']:.1f} MiB | "
+        f"{rss['worker']['growth_after_warmup']:.1f} MiB |",
+    ])
+
+
 SOURCES: dict[str, Path | Callable[[], str]] = {
     "overhead": ROOT / "benchmarks/results/overhead.md",
     "scoring": ROOT / "benchmarks/results/scoring-cpu.md",
     # Rendered from the probe's own evaluation, so it appears as soon as the probe ships.
     "detection": _detection,
     "benchmarks": ROOT / "benchmarks/results/benchmarks.md",
+    "soak": _soak,
 }
 
 

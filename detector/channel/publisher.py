@@ -1,11 +1,11 @@
 """The engine side of the channel: hand a step over without ever waiting for the sidecar.
 
 The engine thread only appends to a bounded queue (``offer``); a daemon thread encodes each
-message and sends it, waiting for room when the sidecar is slow, stalled or not connected.
-Whatever goes wrong downstream ends as a counted drop at ``offer`` once the queue is full,
-never as a wait in the engine: the queue is bounded in steps and bytes, ZeroMQ's send
-queue by its high-water mark, and ``IMMEDIATE`` keeps ZeroMQ from queueing for a peer that
-is not connected. A sidecar that restarts within the queue's span gets the steps it missed.
+message and sends it, waiting for room while a connected sidecar is slow or stalled.
+Whatever goes wrong downstream ends as a counted drop, never as a wait in the engine: once
+the queue is full ``offer`` drops, and with no sidecar connected the sender drops. The
+queue is bounded in steps and bytes, ZeroMQ's send queue by its high-water mark, and
+``IMMEDIATE`` keeps ZeroMQ from queueing for a peer that is not connected.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from detector.channel.wire import (
     EngineInfo,
@@ -79,6 +80,8 @@ class ChannelPublisher:
         self._offered_seq = -1
         self.published = 0
         self.dropped = 0
+        self._peer_connected = False  # sender thread only
+        self._poller = zmq.Poller()
         self._thread = threading.Thread(
             target=self._run, name="lie-detector-publisher", daemon=True
         )
@@ -121,6 +124,10 @@ class ChannelPublisher:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        # Connection events tell a slow sidecar (hold the step) from none (drop it).
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._poller.register(sock, zmq.POLLOUT)
+        self._poller.register(monitor, zmq.POLLIN)
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
@@ -128,6 +135,7 @@ class ChannelPublisher:
                          self.endpoint, exc)
             with self._cond:
                 self._closed = True
+            self._close_sockets(sock, monitor)
             return
         logger.info("lie-detector: publishing steps to %s", self.endpoint)
         try:
@@ -147,15 +155,24 @@ class ChannelPublisher:
                 if step is None:
                     self._send(sock, encode_heartbeat(self._heartbeat(beat_seq)))
                     continue
-                self._publish(sock, step)
+                self._publish(sock, monitor, step)
         except Exception:  # fail-open: the engine must never notice
             logger.exception("lie-detector: publisher stopped; capture is off")
             with self._cond:
                 self._closed = True
         finally:
-            sock.close(linger=0)
+            self._close_sockets(sock, monitor)
 
-    def _publish(self, sock: zmq.Socket, step: PendingStep) -> None:
+    @staticmethod
+    def _close_sockets(sock: zmq.Socket, monitor: zmq.Socket) -> None:
+        try:
+            sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        monitor.close(linger=0)
+        sock.close(linger=0)
+
+    def _publish(self, sock: zmq.Socket, monitor: zmq.Socket, step: PendingStep) -> None:
         if step.ready is not None:
             step.ready()
         header = StepHeader.model_construct(
@@ -171,27 +188,41 @@ class ChannelPublisher:
             dropped_total=self.dropped,
             queue_depth=len(self._queue),
         )
-        sent = self._send_waiting(sock, encode_step(header, step.rows))
+        sent = self._send_waiting(sock, monitor, encode_step(header, step.rows))
         with self._cond:
             if sent:
                 self.published += 1
             else:
                 self.dropped += 1
 
-    def _send_waiting(self, sock: zmq.Socket, frames: list) -> bool:
-        """Send a step, waiting for room on the socket; False only when closed meanwhile.
+    def _send_waiting(self, sock: zmq.Socket, monitor: zmq.Socket, frames: list) -> bool:
+        """Send a step, waiting for room while a sidecar is connected; False (a drop) when
+        none is, or when closed meanwhile.
 
-        Waiting here is what lets the queue absorb a slow, stalled or restarting sidecar:
-        the engine thread keeps offering (and the queue drops once full) while this thread
-        holds the oldest step. Dropping on ZeroMQ's small high-water mark instead would lose
-        steps whenever the sidecar paused for a fraction of a second."""
+        Waiting here is what lets the queue absorb a slow or stalled sidecar: the engine
+        thread keeps offering (the queue drops once full) while this thread holds the oldest
+        step. Dropping on ZeroMQ's small high-water mark instead loses steps whenever the
+        sidecar pauses for a fraction of a second. With no sidecar at all, holding would
+        only hand a later one a backlog of old steps, so the step is dropped."""
         while True:
             if self._send(sock, frames):
                 return True
+            self._read_connection_events(monitor)
             with self._cond:
-                if self._closed:
+                if self._closed or not self._peer_connected:
                     return False
-            sock.poll(100, zmq.POLLOUT)
+            self._poller.poll(100)
+
+    def _read_connection_events(self, monitor: zmq.Socket) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(monitor, flags=zmq.NOBLOCK)["event"]
+            except zmq.Again:
+                return
+            if event == zmq.EVENT_CONNECTED:
+                self._peer_connected = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._peer_connected = False
 
     def _send(self, sock: zmq.Socket, frames: list) -> bool:
         try:

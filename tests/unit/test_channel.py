@@ -120,23 +120,17 @@ def test_publisher_without_subscriber_never_blocks_and_stays_bounded(endpoint: s
                 assert pub._queued_bytes == sum(s.nbytes for s in pub._queue)
         assert worst < 0.05, f"offer blocked for {worst * 1000:.1f} ms"
         assert refused > 0, "the queue bound never applied"
-        assert pub.dropped == refused  # only the queue drops: the sender holds the rest
+        # Every accepted step ends as a drop too: there is nobody to send it to.
+        assert wait_for(lambda: pub.dropped == 200, 5.0), pub.dropped
         assert pub.published == 0
         assert pub.next_seq == 200
 
-        # A sidecar appears: it gets the steps held for it, in order, then a heartbeat
-        # that reports the drops.
+        # A sidecar appears: the publisher reconnects and its heartbeats report the drops.
         sub = ChannelSubscriber(endpoint)
-        seqs = []
-        while True:
-            message = recv_until(sub, lambda m: True, timeout_s=5.0)
-            assert message is not None, "nothing arrived after the subscriber bound"
-            if is_heartbeat(message):
-                break
-            seqs.append(message[0].seq)
-        assert len(seqs) == accepted and seqs == sorted(seqs)
+        message = recv_until(sub, is_heartbeat, timeout_s=5.0)
+        assert message is not None, "no heartbeat after the subscriber bound"
         beat = message[0]
-        assert beat.dropped_total == refused
+        assert beat.dropped_total == 200
         assert beat.next_seq == 200
         assert beat.engine == pub.engine
 
@@ -145,7 +139,7 @@ def test_publisher_without_subscriber_never_blocks_and_stays_bounded(endpoint: s
         sub = ChannelSubscriber(endpoint)
         message = recv_until(sub, is_heartbeat, timeout_s=5.0)
         assert message is not None, "no heartbeat after the subscriber re-bound"
-        assert message[0].dropped_total == refused
+        assert message[0].dropped_total >= 200
     finally:
         pub.close()
         if sub is not None:

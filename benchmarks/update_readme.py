@@ -59,6 +59,7 @@ SOURCES: dict[str, Path | Callable[[], str]] = {
     "detection": _detection,
     "benchmarks": ROOT / "benchmarks/results/benchmarks.md",
     "soak": _soak,
+    "stall": ROOT / "benchmarks/results/stall.md",
 }
 
 

@@ -638,13 +638,19 @@ def _raise_interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+def setup_cli(verbose: bool = False) -> None:
+    """Logging, and SIGTERM/SIGHUP unwinding like Ctrl-C, for a benchmark's ``main``: the
+    ``finally`` that stops every server it started then runs whichever way it is ended."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_cli(args.verbose)
 
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm

@@ -198,8 +198,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s", datefmt="%H:%M:%S")
+    oh.setup_cli()
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "stall.json").write_text(json.dumps(result, indent=1) + "\n")

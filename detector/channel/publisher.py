@@ -221,8 +221,11 @@ class ChannelPublisher:
                 return
             if event == zmq.EVENT_CONNECTED:
                 self._peer_connected = True
+                logger.info("lie-detector: a sidecar connected to %s", self.endpoint)
             elif event == zmq.EVENT_DISCONNECTED:
                 self._peer_connected = False
+                logger.info("lie-detector: the sidecar went away; steps are dropped (counted) "
+                            "until one connects")
 
     def _send(self, sock: zmq.Socket, frames: list) -> bool:
         try:

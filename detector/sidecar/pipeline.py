@@ -159,10 +159,6 @@ class ScoringPipeline:
         for name in flagged_probes:
             m.requests_flagged.labels(name).inc()
 
-    def _pending(self) -> bool:
-        pending = getattr(self.subscriber, "pending", None)
-        return bool(pending is not None and pending())
-
     def _housekeeping(self, received: bool = False) -> None:
         """Gauges, hook state and request ends; ``received``: the receive just before it
         returned a message."""
@@ -172,7 +168,7 @@ class ScoringPipeline:
         self.metrics.store_bytes.set(stats.bytes)
         # Silence counts only once every message has been read: after the sidecar itself
         # was stalled (SIGSTOP, starved of CPU), a backlog from a live hook may be waiting.
-        listening = not received and not self._pending()
+        listening = not received and not self.subscriber.pending()
         connected = self.hook_connected or (not listening and self.last_heard > 0)
         self.metrics.hook_connected.set(1 if connected else 0)
         engine = self.registry.engine

@@ -233,9 +233,10 @@ class RequestStore:
                         rec.incomplete = "capture started after the request began"
                         self.incomplete += 1
                         logger.info("request %s first seen at position %d (prompt of %d "
-                                    "tokens, step %d): its earlier steps were not received",
+                                    "tokens, step %d): its earlier steps were not received "
+                                    "(the hook has dropped %d steps in all)",
                                     req.req_id, req.first_position, req.num_prompt_tokens,
-                                    header.seq)
+                                    header.seq, header.dropped_total)
                     self._records[req.req_id] = rec
                     for alias in request_aliases(req.req_id):
                         self._aliases.setdefault(alias, req.req_id)
@@ -379,11 +380,13 @@ class RequestStore:
             return True
 
     # ----------------------------------------------------------------- reading
+    def _lookup(self, request_id: str) -> str | None:
+        """The record id ``request_id`` names (itself or an alias); the lock is held."""
+        return request_id if request_id in self._records else self._aliases.get(request_id)
+
     def resolve(self, request_id: str) -> str | None:
         with self._cond:
-            if request_id in self._records:
-                return request_id
-            return self._aliases.get(request_id)
+            return self._lookup(request_id)
 
     def wait_known(self, request_id: str, timeout_s: float) -> bool:
         """Block until ``request_id`` (or an alias of it) is known; False on timeout.
@@ -391,14 +394,13 @@ class RequestStore:
         Woken by the step that first mentions it, so a stream opened before its request
         starts gets the first token without a polling delay."""
         with self._cond:
-            return self._cond.wait_for(
-                lambda: request_id in self._records or request_id in self._aliases,
-                timeout=max(0.0, timeout_s))
+            return self._cond.wait_for(lambda: self._lookup(request_id) is not None,
+                                       timeout=max(0.0, timeout_s))
 
     def snapshot(self, request_id: str) -> tuple[RequestRecord, list[TokenScore]] | None:
         """A consistent copy of one request's state and token scores."""
         with self._cond:
-            req_id = request_id if request_id in self._records else self._aliases.get(request_id)
+            req_id = self._lookup(request_id)
             if req_id is None:
                 return None
             rec = self._records[req_id]

@@ -16,8 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from prometheus_client.parser import text_string_to_metric_families
-from support import complete, complete_many, start_sidecar, wait_for_engine
+from support import complete, complete_many, scrape_metrics, start_sidecar, wait_for_engine
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
@@ -47,16 +46,6 @@ def channel(sidecar):
 @pytest.fixture(scope="module")
 def stub(channel):
     return pb_grpc.DetectorStub(channel)
-
-
-def _metrics(sidecar) -> dict[str, float]:
-    text = httpx.get(f"http://127.0.0.1:{sidecar.metrics_port}/metrics", timeout=10).text
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            key = s.name + (json.dumps(s.labels, sort_keys=True) if s.labels else "")
-            out[key] = s.value
-    return out
 
 
 def test_reflection_only_client_can_list_and_call(channel, vllm_server, stub) -> None:
@@ -203,7 +192,7 @@ def test_hot_reload_while_requests_run(vllm_server, stub, probe_dir, tmp_path) -
 
 def test_stream_sends_spans_and_metrics_move(vllm_server, stub, sidecar) -> None:
     wait_for_engine(stub)
-    before = _metrics(sidecar)
+    before = scrape_metrics(sidecar.metrics_port)
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(resp=complete(
         vllm_server.base_url, "Tell me about Paris and London.", max_tokens=60,
@@ -225,7 +214,7 @@ def test_stream_sends_spans_and_metrics_move(vllm_server, stub, sidecar) -> None
     for s in spans:
         assert text[s.char_start:s.char_end] == s.text
     time.sleep(1.5)  # housekeeping publishes gauges once a second
-    after = _metrics(sidecar)
+    after = scrape_metrics(sidecar.metrics_port)
     probe = '{"probe": "word-start"}'
     assert after["lie_detector_tokens_scored_total" + probe] >= \
         before.get("lie_detector_tokens_scored_total" + probe, 0) + 60

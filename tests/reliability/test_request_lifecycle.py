@@ -64,7 +64,8 @@ def make_pipeline(*, idle_s: float = 5.0, hook_timeout_s: float = 3.0):
     registry.load(probe("prod", [1, 3], "producer", 1).save(
         Path(tempfile.mkdtemp(prefix="ld-probe-")) / "prod"))
     metrics = SidecarMetrics()
-    pipe = ScoringPipeline(SimpleNamespace(rejected=0), registry, store, metrics, Analyzer(None),
+    subscriber = SimpleNamespace(rejected=0, pending=lambda: False)  # no backlog waiting
+    pipe = ScoringPipeline(subscriber, registry, store, metrics, Analyzer(None),
                            hook_timeout_s=hook_timeout_s, engine_idle_s=idle_s)
     states: list[bool] = []
     pipe.on_hook_state.append(states.append)
@@ -78,6 +79,18 @@ def heartbeat(next_seq: int) -> tuple:
 def drained_housekeeping(pipe: ScoringPipeline, clock: Clock) -> None:
     """What the receive loop does when a receive found the socket empty."""
     pipe._housekeeping(received=False)
+
+
+def ended_by_the_idle_rule(clock: Clock) -> tuple[ScoringPipeline, RequestStore, list]:
+    """A request whose prefill arrived, then an engine idle past ``engine_idle_s`` (2 s):
+    the idle rule has ended it. Returns the pipeline, its store and the request's steps."""
+    pipe, store, _, _ = make_pipeline(idle_s=2.0)
+    steps = single_request("slow", PROMPT, GENERATED)
+    pipe.handle(steps[0])
+    clock.now += 3.0
+    pipe.handle(heartbeat(1))
+    drained_housekeeping(pipe, clock)
+    return pipe, store, steps
 
 
 def test_requests_of_an_idle_engine_end_finished(clock: Clock) -> None:
@@ -111,12 +124,7 @@ def test_requests_of_an_idle_engine_end_finished(clock: Clock) -> None:
 
 def test_a_request_ended_by_the_idle_rule_revives_with_its_next_token(clock: Clock) -> None:
     """A step longer than engine_idle_s (not an abort after all): no harm done."""
-    pipe, store, _, _ = make_pipeline(idle_s=2.0)
-    steps = single_request("slow", PROMPT, GENERATED)
-    pipe.handle(steps[0])
-    clock.now += 3.0
-    pipe.handle(heartbeat(1))
-    drained_housekeeping(pipe, clock)
+    pipe, store, steps = ended_by_the_idle_rule(clock)
     assert store.snapshot("slow")[0].finished
     for s in steps[1:]:
         clock.now += 0.1
@@ -129,12 +137,7 @@ def test_a_request_ended_by_the_idle_rule_revives_with_its_next_token(clock: Clo
 def test_a_gap_after_an_inferred_end_still_marks_the_request(clock: Clock) -> None:
     """Ended by the idle rule, the request was only slow; then steps are dropped: it must
     not end FINISHED with a token unscored."""
-    pipe, store, _, _ = make_pipeline(idle_s=2.0)
-    steps = single_request("slow", PROMPT, GENERATED)
-    pipe.handle(steps[0])
-    clock.now += 3.0
-    pipe.handle(heartbeat(1))
-    drained_housekeeping(pipe, clock)
+    pipe, store, steps = ended_by_the_idle_rule(clock)
     assert store.snapshot("slow")[0].finished  # inferred
     pipe.handle(steps[1])  # revived
     pipe.handle(steps[3])  # step 2 (its rows, not its token ids) was dropped
@@ -146,12 +149,7 @@ def test_a_gap_after_an_inferred_end_still_marks_the_request(clock: Clock) -> No
 
 
 def test_an_inferred_end_then_a_gap_before_the_revival(clock: Clock) -> None:
-    pipe, store, _, _ = make_pipeline(idle_s=2.0)
-    steps = single_request("slow", PROMPT, GENERATED)
-    pipe.handle(steps[0])
-    clock.now += 3.0
-    pipe.handle(heartbeat(1))
-    drained_housekeeping(pipe, clock)
+    pipe, store, steps = ended_by_the_idle_rule(clock)
     pipe.handle(steps[2])  # step 1 dropped while the request looked ended
     pipe.handle(steps[3])
     pipe.handle(steps[4])

@@ -75,22 +75,17 @@ def schedule(eng: EngineInfo | None = None, seq0: int = 0) -> list:
         ([("A", 0, 4, True), ("B", 0, 3, False)], []),
         ([("A", 4, 1, True), ("B", 3, 3, True)], []),
     ]
-    a_pos, b_pos = 5, 6  # next position to feed
-    a_left, b_left = len(GENERATED["A"]) - 2, len(GENERATED["B"]) - 1
-    while a_left or b_left:
+    pos = {"A": 5, "B": 6}  # next position to feed
+    left = {"A": len(GENERATED["A"]) - 2, "B": len(GENERATED["B"]) - 1}
+    while any(left.values()):
         parts, finished = [], []
-        if a_left:
-            parts.append(("A", a_pos, 1, True))
-            a_pos += 1
-            a_left -= 1
-            if not a_left:
-                finished.append("A")
-        if b_left:
-            parts.append(("B", b_pos, 1, True))
-            b_pos += 1
-            b_left -= 1
-            if not b_left:
-                finished.append("B")
+        for req in ("A", "B"):
+            if left[req]:
+                parts.append((req, pos[req], 1, True))
+                pos[req] += 1
+                left[req] -= 1
+                if not left[req]:
+                    finished.append(req)
         plan.append((parts, finished))
     return [make_step(seq0 + i, parts, fin, eng) for i, (parts, fin) in enumerate(plan)]
 

@@ -30,6 +30,9 @@ from detector.sidecar.streams import ProbeColumns, columns_for
 
 logger = logging.getLogger(__name__)
 
+NO_ENGINE_YET = ("no vLLM engine heard from yet: the probe scores once the in-engine hook "
+                 "connects to this sidecar's channel")
+
 
 @dataclass(slots=True)
 class LoadedProbe:
@@ -134,6 +137,10 @@ class ProbeRegistry:
     def _rebuild(self) -> None:
         engine = self._engine
         if engine is None:
+            # Nothing scores until the hook is heard from: ListProbes must not report a
+            # probe as active while every step would still be dropped.
+            for loaded in self._probes.values():
+                loaded.inactive_reason = NO_ENGINE_YET
             self._active = None
             self._notify()
             return

@@ -1,7 +1,8 @@
 """Load and soak: many concurrent generations for ``LIE_DETECTOR_SOAK_S`` seconds (default
 90) with streaming gRPC clients attaching and detaching at random.
 
-Measured and reported (printed and written to benchmarks/results/soak.json): the sidecar's
+Measured and reported (printed, and written to ``LIE_DETECTOR_SOAK_RESULTS``, a path, when
+set: ``benchmarks/results/soak.json`` is where the README table comes from): the sidecar's
 and the vLLM worker's resident memory over time, requests, tokens, drops. Asserted: memory
 stays bounded, and every request that completed while the sidecar was healthy (no step
 dropped between its start and its end) has all its scores; the others say they are
@@ -48,7 +49,11 @@ STREAM_CLIENTS = int(os.environ.get("LIE_DETECTOR_SOAK_STREAMS", "3"))
 SIDECAR_RSS_LIMIT = 300 * MiB
 WORKER_RSS_LIMIT = 512 * MiB
 WARMUP_S = min(15.0, SOAK_S / 4)
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "soak.json"
+# A test run leaves the committed results alone unless asked to record its figures.
+RESULTS = os.environ.get("LIE_DETECTOR_SOAK_RESULTS")
+# A drop reaches the sidecar's counter with the hook's next message, which can sit behind a
+# backlog (the hook's queue and ZeroMQ's buffers): seconds when the machine is busy.
+DROP_VISIBLE_S = 15.0
 
 
 class Soak:
@@ -175,7 +180,7 @@ def test_soak(vllm_server, model_dir, tmp_path) -> None:
             t.join(330)
         assert not any(t.is_alive() for t in threads), "clients still running"
         monitor.join(30)
-        time.sleep(7)  # the last steps reach the sidecar; samples after every end + 6 s
+        time.sleep(10)  # the last steps reach the sidecar; a sample well after every end
         soak.sample(t0)
         duration = time.monotonic() - t0
 
@@ -189,25 +194,31 @@ def test_soak(vllm_server, model_dir, tmp_path) -> None:
             reply = get_scores(stub, rid)
             if not isinstance(reply, grpc.StatusCode) and reply.state == pb.REQUEST_STATE_RUNNING:
                 reply = get_scores(stub, rid, wait=True, timeout=30)
-            # A drop shows in the sidecar's counter when it reads the hook's next message,
-            # which can sit behind a backlog of up to ~140 steps (the hook's queue and
-            # ZeroMQ's): a request is clean if the counter did not move from just before
-            # it started until well after it ended.
+            # A request is clean if the drop counter did not move from just before it
+            # started until well after it ended (see DROP_VISIBLE_S).
             clean = (soak.dropped_at(entry["start"] - 0.5, after=False)
-                     == soak.dropped_at(entry["end"] + 6.0, after=True))
-            if clean:
-                assert_fully_scored(reply, resp, PROBE)
-                healthy.append(rid)
-                if rid in soak.stream_tokens:  # a stream read to the end saw the same tokens
-                    assert soak.stream_tokens[rid] == resp["choices"][0]["token_ids"]
-            elif not isinstance(reply, grpc.StatusCode) and \
-                    reply.state == pb.REQUEST_STATE_FINISHED:
-                assert_fully_scored(reply, resp, PROBE)  # seen whole after all: then right
-                outcomes["finished"] += 1
-                unhealthy.append(rid)
-            else:
-                outcomes[assert_incomplete_or_unknown(reply, resp, None, PROBE)] += 1
-                unhealthy.append(rid)
+                     == soak.dropped_at(entry["end"] + DROP_VISIBLE_S, after=True))
+            try:
+                if clean:
+                    assert_fully_scored(reply, resp, PROBE)
+                    healthy.append(rid)
+                    if rid in soak.stream_tokens:  # a stream read to the end saw the same
+                        assert soak.stream_tokens[rid] == resp["choices"][0]["token_ids"]
+                elif not isinstance(reply, grpc.StatusCode) and \
+                        reply.state == pb.REQUEST_STATE_FINISHED:
+                    assert_fully_scored(reply, resp, PROBE)  # seen whole after all: right
+                    outcomes["finished"] += 1
+                    unhealthy.append(rid)
+                else:
+                    outcomes[assert_incomplete_or_unknown(reply, resp, None, PROBE)] += 1
+                    unhealthy.append(rid)
+            except AssertionError as exc:  # say when it ran and what the drop counter did
+                drops = [(s["t"], s["dropped"]) for s in soak.samples
+                         if entry["start"] - 5 <= s["mono"] <= entry["end"] + 30]
+                raise AssertionError(
+                    f"{rid} (clean={clean}, ran {entry['start'] - t0:.1f}-"
+                    f"{entry['end'] - t0:.1f} s into the soak; drop counter (t, value) around "
+                    f"it: {drops}): {exc}") from None
         assert healthy, "no request completed while the sidecar was healthy"
         assert soak.streams["to_end"] + soak.streams["detached"] > 0 or not STREAM_CLIENTS
         assert not soak.streams["errors"], soak.streams["errors"]
@@ -246,10 +257,11 @@ def test_soak(vllm_server, model_dir, tmp_path) -> None:
                         for k, v in s.items() if k != "mono"} for s in soak.samples],
             "machine": {"cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
         }
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        tmp = RESULTS.with_suffix(".json.tmp")
+        out = Path(RESULTS) if RESULTS else tmp_path / "soak.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(report, indent=1) + "\n")
-        tmp.replace(RESULTS)
+        tmp.replace(out)
         summary = {k: v for k, v in report.items() if k != "series"}
         print("\nsoak: " + json.dumps(summary, indent=1))
         assert sidecar_growth < SIDECAR_RSS_LIMIT, f"sidecar RSS grew {sidecar_growth / MiB:.0f} MiB"

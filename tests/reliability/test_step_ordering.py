@@ -193,3 +193,16 @@ def test_two_engines_interleaved_on_one_channel_never_mix_rows() -> None:
         rec2, tokens2 = h.result("x" + req_id)
         assert rec2.engine_id == "e2"
         assert_never_misattributed(tokens2, expected[req_id])
+
+
+def test_probes_stay_inactive_until_an_engine_is_heard_from() -> None:
+    """Before the hook's first message nothing can be scored: ListProbes must say so, or a
+    client that waits for active probes starts requests whose steps are still dropped."""
+    from detector.sidecar.registry import NO_ENGINE_YET
+
+    h = Harness()
+    assert {p.inactive_reason for p in h.registry.probes()} == {NO_ENGINE_YET}
+    assert h.registry.active() is None
+    h.feed(schedule()[:1])
+    assert [p.inactive_reason for p in h.registry.probes()] == ["", ""]
+    assert h.registry.active().columns.names == ("prod", "own")

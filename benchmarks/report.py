@@ -58,7 +58,7 @@ def overhead_markdown(r: dict[str, Any]) -> list[str]:
     ]
     notes = []
     for gname, g in ov.items():
-        tag = "" if gname == "compiled" else " [peer group]"
+        tag = " [peer group]" if gname == "peer" else ""
         for key in ["c", "a", "b", "e", "d"]:
             if key not in g["by_variant"]:
                 continue
@@ -88,10 +88,11 @@ def overhead_markdown(r: dict[str, Any]) -> list[str]:
     lines.append("Server groups (all servers of a group run at once; the machine's memory allows "
                  "about three): " + "; ".join(
                      f"`{g['name']}` = {', '.join('(' + v + ')' for v in g['variants'])}: "
-                     f"{g['note']}" for g in groups) + ". vllm-lens forces eager mode, so "
-                 "(d) / (c) mixes the cost of "
-                 "eager mode with the cost of capture; (e) runs our plugin + sidecar eager too, so "
-                 "(d) / (e) is the like-for-like comparison of the two captures.")
+                     f"{g['note']}" for g in groups) + "." + (
+                     " vllm-lens forces eager mode, so (d) / (c) mixes the cost of "
+                     "eager mode with the cost of capture; (e) runs our plugin + sidecar eager "
+                     "too, so (d) / (e) is the like-for-like comparison of the two captures."
+                     if any(g["name"] == "peer" for g in groups) else ""))
     others = [f"`{gname}` {_spread(e['others_cores'], 2)}"
               for gname, g in ov.items() for key, per in g["by_variant"].items() if key == "c"
               for e in list(per.values())[:1] if e.get("others_cores")]

@@ -19,6 +19,7 @@ Sections (all in ``benchmarks.json``, ``benchmarks.md`` and PNG plots in ``--out
 
   Memory allows about three servers at once on the small machines this runs on, so variants
   run in *groups* that each include the reference ``c``: ``a b c`` (compiled) then ``c d e``.
+  ``--all-eager`` (quick mode's default) starts every server eager, as group ``eager``.
   Within a group every server is started once and reused for every concurrency level; each
   repeat visits every level, and at each level every variant runs one round, the order
   rotated each time. Ratios are taken per repeat and level against ``c`` of the same group
@@ -191,11 +192,12 @@ class Runner:
                     layers=args.layers, python=lens_python, extra_env=lens_mod.lens_env(),
                     cache_variant="vllm-lens")
             else:
+                eager = v.eager or args.all_eager
                 cache = ("plugin-on-L" + "_".join(map(str, args.layers)) if v.plugin
-                         else "plugin-off") + ("-eager" if v.eager else "")
+                         else "plugin-off") + ("-eager" if eager else "")
                 server = oh.start_vllm(procs, f"vllm-{key}", model_dir, gdir, channel,
                                        plugin=v.plugin, layers=args.layers,
-                                       enforce_eager=v.eager, cache_variant=cache)
+                                       enforce_eager=eager, cache_variant=cache)
             group.servers[key] = server
         for key, server in list(group.servers.items()):
             try:
@@ -527,6 +529,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="run variant (e), plugin + sidecar with --enforce-eager, beside "
                        "vllm-lens (default in full mode)")
     eager.add_argument("--no-eager-pair", dest="eager", action="store_false")
+    p.add_argument("--all-eager", dest="all_eager", action="store_true", default=None,
+                   help="start every server with --enforce-eager (default in quick mode: "
+                   "no inductor compile, so a smoke run on a cold cache starts in a minute "
+                   "rather than several; its ratios then describe eager mode)")
     p.add_argument("--lens-venv", type=Path, default=lens_mod.DEFAULT_VENV,
                    help=f"where the vllm-lens environment lives (default {lens_mod.DEFAULT_VENV})")
     p.add_argument("--scoring-probes", type=_int_list, default=[1, 8, 64])
@@ -552,6 +558,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.scoring_rows = args.scoring_rows or (64 if q else 256)
     args.lens = (not q) if args.lens is None else args.lens
     args.eager = (not q) if args.eager is None else args.eager
+    args.all_eager = q if args.all_eager is None else args.all_eager
+    if args.all_eager:
+        args.eager = False  # (e) would only repeat (a)
     args.probe_layer = 15 if 15 in args.layers else args.layers[0]
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = args.skip - {"overhead", "delay", "scoring", "detection"}
@@ -587,8 +596,11 @@ def main(argv: list[str] | None = None) -> int:
         delay: dict[str, Any] | None = None
         if "overhead" not in args.skip:
             runner.model_dir = ensure_embedded_model()
-            groups.append(Group("compiled", ["c", "a", "b"],
-                                "default vLLM mode (torch.compile); same flags for all"))
+            groups.append(
+                Group("eager", ["c", "a", "b"], "every server --enforce-eager (--all-eager)")
+                if args.all_eager else
+                Group("compiled", ["c", "a", "b"],
+                      "default vLLM mode (torch.compile); same flags for all"))
             peer = ["c"] + (["d"] if args.lens else []) + (["e"] if args.eager else [])
             if len(peer) > 1:
                 groups.append(Group("peer", peer, "(d) and (e) run eager ((d) forces it); "
@@ -629,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
                 "concurrency": args.concurrency, "repeats": args.repeats,
                 "max_tokens": args.max_tokens, "gap_s": args.gap,
                 "delay_rounds": args.delay_rounds, "stream_wait": "woken", "with_lens": args.lens,
-                "eager_pair": args.eager, "lens_version": lens_mod.LENS_VERSION,
+                "eager_pair": args.eager, "all_eager": args.all_eager, "lens_version": lens_mod.LENS_VERSION,
                 "vllm_args": oh.VLLM_ARGS + ["--max-model-len", str(oh.MAX_MODEL_LEN),
                                              "--no-enable-prefix-caching"],
                 "variants": {k: vars(v) for k, v in VARIANTS.items()},

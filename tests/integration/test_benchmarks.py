@@ -57,7 +57,8 @@ def test_run_all_quick(tmp_path: Path) -> None:
 
     # Overhead: a, b, c at every level; ratios vs c finite and positive; latencies positive.
     levels = [str(n) for n in result["config"]["concurrency"]]
-    compiled = result["overhead"]["compiled"]["by_variant"]
+    assert result["config"]["all_eager"], "quick mode starts every server eager"
+    compiled = result["overhead"]["eager"]["by_variant"]
     assert set(compiled) == {"a", "b", "c"}, compiled.keys()
     for key, per in compiled.items():
         assert sorted(per) == sorted(levels), (key, per.keys())

@@ -88,6 +88,12 @@ class ChannelPublisher:
         self._thread.start()
 
     # -- engine thread -------------------------------------------------------------
+    @property
+    def sidecar_connected(self) -> bool:
+        """Whether a sidecar is connected, as of the sender thread's last look (at most a
+        heartbeat period old while idle)."""
+        return self._peer_connected
+
     def take_seq(self) -> int:
         seq = self.next_seq
         self.next_seq += 1
@@ -153,6 +159,9 @@ class ChannelPublisher:
                         # a seq at least this, and is sent after this heartbeat.
                         beat_seq = self._offered_seq + 1
                 if step is None:
+                    # Idle: catch up on connection events, so the state (and its log line)
+                    # follows a sidecar within a heartbeat, not at the next failed send.
+                    self._read_connection_events(monitor)
                     self._send(sock, encode_heartbeat(self._heartbeat(beat_seq)))
                     continue
                 self._publish(sock, monitor, step)

@@ -369,3 +369,21 @@ def test_stale_socket_file_is_replaced_on_bind(endpoint: str) -> None:
     finally:
         pub.close()
         sub.close()
+
+
+def test_idle_publisher_follows_sidecar_connections(endpoint: str) -> None:
+    """While idle, the sender thread notices a sidecar arrive and leave within a heartbeat
+    or two, rather than only when a send fails."""
+    pub = ChannelPublisher(endpoint, engine(8), heartbeat_s=0.05)
+    try:
+        time.sleep(0.2)
+        assert not pub.sidecar_connected
+        sub = ChannelSubscriber(endpoint)
+        try:
+            assert recv_until(sub, is_heartbeat) is not None
+            assert wait_for(lambda: pub.sidecar_connected, timeout_s=3.0)
+        finally:
+            sub.close()
+        assert wait_for(lambda: not pub.sidecar_connected, timeout_s=3.0)
+    finally:
+        pub.close()

@@ -596,11 +596,10 @@ def main(argv: list[str] | None = None) -> int:
         delay: dict[str, Any] | None = None
         if "overhead" not in args.skip:
             runner.model_dir = ensure_embedded_model()
-            groups.append(
-                Group("eager", ["c", "a", "b"], "every server --enforce-eager (--all-eager)")
-                if args.all_eager else
-                Group("compiled", ["c", "a", "b"],
-                      "default vLLM mode (torch.compile); same flags for all"))
+            groups.append(Group(
+                "eager" if args.all_eager else "compiled", ["c", "a", "b"],
+                "every server --enforce-eager (--all-eager)" if args.all_eager
+                else "default vLLM mode (torch.compile); same flags for all"))
             peer = ["c"] + (["d"] if args.lens else []) + (["e"] if args.eager else [])
             if len(peer) > 1:
                 groups.append(Group("peer", peer, "(d) and (e) run eager ((d) forces it); "
@@ -641,7 +640,8 @@ def main(argv: list[str] | None = None) -> int:
                 "concurrency": args.concurrency, "repeats": args.repeats,
                 "max_tokens": args.max_tokens, "gap_s": args.gap,
                 "delay_rounds": args.delay_rounds, "stream_wait": "woken", "with_lens": args.lens,
-                "eager_pair": args.eager, "all_eager": args.all_eager, "lens_version": lens_mod.LENS_VERSION,
+                "eager_pair": args.eager, "all_eager": args.all_eager,
+                "lens_version": lens_mod.LENS_VERSION,
                 "vllm_args": oh.VLLM_ARGS + ["--max-model-len", str(oh.MAX_MODEL_LEN),
                                              "--no-enable-prefix-caching"],
                 "variants": {k: vars(v) for k, v in VARIANTS.items()},

@@ -87,13 +87,13 @@ class ChannelPublisher:
         )
         self._thread.start()
 
-    # -- engine thread -------------------------------------------------------------
     @property
     def sidecar_connected(self) -> bool:
         """Whether a sidecar is connected, as of the sender thread's last look (at most a
         heartbeat period old while idle)."""
         return self._peer_connected
 
+    # -- engine thread -------------------------------------------------------------
     def take_seq(self) -> int:
         seq = self.next_seq
         self.next_seq += 1

@@ -58,9 +58,9 @@ def test_run_all_quick(tmp_path: Path) -> None:
     # Overhead: a, b, c at every level; ratios vs c finite and positive; latencies positive.
     levels = [str(n) for n in result["config"]["concurrency"]]
     assert result["config"]["all_eager"], "quick mode starts every server eager"
-    compiled = result["overhead"]["eager"]["by_variant"]
-    assert set(compiled) == {"a", "b", "c"}, compiled.keys()
-    for key, per in compiled.items():
+    main_group = result["overhead"]["eager"]["by_variant"]
+    assert set(main_group) == {"a", "b", "c"}, main_group.keys()
+    for key, per in main_group.items():
         assert sorted(per) == sorted(levels), (key, per.keys())
         for level, e in per.items():
             what = f"overhead.{key}.{level}"

@@ -160,6 +160,17 @@ def _state(stub, request_id: str):
     return reply if isinstance(reply, grpc.StatusCode) else reply.state
 
 
+def _wait_not_running(stub, request_ids: list[str], timeout_s: float) -> None:
+    """Until the sidecar reports none of ``request_ids`` RUNNING, or ``timeout_s`` passes
+    (then the caller's assertions say which one is still running)."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(request_ids)
+    while pending and time.monotonic() < deadline:
+        pending = [r for r in pending if _state(stub, r) == pb.REQUEST_STATE_RUNNING]
+        if pending:
+            time.sleep(0.5)
+
+
 def _tokens_seen(stub, request_id: str) -> int:
     reply = get_scores(stub, request_id, timeout=5)
     return 0 if isinstance(reply, grpc.StatusCode) else len(reply.tokens)
@@ -207,6 +218,9 @@ def test_sidecar_stalled_under_load(vllm_server, sidecars) -> None:
         wait_until(lambda: metric(sidecar, "lie_detector_channel_dropped_steps_total")
                    > dropped_before, 60, what="dropped steps counted")
         wait_hook(sidecar)
+        # The counter moves with the first step read after SIGCONT, but the gap shows only
+        # once the backlog (the hook's queue, ZeroMQ's buffers) is read: give it time.
+        _wait_not_running(stub, [*load.results, *more.results], timeout_s=60)
         dropped = metric(sidecar, "lie_detector_channel_dropped_steps_total") - dropped_before
         outcomes = {"finished": 0, "incomplete": 0, "not_found": 0}
         for rid, resp in {**load.results, **more.results}.items():

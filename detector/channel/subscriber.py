@@ -97,10 +97,6 @@ class ChannelSubscriber:
             if deadline is not None and time.monotonic() >= deadline:
                 return None
 
-    def pending(self) -> bool:
-        """A message is waiting to be received (never blocks)."""
-        return bool(self._poller.poll(0))
-
     def _reject(self, reason: str) -> None:
         self.rejected += 1
         now = time.monotonic()

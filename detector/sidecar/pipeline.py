@@ -22,6 +22,8 @@ from detector.sidecar.streams import RequestStore, rows_to_score
 
 logger = logging.getLogger(__name__)
 
+RECV_S = 0.25  # one receive's wait: the loop's pace while no message comes
+
 
 class ScoringPipeline:
     def __init__(
@@ -41,10 +43,13 @@ class ScoringPipeline:
         self.metrics = metrics
         self.analyzer = analyzer
         self.hook_timeout_s = hook_timeout_s
-        # Running requests are taken as ended once the engine has run no step for this long.
+        # Running requests are taken as ended once the engine has run no step for this long
+        # (by the engine's clock: see RequestStore.engine_quiet_s).
         self.engine_idle_s = engine_idle_s
         self.last_heard = 0.0
-        self.last_step = 0.0
+        # Time spent listening since the last message. Wall time since it would also count
+        # a stall of the sidecar itself, after which the hook's messages are waiting unread.
+        self.silent_s = 0.0
         self._rejected_seen = 0
         self._hook_state: bool | None = None
         # Called with True/False when the hook is first heard from / falls silent.
@@ -64,34 +69,43 @@ class ScoringPipeline:
 
     @property
     def hook_connected(self) -> bool:
-        return time.monotonic() - self.last_heard < self.hook_timeout_s
+        return self.last_heard > 0 and self.silent_s < self.hook_timeout_s
+
+    def listened(self, seconds: float) -> None:
+        """The receive loop waited ``seconds`` for a message and none came."""
+        self.silent_s += seconds
 
     def _run(self) -> None:
         last_housekeeping = time.monotonic()
         while not self._stop.is_set():
-            message = self.subscriber.recv(timeout_s=0.25)
-            if message is not None:
+            t0 = time.monotonic()
+            message = self.subscriber.recv(timeout_s=RECV_S)
+            if message is None:
+                # A receive that took far longer than its wait was itself stalled: count
+                # only what it could have listened for.
+                self.listened(min(time.monotonic() - t0, 2 * RECV_S))
+            else:
                 try:
                     self.handle(message)
                 except Exception:  # a bad step must not stop scoring
                     logger.exception("failed to score a step; continuing")
             now = time.monotonic()
             if now - last_housekeeping > 1.0:
-                self._housekeeping(received=message is not None)
+                self._housekeeping()
                 last_housekeeping = now
 
     def handle(self, message: Message) -> None:
         header, rows = message
         self.last_heard = time.monotonic()
+        self.silent_s = 0.0
         self.registry.attach_engine(header.engine)
         self.analyzer.ensure_decoder(header.engine.model_path)
         self.metrics.engine_dropped(header.engine.engine_id, header.dropped_total)
         self.metrics.hook_queue_depth.set(header.queue_depth)
         if isinstance(header, Heartbeat):
-            self.store.note_engine(header.engine.engine_id, header.next_seq)
+            self.store.note_engine(header.engine.engine_id, header.next_seq, header.time_ns)
             return
         assert isinstance(header, StepHeader) and rows is not None
-        self.last_step = self.last_heard
         self.metrics.steps_received.inc()
         if self.store.is_stale(header.engine.engine_id, header.seq):
             self._refuse_stale(header)
@@ -159,36 +173,32 @@ class ScoringPipeline:
         for name in flagged_probes:
             m.requests_flagged.labels(name).inc()
 
-    def _housekeeping(self, received: bool = False) -> None:
-        """Gauges, hook state and request ends; ``received``: the receive just before it
-        returned a message."""
+    def _housekeeping(self) -> None:
+        """Gauges, hook state and request ends."""
         self.store.expire()
         stats = self.store.stats()
         self.metrics.requests_tracked.set(stats.requests)
         self.metrics.store_bytes.set(stats.bytes)
-        # Silence counts only once every message has been read: after the sidecar itself
-        # was stalled (SIGSTOP, starved of CPU), a backlog from a live hook may be waiting.
-        listening = not received and not self.subscriber.pending()
-        connected = self.hook_connected or (not listening and self.last_heard > 0)
+        connected = self.hook_connected
         self.metrics.hook_connected.set(1 if connected else 0)
         engine = self.registry.engine
         if connected != self._hook_state:
             self._hook_state = connected
             if not connected and self.last_heard:
-                logger.warning("the in-engine hook fell silent (no message for %.0f s)",
-                               time.monotonic() - self.last_heard)
+                logger.warning("the in-engine hook fell silent (no message for %.0f s of "
+                               "listening)", self.silent_s)
                 if engine is not None:
                     self._ended(self.store.end_running(
                         engine.engine_id, reason="the in-engine hook fell silent "
                         "(vLLM stopped, crashed or hung)"))
             for callback in self.on_hook_state:
                 callback(connected)
-        if connected and engine is not None and self.last_step:
+        if connected and engine is not None:
             # An idle engine runs nothing: requests still running ended in a step without
             # tokens. While it is busy, a request that lost steps and has been quiet since
-            # most likely ended in a dropped step. (Either is revived by its next token, so
-            # a backlog not read yet does no harm here.)
-            idle = time.monotonic() - self.last_step > self.engine_idle_s
+            # most likely ended in a dropped step (revived by its next token if not).
+            # Both are judged on the engine's clock, as far as its messages were read.
+            idle = self.store.engine_quiet_s(engine.engine_id) > self.engine_idle_s
             self._ended(self.store.end_running(engine.engine_id, quiet_s=self.engine_idle_s,
                                                only_incomplete=not idle))
         active = self.registry.active()

@@ -96,6 +96,8 @@ class RequestRecord:
     accounted: bool = False
     # Ended by the sidecar (``end_running``), not by the engine: may still be running.
     inferred_end: bool = False
+    # The engine's clock (``time_ns``) at the last step that ran it.
+    last_step_ns: int = 0
 
     def token_scores(self, columns: ProbeColumns | None) -> list[TokenScore]:
         """Every generated token in order, with whatever scores exist for it."""
@@ -150,6 +152,12 @@ class RequestStore:
         # Highest step seq recorded per engine (heartbeats do not move it): a step at or
         # below it is a replay or arrived out of order, and is refused.
         self._max_step_seq: dict[str, int] = {}
+        # The engine's clock per engine, as its messages tell it: the newest message and the
+        # newest step. Quiet and idle are judged on this clock, never on the sidecar's, so a
+        # sidecar that was stalled itself (SIGSTOP, starved of CPU) cannot take its own
+        # unread backlog for an engine gone quiet.
+        self._engine_ns: dict[str, int] = {}
+        self._last_step_ns: dict[str, int] = {}
         self.stale = 0
         self.gaps = 0
         self._last_gap_log = 0.0
@@ -166,9 +174,13 @@ class RequestStore:
             self.columns = columns
             self._cond.notify_all()
 
-    def note_engine(self, engine_id: str, next_seq: int | None = None) -> None:
-        """A heartbeat or step from ``engine_id``: detect restarts and silent drops."""
+    def note_engine(self, engine_id: str, next_seq: int | None = None,
+                    time_ns: int | None = None) -> None:
+        """A heartbeat from ``engine_id`` (sent at ``time_ns``, engine clock): detect
+        restarts and silent drops."""
         with self._cond:
+            if time_ns is not None:
+                self._engine_ns[engine_id] = max(self._engine_ns.get(engine_id, 0), time_ns)
             if self._engine_id is not None and engine_id != self._engine_id:
                 self._mark_active_incomplete(self._engine_id, "the vLLM engine restarted")
             self._engine_id = engine_id
@@ -216,6 +228,8 @@ class RequestStore:
                 self.stale += 1
                 return False
             self._max_step_seq[engine] = header.seq
+            self._engine_ns[engine] = max(self._engine_ns.get(engine, 0), header.time_ns)
+            self._last_step_ns[engine] = max(self._last_step_ns.get(engine, 0), header.time_ns)
             if self._engine_id is not None and engine != self._engine_id:
                 self._mark_active_incomplete(self._engine_id, "the vLLM engine restarted")
             self._engine_id = engine
@@ -264,6 +278,7 @@ class RequestStore:
                 if req.sampled_token_ids:
                     rec.finished = rec.inferred_end = False
                 rec.updated = now
+                rec.last_step_ns = max(rec.last_step_ns, header.time_ns)
                 rec.version += 1
                 self._bytes += rec.nbytes - before
             for req_id in header.finished:
@@ -309,10 +324,21 @@ class RequestStore:
             if rec.incomplete is None:
                 rec.incomplete = "some tokens were never received"
 
+    def engine_quiet_s(self, engine_id: str) -> float:
+        """How long ``engine_id`` had run no step when it last sent a message, by its own
+        clock (0 before its first step). Heartbeats come only once the hook's queue is
+        empty and travel behind every step, so this never counts steps not read yet."""
+        with self._cond:
+            last_step = self._last_step_ns.get(engine_id)
+            if last_step is None:
+                return 0.0
+            return max(0, self._engine_ns[engine_id] - last_step) / 1e9
+
     def end_running(self, engine_id: str, *, reason: str | None = None, quiet_s: float = 0.0,
                     only_incomplete: bool = False) -> list[str]:
-        """End requests of ``engine_id`` still running (and quiet for ``quiet_s``, and, with
-        ``only_incomplete``, already missing steps); returns their ids.
+        """End requests of ``engine_id`` still running (and in no step for ``quiet_s`` of
+        the engine's clock, and, with ``only_incomplete``, already missing steps); returns
+        their ids.
 
         With no ``reason`` they end finished: vLLM ended them in a step the hook did not
         see (a step without tokens once the engine went idle: an abort, a client timeout, a
@@ -320,10 +346,12 @@ class RequestStore:
         marked incomplete). With a ``reason`` (the hook fell silent) they end incomplete. A
         request that turns out to be running after all is revived by its next token."""
         ended = []
-        now = time.monotonic()
         with self._cond:
+            engine_now = self._engine_ns.get(engine_id, 0)
             for rec in self._records.values():
-                if rec.engine_id != engine_id or rec.finished or now - rec.updated < quiet_s:
+                if rec.engine_id != engine_id or rec.finished:
+                    continue
+                if engine_now - rec.last_step_ns < quiet_s * 1e9:
                     continue
                 if only_incomplete and rec.incomplete is None:
                     continue

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import grpc
 import psutil
 import pytest
 from rel_support import (
+    DROPPED,
     PROMPTS,
     Load,
     StandbySidecar,
@@ -183,9 +185,10 @@ def test_sidecar_stalled_under_load(vllm_server, sidecars) -> None:
     ch, stub = detector_stub(sidecar)
     try:
         wait_hook(sidecar)
-        rss_before = process_rss(worker)
         _, _, warm_s = scored_batch(vllm_server.base_url, stub, sidecar,
                                     lambda k: _jobs(f"warm{k}", 8, 32), PROBE)
+        # After the warm-up: a fresh worker's first batches grow it whatever the hook does.
+        rss_before = process_rss(worker)
         wait_until(lambda: metric(sidecar, "lie_detector_steps_received_total") > 0, 30)
         dropped_before = metric(sidecar, "lie_detector_channel_dropped_steps_total")
 
@@ -244,6 +247,59 @@ def test_sidecar_stalled_under_load(vllm_server, sidecars) -> None:
               f"{rss_after / MiB:.0f} MiB")
         # The hook's queue is bounded (256 steps here, 256 MiB); the worker must stay well below.
         assert growth < 512 * MiB, f"worker RSS grew {growth / MiB:.0f} MiB during the stall"
+    finally:
+        ch.close()
+
+
+# ------------------------------------------------------------------ a short stall
+def test_streams_outlast_a_short_sidecar_stall(vllm_server, sidecars) -> None:
+    """The sidecar stopped for longer than its idle rule (``LIE_DETECTOR_ENGINE_IDLE_S``)
+    while vLLM keeps generating, but not long enough to fill the hook's queue: no step is
+    lost, so every stream must end FINISHED with every token. (The idle rule once read the
+    sidecar's own clock: after a stall it ended running requests before reading the steps
+    waiting for it, and the streams took that for their final update.)"""
+    idle_s, stall_s = 1.5, 5.0
+    sidecar = sidecars("short-stall", env={"LIE_DETECTOR_ENGINE_IDLE_S": str(idle_s)})
+    ch, stub = detector_stub(sidecar)
+    streams: dict[str, tuple[list[int], int | None]] = {}
+
+    def follow(request_id: str) -> None:
+        tokens, state = [], None
+        call = stub.StreamScores(pb.StreamScoresRequest(request_id=request_id), timeout=300)
+        for update in call:
+            tokens.extend(t.token_id for t in update.tokens)
+            if update.final:
+                state = update.state
+                break
+        streams[request_id] = (tokens, state)
+
+    try:
+        wait_hook(sidecar)
+        dropped_before = metric(sidecar, DROPPED)
+        jobs = _jobs("short-stall", 4, 128)
+        readers = [threading.Thread(target=follow, args=(job["request_id"],), daemon=True)
+                   for job in jobs]
+        for reader in readers:  # opened before the requests start: they wait for them
+            reader.start()
+        load = Load(vllm_server.base_url, jobs).start()
+        wait_until(lambda: _tokens_seen(stub, "short-stall-0") >= 2 or load.done(), 120,
+                   what="tokens of short-stall-0")
+        os.kill(sidecar.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(stall_s)
+        finally:
+            os.kill(sidecar.proc.pid, signal.SIGCONT)
+        load.join(300)
+        for reader in readers:
+            reader.join(120)
+        assert metric(sidecar, DROPPED) == dropped_before, \
+            "the hook dropped steps: the stall outgrew its queue, so this test shows nothing"
+        for rid, resp in load.results.items():
+            assert rid in streams, f"{rid}: its stream did not end"
+            tokens, state = streams[rid]
+            assert state == pb.REQUEST_STATE_FINISHED, f"{rid}: final state {state}"
+            assert tokens == token_ids(resp), \
+                f"{rid}: the stream ended with {len(tokens)} of {len(token_ids(resp))} tokens"
     finally:
         ch.close()
 

@@ -7,7 +7,9 @@
   tokens (``end_requests``, called from the adapter's ``execute_model`` wrapper).
 - A hook that falls silent (vLLM gone) ends running requests as incomplete, with a reason,
   so readers waiting for the end are released.
-- A backlog the sidecar has not read yet (after it was stalled itself) is not silence.
+- Quiet, idle and silent are judged on the engine's clock and on time spent listening: a
+  backlog the sidecar has not read yet (after it was stalled itself) is neither silence nor
+  an idle engine.
 - An inferred end is revived by the request's next token, and a gap still marks it.
 - Heartbeats never announce a seq whose step is still waiting for its tokens (that looked
   like a dropped step and marked healthy requests incomplete).
@@ -41,11 +43,17 @@ GENERATED = [101, 102, 103, 104, 105]
 
 
 class Clock:
+    """The sidecar's monotonic clock; the engine's clock (``time_ns`` in its messages) is
+    the same reading, so a test moves both at once unless it says otherwise."""
+
     def __init__(self) -> None:
         self.now = 1000.0
 
     def monotonic(self) -> float:
         return self.now
+
+    def ns(self) -> int:
+        return int(self.now * 1e9)
 
 
 @pytest.fixture
@@ -64,7 +72,7 @@ def make_pipeline(*, idle_s: float = 5.0, hook_timeout_s: float = 3.0):
     registry.load(probe("prod", [1, 3], "producer", 1).save(
         Path(tempfile.mkdtemp(prefix="ld-probe-")) / "prod"))
     metrics = SidecarMetrics()
-    subscriber = SimpleNamespace(rejected=0, pending=lambda: False)  # no backlog waiting
+    subscriber = SimpleNamespace(rejected=0)
     pipe = ScoringPipeline(subscriber, registry, store, metrics, Analyzer(None),
                            hook_timeout_s=hook_timeout_s, engine_idle_s=idle_s)
     states: list[bool] = []
@@ -72,13 +80,20 @@ def make_pipeline(*, idle_s: float = 5.0, hook_timeout_s: float = 3.0):
     return pipe, store, metrics, states
 
 
-def heartbeat(next_seq: int) -> tuple:
-    return Heartbeat(engine=engine(), time_ns=time.time_ns(), next_seq=next_seq), None
+def heartbeat(next_seq: int, clock: Clock) -> tuple:
+    return Heartbeat(engine=engine(), time_ns=clock.ns(), next_seq=next_seq), None
 
 
-def drained_housekeeping(pipe: ScoringPipeline, clock: Clock) -> None:
-    """What the receive loop does when a receive found the socket empty."""
-    pipe._housekeeping(received=False)
+def at(step: tuple, clock: Clock) -> tuple:
+    """``step`` as the engine sends it now (its ``time_ns`` on the test's clock)."""
+    header, rows = step
+    return header.model_copy(update={"time_ns": clock.ns()}), rows
+
+
+def listened(pipe: ScoringPipeline, seconds: float) -> None:
+    """What the receive loop does after waiting ``seconds`` for a message in vain."""
+    pipe.listened(seconds)
+    pipe._housekeeping()
 
 
 def ended_by_the_idle_rule(clock: Clock) -> tuple[ScoringPipeline, RequestStore, list]:
@@ -86,10 +101,10 @@ def ended_by_the_idle_rule(clock: Clock) -> tuple[ScoringPipeline, RequestStore,
     the idle rule has ended it. Returns the pipeline, its store and the request's steps."""
     pipe, store, _, _ = make_pipeline(idle_s=2.0)
     steps = single_request("slow", PROMPT, GENERATED)
-    pipe.handle(steps[0])
+    pipe.handle(at(steps[0], clock))
     clock.now += 3.0
-    pipe.handle(heartbeat(1))
-    drained_housekeeping(pipe, clock)
+    pipe.handle(heartbeat(1, clock))
+    listened(pipe, 0.25)
     return pipe, store, steps
 
 
@@ -97,17 +112,17 @@ def test_requests_of_an_idle_engine_end_finished(clock: Clock) -> None:
     pipe, store, metrics, states = make_pipeline(idle_s=5.0)
     steps = single_request("cmpl-aborted-0-1a2b3c4d", PROMPT, GENERATED)
     for s in steps[:3]:  # aborted after three tokens: no finish ever arrives
-        pipe.handle(s)
+        pipe.handle(at(s, clock))
     for _ in range(4):  # the idle engine heartbeats; not idle long enough yet
         clock.now += 1.0
-        pipe.handle(heartbeat(3))
-        drained_housekeeping(pipe, clock)
+        pipe.handle(heartbeat(3, clock))
+        listened(pipe, 1.0)
     rec, _ = store.snapshot("aborted")
     assert not rec.finished
     for _ in range(3):
         clock.now += 1.0
-        pipe.handle(heartbeat(3))
-        drained_housekeeping(pipe, clock)
+        pipe.handle(heartbeat(3, clock))
+        listened(pipe, 1.0)
     rec, tokens = store.snapshot("aborted")
     assert rec.finished and rec.incomplete is None
     assert [t.token_id for t in tokens] == GENERATED[:3]
@@ -128,7 +143,7 @@ def test_a_request_ended_by_the_idle_rule_revives_with_its_next_token(clock: Clo
     assert store.snapshot("slow")[0].finished
     for s in steps[1:]:
         clock.now += 0.1
-        pipe.handle(s)
+        pipe.handle(at(s, clock))
     rec, tokens = store.snapshot("slow")
     assert rec.finished and rec.incomplete is None  # finished by its own last step
     assert [t.token_id for t in tokens] == GENERATED
@@ -139,9 +154,9 @@ def test_a_gap_after_an_inferred_end_still_marks_the_request(clock: Clock) -> No
     not end FINISHED with a token unscored."""
     pipe, store, steps = ended_by_the_idle_rule(clock)
     assert store.snapshot("slow")[0].finished  # inferred
-    pipe.handle(steps[1])  # revived
-    pipe.handle(steps[3])  # step 2 (its rows, not its token ids) was dropped
-    pipe.handle(steps[4])
+    pipe.handle(at(steps[1], clock))  # revived
+    pipe.handle(at(steps[3], clock))  # step 2 (its rows, not its token ids) was dropped
+    pipe.handle(at(steps[4], clock))
     rec, tokens = store.snapshot("slow")
     assert [t.token_id for t in tokens] == GENERATED
     assert rec.incomplete == "the channel dropped steps"
@@ -150,9 +165,9 @@ def test_a_gap_after_an_inferred_end_still_marks_the_request(clock: Clock) -> No
 
 def test_an_inferred_end_then_a_gap_before_the_revival(clock: Clock) -> None:
     pipe, store, steps = ended_by_the_idle_rule(clock)
-    pipe.handle(steps[2])  # step 1 dropped while the request looked ended
-    pipe.handle(steps[3])
-    pipe.handle(steps[4])
+    pipe.handle(at(steps[2], clock))  # step 1 dropped while the request looked ended
+    pipe.handle(at(steps[3], clock))
+    pipe.handle(at(steps[4], clock))
     rec, _ = store.snapshot("slow")
     assert rec.finished and rec.incomplete == "the channel dropped steps"
 
@@ -168,18 +183,18 @@ def test_a_busy_engine_ends_only_quiet_requests_that_lost_steps(clock: Clock) ->
     # dropped; "waiting" then runs two steps and is preempted; "busy" keeps going.
     seq = 0
     for header, rows in lost[:2]:
-        pipe.handle((header.model_copy(update={"seq": seq}), rows))
+        pipe.handle((header.model_copy(update={"seq": seq, "time_ns": clock.ns()}), rows))
         seq += 1
     seq += 2  # the dropped steps
     for header, rows in waiting[:2]:
-        pipe.handle((header.model_copy(update={"seq": seq}), rows))
+        pipe.handle((header.model_copy(update={"seq": seq, "time_ns": clock.ns()}), rows))
         seq += 1
     for step in busy:
         clock.now += 0.5
         header, rows = step
-        pipe.handle((header.model_copy(update={"seq": seq}), rows))
+        pipe.handle((header.model_copy(update={"seq": seq, "time_ns": clock.ns()}), rows))
         seq += 1
-        drained_housekeeping(pipe, clock)
+        pipe._housekeeping()
     rec, _ = store.snapshot("lost")
     assert rec.finished and rec.incomplete == "the channel dropped steps"
     rec, _ = store.snapshot("waiting")
@@ -191,10 +206,10 @@ def test_a_silent_hook_ends_running_requests_incomplete(clock: Clock) -> None:
     pipe, store, metrics, states = make_pipeline(hook_timeout_s=3.0, idle_s=60.0)
     steps = single_request("cut", PROMPT, GENERATED)
     for s in steps[:2]:
-        pipe.handle(s)
-    drained_housekeeping(pipe, clock)
+        pipe.handle(at(s, clock))
+    listened(pipe, 0.25)
     clock.now += 4.0  # vLLM died: nothing at all, the socket stays empty
-    drained_housekeeping(pipe, clock)
+    listened(pipe, 4.0)
     assert states == [True, False]
     rec, tokens = store.snapshot("cut")
     assert rec.finished and rec.incomplete and "fell silent" in rec.incomplete
@@ -204,23 +219,37 @@ def test_a_silent_hook_ends_running_requests_incomplete(clock: Clock) -> None:
     assert store.wait("cut", until_finished=True, timeout_s=0.1)  # waiters are released
 
 
-def test_an_unread_backlog_is_not_silence(clock: Clock) -> None:
-    """The sidecar itself was stopped: when it resumes, the hook's messages are waiting."""
+def test_an_unread_backlog_is_neither_silence_nor_an_idle_engine(clock: Clock) -> None:
+    """The sidecar itself was stopped (SIGSTOP, starved of CPU) while the engine kept
+    stepping: when it resumes, the hook's steps wait unread. The receive that spanned the
+    stall counts as one receive's wait, and the request, quiet only on the sidecar's clock,
+    is neither ended by the idle rule (which a stream would have taken as its final
+    update) nor marked incomplete."""
     pipe, store, _, states = make_pipeline(hook_timeout_s=3.0, idle_s=2.0)
     steps = single_request("busy", PROMPT, GENERATED)
-    pipe.handle(steps[0])
-    drained_housekeeping(pipe, clock)
-    clock.now += 30.0  # SIGSTOP during a step ... SIGCONT: housekeeping runs before the
-    pipe._housekeeping(received=True)  # next receive
-    pipe.subscriber.pending = lambda: True  # ... or during an idle receive: a backlog waits
-    pipe._housekeeping(received=False)
-    assert states == [True]  # never reported disconnected ...
-    rec, _ = store.snapshot("busy")
-    assert rec.incomplete is None  # ... nor incomplete (an inferred end is revived below)
-    for s in steps[1:]:
-        pipe.handle(s)
-    rec, _ = store.snapshot("busy")
-    assert rec.finished and rec.incomplete is None
+    engine_ns = clock.ns()
+    pipe.handle(at(steps[0], clock))
+    backlog = []
+    for s in steps[1:]:  # what the engine sent during the stall, 0.1 s apart
+        engine_ns += 100_000_000
+        backlog.append((s[0].model_copy(update={"time_ns": engine_ns}), s[1]))
+    # (seconds the receive takes, what it returns): the first spans the stall.
+    script = iter([(30.0, None)] + [(0.01, m) for m in backlog])
+
+    def recv(timeout_s: float):
+        took, message = next(script, (timeout_s, None))
+        clock.now += took
+        if message is None and clock.now > 1030.0:
+            pipe._stop.set()  # the backlog is read: end the loop
+        return message
+
+    pipe.subscriber.recv = recv
+    pipe._run()  # housekeeping runs right after the stalled receive
+    assert states == [True], "the stall was taken for a silent hook"
+    rec, tokens = store.snapshot("busy")
+    assert rec.finished and not rec.inferred_end and rec.incomplete is None
+    assert [t.token_id for t in tokens] == GENERATED
+    assert pipe.metrics.requests_scored.labels("prod")._value.get() == 1
 
 
 # ------------------------------------------------------------------ the hook's side

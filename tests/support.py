@@ -146,6 +146,8 @@ class CapturedRequest:
     num_prompt_tokens: int = 0
     row_count: int = 0
     finished: bool = False
+    last_sampled_seq: int = -1  # the step that brought its last sampled token
+    finished_seq: int = -1  # the first step that announced its end
 
 
 class ChannelTap:
@@ -186,8 +188,12 @@ class ChannelTap:
                     cap.tokens[pos] = req.input_token_ids[j]
                 cap.row_count += req.num_rows
                 cap.sampled.extend(req.sampled_token_ids)
+                if req.sampled_token_ids:
+                    cap.last_sampled_seq = header.seq
             for req_id in header.finished:
-                self.requests[req_id].finished = True
+                cap = self.requests[req_id]
+                if not cap.finished:
+                    cap.finished, cap.finished_seq = True, header.seq
 
     def wait_connected(self, base_url: str, timeout_s: float = 30.0) -> None:
         """Heartbeats prove the engine's socket has (re)connected to this tap."""

@@ -143,6 +143,14 @@ class StepAssembler:
             )
         )
 
+    def output_tokens(self, req: ScheduledRequest, sampled: Sequence[int]) -> list[int]:
+        """The tokens ``req`` has generated once this step's ``sampled`` are added (for
+        stop rules that read the whole output, before ``close_step`` records them)."""
+        with self._lock:
+            history = self._history.get(req.req_id, [])
+            end = req.first_position + req.num_rows
+            return history[req.num_prompt_tokens:end] + list(sampled)
+
     def end_requests(self, req_ids: Sequence[str]) -> bool:
         """Requests vLLM ended in a step that ran no tokens: tell the sidecar and forget them.
 

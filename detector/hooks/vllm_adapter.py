@@ -370,17 +370,21 @@ def _close(runner: Any, cap: _RunnerCapture, step: OpenStep, output: Any) -> Non
         for req in step.scheduled
         if req.req_id in index
     }
-    step.finished.extend(_predicted_finished(runner, step, sampled))
+    step.finished.extend(_predicted_finished(runner, cap.assembler, step, sampled))
     cap.assembler.close_step(step, sampled, hook_ns=time.perf_counter_ns() - t0)
 
 
-def _predicted_finished(runner: Any, step: OpenStep, sampled: dict[str, list[int]]) -> list[str]:
-    """Requests that vLLM's scheduler will stop after this step (mirrors ``check_stop``).
+def _predicted_finished(runner: Any, assembler: StepAssembler, step: OpenStep,
+                        sampled: dict[str, list[int]]) -> list[str]:
+    """Requests that vLLM's scheduler will stop after this step (mirrors ``check_stop``,
+    in its order: EOS, stop tokens, length, then, once ``min_tokens`` are out, repetition).
 
-    vLLM tells the worker of a finished request only in the next step, which never comes
-    when the engine goes idle, so the hook predicts the stop from the sampling parameters.
-    Stop strings are matched in the API process and arrive as ``finished`` later.
+    vLLM tells the worker of a finished request only in the next step, so without this the
+    sidecar would hear of every end a step late. Stop strings are matched in the API
+    process and arrive as ``finished`` later.
     """
+    from vllm.v1.core.sched.utils import check_sequence_repetition
+
     ended = []
     max_model_len = runner.model_config.max_model_len
     for req in step.scheduled:
@@ -397,6 +401,13 @@ def _predicted_finished(runner: Any, step: OpenStep, sampled: dict[str, list[int
             or last in (params.stop_token_ids or ())
             or total >= max_model_len
             or (params.max_tokens is not None and num_output >= params.max_tokens)
+        ):
+            ended.append(req.req_id)
+        elif (
+            params.repetition_detection is not None
+            and num_output >= params.min_tokens
+            and check_sequence_repetition(assembler.output_tokens(req, tokens),
+                                          params.repetition_detection)
         ):
             ended.append(req.req_id)
     return ended

@@ -41,6 +41,10 @@ JOBS = [
     {"prompt": "Once upon a time, in a small village by the mountains, there lived",
      "max_tokens": 32, "request_id": "cap-story"},
     {"prompt": LONG_PROMPT, "max_tokens": 16, "request_id": "cap-long"},
+    # Stopped by vLLM's repetition detection (" 1, 2," twice: 12 tokens) long before
+    # max_tokens.
+    {"prompt": "1, 2, 1, 2, 1, 2, 1, 2, 1, 2,", "max_tokens": 48, "request_id": "cap-repeat",
+     "repetition_detection": {"max_pattern_size": 6, "min_count": 2}},
 ]
 
 
@@ -147,6 +151,21 @@ def test_generated_tokens_decode_to_returned_text(captured, tokenizer) -> None:
     for rid, resp in zip(ids, responses):
         _, cap = tap.find(f"cmpl-{rid}-0")
         assert tokenizer.decode(cap.sampled, skip_special_tokens=True) == resp["choices"][0]["text"]
+
+
+def test_each_end_is_announced_with_the_last_token(captured) -> None:
+    """vLLM tells the worker that a request ended only in the next step; the hook mirrors
+    the scheduler's stop check, so the step that samples the last token already says so
+    (whether the length, EOS or repetition rule stopped it)."""
+    tap, responses, ids = captured
+    repeat = responses[[j["request_id"] for j in JOBS].index("cap-repeat")]
+    assert repeat["choices"][0]["finish_reason"] == "repetition", "repetition never fired"
+    for rid, resp in zip(ids, responses):
+        _, cap = tap.find(f"cmpl-{rid}-0")
+        reason = resp["choices"][0]["finish_reason"]
+        assert cap.finished_seq == cap.last_sampled_seq, (
+            f"{rid} ({reason}): last token in step {cap.last_sampled_seq}, end announced "
+            f"in step {cap.finished_seq}")
 
 
 def test_hook_reports_its_own_time(captured) -> None:

@@ -248,3 +248,18 @@ def test_request_finished_while_a_later_step_is_still_open(asm: StepAssembler) -
     assert inputs(asm.publisher.offered[1]) == {"A": [2]}
     assert [r.sampled_token_ids for r in asm.publisher.offered[1].requests] == [[]]
     assert not asm.knows("A")
+
+
+def test_output_tokens_include_this_steps_sample_before_close() -> None:
+    """What the adapter's stop rules read (repetition needs the whole output): the tokens
+    generated so far plus this step's, while the step is still open; a re-run after
+    preemption reads what was fed, not what was sampled beyond it."""
+    asm = StepAssembler(FakePublisher())
+    run_step(asm, [sched("B", 0, 3, PROMPT_B)], {"B": [40]})
+    run_step(asm, [sched("B", 3, 1, PROMPT_B)], {"B": [41]})
+    decode = sched("B", 4, 1, PROMPT_B)
+    step = asm.open_step(rows_for([decode]), [decode], [])
+    assert asm.output_tokens(decode, [42]) == [40, 41, 42]
+    asm.close_step(step, {"B": [42]})
+    rerun = sched("B", 0, 5, PROMPT_B)  # recomputed from scratch after a preemption
+    assert asm.output_tokens(rerun, [42]) == [40, 41, 42]

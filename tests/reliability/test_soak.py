@@ -157,8 +157,11 @@ class Soak:
 def test_soak(vllm_server, model_dir, tmp_path) -> None:
     probe = synthetic_probe(model_dir, tmp_path / PROBE, name=PROBE)
     # Requests that lost steps end once quiet for ENGINE_IDLE_S, so reading them is quick.
+    # Every request is read after the soak: none may expire before (600 s by default).
     sidecar = start_sidecar(vllm_server.channel, tmp_path / "sidecar", probes=[probe],
-                            model_dir=model_dir, env={"LIE_DETECTOR_ENGINE_IDLE_S": "5"})
+                            model_dir=model_dir,
+                            env={"LIE_DETECTOR_ENGINE_IDLE_S": "5",
+                                 "LIE_DETECTOR_FINISHED_TTL_S": str(SOAK_S + 900)})
     ch, stub = detector_stub(sidecar)
     try:
         wait_hook(sidecar)

@@ -383,8 +383,6 @@ def _predicted_finished(runner: Any, assembler: StepAssembler, step: OpenStep,
     sidecar would hear of every end a step late. Stop strings are matched in the API
     process and arrive as ``finished`` later.
     """
-    from vllm.v1.core.sched.utils import check_sequence_repetition
-
     ended = []
     max_model_len = runner.model_config.max_model_len
     for req in step.scheduled:
@@ -406,8 +404,15 @@ def _predicted_finished(runner: Any, assembler: StepAssembler, step: OpenStep,
         elif (
             params.repetition_detection is not None
             and num_output >= params.min_tokens
-            and check_sequence_repetition(assembler.output_tokens(req, tokens),
-                                          params.repetition_detection)
+            and _repeats(assembler.output_tokens(req, tokens), params.repetition_detection)
         ):
             ended.append(req.req_id)
     return ended
+
+
+def _repeats(output: list[int], detection: Any) -> bool:
+    """vLLM's own repetition rule; imported only for the rare request that asks for it,
+    not on every step."""
+    from vllm.v1.core.sched.utils import check_sequence_repetition
+
+    return check_sequence_repetition(output, detection)

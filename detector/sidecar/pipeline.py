@@ -46,7 +46,7 @@ class ScoringPipeline:
         # Running requests are taken as ended once the engine has run no step for this long
         # (by the engine's clock: see RequestStore.engine_quiet_s).
         self.engine_idle_s = engine_idle_s
-        self.last_heard = 0.0
+        self.heard = False  # any message from the hook yet
         # Time spent listening since the last message. Wall time since it would also count
         # a stall of the sidecar itself, after which the hook's messages are waiting unread.
         self.silent_s = 0.0
@@ -69,7 +69,7 @@ class ScoringPipeline:
 
     @property
     def hook_connected(self) -> bool:
-        return self.last_heard > 0 and self.silent_s < self.hook_timeout_s
+        return self.heard and self.silent_s < self.hook_timeout_s
 
     def listened(self, seconds: float) -> None:
         """The receive loop waited ``seconds`` for a message and none came."""
@@ -96,7 +96,7 @@ class ScoringPipeline:
 
     def handle(self, message: Message) -> None:
         header, rows = message
-        self.last_heard = time.monotonic()
+        self.heard = True
         self.silent_s = 0.0
         self.registry.attach_engine(header.engine)
         self.analyzer.ensure_decoder(header.engine.model_path)
@@ -184,7 +184,7 @@ class ScoringPipeline:
         engine = self.registry.engine
         if connected != self._hook_state:
             self._hook_state = connected
-            if not connected and self.last_heard:
+            if not connected and self.heard:
                 logger.warning("the in-engine hook fell silent (no message for %.0f s of "
                                "listening)", self.silent_s)
                 if engine is not None:

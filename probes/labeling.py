@@ -25,13 +25,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from detector.claims import Claim, core_answer, find_claims
 from probes.datasets.schema import Question
 
 Label = Literal["retrieval", "fabrication", "refusal", "ambiguous"]
 TRAINABLE: tuple[Label, ...] = ("retrieval", "fabrication")
 
 MAX_ANSWER_WORDS = 6  # longer spans are descriptions or evasions, not a claim to judge
-_ABBREVIATIONS = {"st", "mt", "ft", "dr", "mr", "mrs", "ms", "jr", "sr", "no", "vs", "gen", "prof"}
 _WORD_SUBSTITUTIONS = {"st": "saint", "ste": "sainte", "mt": "mount", "ft": "fort"}
 _ARTICLES = ("the ", "a ", "an ")
 _REFUSALS = [
@@ -45,10 +45,6 @@ _REFUSALS = [
     "i am not able", "im not able", "unable to", "not known", "no answer",
 ]  # fmt: skip
 _REFUSAL_RE = re.compile(r"(?:^| )(?:" + "|".join(re.escape(r) for r in _REFUSALS) + r")(?: |$)")
-_RESTATEMENT_VERB = re.compile(r"\b(?:is|was|are|were)\b\s+(?:called\s+|named\s+|known as\s+)?",
-                               re.IGNORECASE)
-_CLAUSE_BREAKS = (", ", " (", "(", "; ", " - ", " – ", " — ", ": ", " which ", " and is ")
-_TRAILING = " \t.,;:!?\"')]}"
 
 
 class AnswerLabel(BaseModel):
@@ -87,62 +83,27 @@ def is_refusal(text: str) -> bool:
     return bool(_REFUSAL_RE.search(normalize(text)))
 
 
-def _sentence_end(text: str, start: int, stop: int) -> int:
-    """End of the first sentence in text[start:stop] (abbreviations are not ends)."""
-    i = start
-    while i < stop:
-        ch = text[i]
-        if ch in "!?;":
-            return i
-        if ch == "." and (i + 1 >= stop or text[i + 1].isspace()):
-            word = re.split(r"\s", text[start:i])[-1]
-            bare = word.replace(".", "")
-            if "." in word or len(bare) <= 1 or bare.lower() in _ABBREVIATIONS:
-                i += 1
-                continue
-            return i
-        i += 1
-    return stop
-
-
-_STOPWORDS = {"what", "which", "who", "is", "the", "of", "a", "an", "in", "on", "did", "does",
-              "do", "year", "us", "has", "have", "was", "were", "are"}
-
-
 def extract_answer(completion: str, *, context: str | None = None) -> tuple[int, int] | None:
     """Character span ``(start, end)`` of the core answer, or None when there is none.
 
     ``context`` (the question) tells a restatement ("The capital of Mongolia is X") from an
-    answer that merely contains "is" ("Washington D.C. is the capital"): the words before
-    the verb must share a content word with it.
+    answer that merely contains "is" ("Washington D.C. is the capital"). The rule lives in
+    :func:`detector.claims.core_answer`, the claim notion serving shares.
     """
-    stop = completion.find("\n")
-    stop = len(completion) if stop < 0 else stop
-    start = len(completion[:stop]) - len(completion[:stop].lstrip())
-    if start >= stop:
-        return None
-    end = _sentence_end(completion, start, stop)
-    # "The capital of Mongolia is Ulaanbaatar" -> "Ulaanbaatar"
-    m = _RESTATEMENT_VERB.search(completion, start, end)
-    if m is not None:
-        prefix = set(normalize(completion[start:m.start()]).split())
-        keywords = set(normalize(context).split()) - _STOPWORDS if context else set()
-        if prefix & keywords:
-            start = m.end()
-    # A leading article is not part of the claim.
-    for article in ("the ", "a ", "an "):
-        if completion[start:start + len(article)].lower() == article:
-            start += len(article)
-            break
-    for brk in _CLAUSE_BREAKS:
-        cut = completion.find(brk, start, end)
-        if cut > start:
-            end = cut
-    while end > start and completion[end - 1] in _TRAILING:
-        end -= 1
-    while start < end and completion[start] in " \t\"'([{":
-        start += 1
-    return (start, end) if end > start else None
+    return core_answer(completion, context=context)
+
+
+def claim_for_answer(completion: str, answer: tuple[int, int], *, prompt: str = ""
+                     ) -> Claim | None:
+    """The claim span (:func:`detector.claims.find_claims`) that carries the labelled answer:
+    what training labels and the sidecar judges. The claim overlapping the answer most wins;
+    None when no claim overlaps it (the answer is then left out of training)."""
+    best, overlap = None, 0
+    for claim in find_claims(completion, prompt=prompt):
+        k = min(claim.end, answer[1]) - max(claim.start, answer[0])
+        if k > overlap:
+            best, overlap = claim, k
+    return best
 
 
 def _numbers(text: str) -> list[int]:
@@ -231,6 +192,7 @@ def token_span(text_offsets: Sequence[int], span: tuple[int, int], text_length: 
 __all__ = [
     "TRAINABLE",
     "AnswerLabel",
+    "claim_for_answer",
     "Label",
     "contains_words",
     "extract_answer",

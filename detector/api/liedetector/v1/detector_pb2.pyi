@@ -84,8 +84,24 @@ class Span(_message.Message):
     flagged: bool
     def __init__(self, char_start: _Optional[int] = ..., char_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., text: _Optional[str] = ..., kind: _Optional[str] = ..., probe: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., flagged: _Optional[bool] = ...) -> None: ...
 
+class ResponseVerdict(_message.Message):
+    __slots__ = ("probe", "score", "threshold", "flagged", "claims", "flagged_claims")
+    PROBE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    CLAIMS_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_CLAIMS_FIELD_NUMBER: _ClassVar[int]
+    probe: str
+    score: float
+    threshold: float
+    flagged: bool
+    claims: int
+    flagged_claims: int
+    def __init__(self, probe: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., flagged: _Optional[bool] = ..., claims: _Optional[int] = ..., flagged_claims: _Optional[int] = ...) -> None: ...
+
 class ScoresResponse(_message.Message):
-    __slots__ = ("request_id", "engine_request_id", "state", "incomplete_reason", "num_prompt_tokens", "probes", "tokens", "spans", "text")
+    __slots__ = ("request_id", "engine_request_id", "state", "incomplete_reason", "num_prompt_tokens", "probes", "tokens", "spans", "text", "verdicts")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +111,7 @@ class ScoresResponse(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPANS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     engine_request_id: str
     state: RequestState
@@ -104,10 +121,11 @@ class ScoresResponse(_message.Message):
     tokens: _containers.RepeatedCompositeFieldContainer[TokenScore]
     spans: _containers.RepeatedCompositeFieldContainer[Span]
     text: str
-    def __init__(self, request_id: _Optional[str] = ..., engine_request_id: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., incomplete_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., probes: _Optional[_Iterable[str]] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., text: _Optional[str] = ...) -> None: ...
+    verdicts: _containers.RepeatedCompositeFieldContainer[ResponseVerdict]
+    def __init__(self, request_id: _Optional[str] = ..., engine_request_id: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., incomplete_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., probes: _Optional[_Iterable[str]] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., text: _Optional[str] = ..., verdicts: _Optional[_Iterable[_Union[ResponseVerdict, _Mapping]]] = ...) -> None: ...
 
 class ScoresUpdate(_message.Message):
-    __slots__ = ("request_id", "engine_request_id", "state", "incomplete_reason", "tokens", "spans", "final")
+    __slots__ = ("request_id", "engine_request_id", "state", "incomplete_reason", "tokens", "spans", "final", "verdicts")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +133,7 @@ class ScoresUpdate(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SPANS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     engine_request_id: str
     state: RequestState
@@ -122,7 +141,8 @@ class ScoresUpdate(_message.Message):
     tokens: _containers.RepeatedCompositeFieldContainer[TokenScore]
     spans: _containers.RepeatedCompositeFieldContainer[Span]
     final: bool
-    def __init__(self, request_id: _Optional[str] = ..., engine_request_id: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., incomplete_reason: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., final: _Optional[bool] = ...) -> None: ...
+    verdicts: _containers.RepeatedCompositeFieldContainer[ResponseVerdict]
+    def __init__(self, request_id: _Optional[str] = ..., engine_request_id: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., incomplete_reason: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., final: _Optional[bool] = ..., verdicts: _Optional[_Iterable[_Union[ResponseVerdict, _Mapping]]] = ...) -> None: ...
 
 class ListProbesRequest(_message.Message):
     __slots__ = ()

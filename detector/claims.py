@@ -1,0 +1,346 @@
+"""Claim spans: the one notion of "what a verdict judges", shared by training, evaluation and serving.
+
+A fabrication detector is only as right as the spans it judges. Judging every capitalised run
+and every sentence by the max of its token scores flags "The" and "He"; training on one
+notion of a span and serving another is train/serve skew by another door. So this module
+alone decides:
+
+- **which character spans carry a claim** (:func:`find_claims`): names, places and titles
+  (runs of capitalised words, joined across lowercase connectors such as "of", "and", "de"),
+  numbers and dates ("1776", "July 4, 1776", "3.14"), and the core of a short one-line
+  answer ("euro" in "The currency of Spain is the euro."). Not claims: sentence-initial
+  function words and pronouns ("The", "He", "In"), and names whose every word is copied
+  from the prompt ("France" in an answer to "What is the capital of France?");
+- **which generated tokens a claim covers** (:func:`claim_tokens`): those overlapping it;
+- **how token scores become a claim score** (:func:`aggregate`, :func:`aggregate_segments`):
+  max by default, one fabricated token makes the claim fabricated;
+- **how sentence and response verdicts derive from claims** (:func:`sentence_claims`,
+  :func:`response_verdict`): a sentence or a response is flagged when a claim inside it is,
+  never because of a function word.
+
+``probes.capture`` trains on the claims of this module that carry the labelled answer,
+``probes.evaluate`` and ``benchmarks/heldout.py`` score them, and the sidecar's
+``detector.sidecar.spans`` judges them.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+ClaimKind = Literal["name", "number", "date", "answer"]
+AGGREGATIONS = ("max", "mean")
+
+# A short one-line answer whose core is at most this many words is itself a claim.
+MAX_ANSWER_WORDS = 6
+
+_WORD = re.compile(r"[^\W_](?:(?:[\w'’.\-]|,(?=\d{3}\b))*[^\W_])?", re.UNICODE)
+_NUMBER = re.compile(r"^\d[\d,.]*(?:st|nd|rd|th|s)?$")
+_SENTENCE = re.compile(r"\S.*?(?:[.!?](?=\s|$)|\n|$)", re.DOTALL)
+_MONTHS = {"january", "february", "march", "april", "may", "june", "july", "august",
+           "september", "october", "november", "december", "jan", "feb", "mar", "apr", "jun",
+           "jul", "aug", "sep", "sept", "oct", "nov", "dec"}
+# Lowercase words that may sit inside a multi-word name ("Bosnia and Herzegovina",
+# "Rio de Janeiro", "University of Oxford"); never at its ends.
+_CONNECTORS = {"of", "and", "de", "da", "do", "dos", "das", "di", "del", "della", "la", "le",
+               "les", "van", "von", "der", "den", "du", "y", "the", "upon", "al", "el", "bin",
+               "ibn", "&"}
+# Capitalised words that carry no claim of their own: function words, pronouns, discourse
+# markers and answer lead-ins. Stripped from the start of a run; a run of only these is
+# no claim ("The", "He", "In 1990" keeps "1990").
+_FUNCTION_WORDS = {
+    "the", "a", "an", "he", "she", "it", "they", "we", "i", "you", "his", "her", "hers", "its",
+    "their", "our", "my", "your", "this", "that", "these", "those", "there", "here", "in", "on",
+    "at", "by", "for", "from", "to", "with", "of", "as", "after", "before", "during", "since",
+    "until", "when", "while", "where", "which", "who", "whom", "whose", "what", "why", "how",
+    "and", "but", "or", "so", "yet", "also", "however", "although", "though", "because", "if",
+    "then", "thus", "today", "yes", "no", "not", "is", "was", "are", "were", "be", "been",
+    "has", "have", "had", "do", "does", "did", "can", "could", "will", "would", "shall",
+    "should", "may", "might", "must", "some", "many", "most", "all", "both", "each", "every",
+    "other", "another", "such", "one", "once", "now", "well", "sure", "certainly", "indeed",
+    "answer", "a:", "q", "a", "q:", "note", "overall", "additionally", "furthermore",
+    "moreover", "finally", "first", "second", "third", "born", "later", "early", "known",
+    "as", "its", "it's", "he's", "she's", "there's", "let", "let's", "please", "hello", "hi",
+    "capital", "currency", "language", "languages", "country", "city", "state", "element",
+}  # fmt: skip
+_RESTATEMENT_VERB = re.compile(r"\b(?:is|was|are|were)\b\s+(?:called\s+|named\s+|known as\s+)?",
+                               re.IGNORECASE)
+_CLAUSE_BREAKS = (", ", " (", "(", "; ", " - ", " – ", " — ", ": ", " which ", " and is ")
+_TRAILING = " \t.,;:!?\"')]}"
+_ABBREVIATIONS = {"st", "mt", "ft", "dr", "mr", "mrs", "ms", "jr", "sr", "no", "vs", "gen", "prof"}
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A claim span of generated text: characters ``[start, end)``."""
+
+    start: int
+    end: int
+    text: str
+    kind: ClaimKind
+
+
+def fold(text: str) -> str:
+    """Accent-, case- and punctuation-insensitive form of a word or phrase."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode() or text
+    return re.sub(r"[^\w]+", " ", text.lower()).strip()
+
+
+def _is_capitalised(word: str) -> bool:
+    first = word[0]
+    return first.isupper() or first.isdigit()
+
+
+def _is_number(word: str) -> bool:
+    return bool(_NUMBER.match(word))
+
+
+def _words(text: str) -> list[tuple[int, int]]:
+    return [(m.start(), m.end()) for m in _WORD.finditer(text)]
+
+
+def _runs(text: str, words: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Consecutive capitalised/numeric words on one line, joined across single spaces,
+    date commas ("July 4, 1776") and lowercase connectors between capitalised words."""
+    runs: list[list[tuple[int, int]]] = []
+    run: list[tuple[int, int]] = []
+    pending: list[tuple[int, int]] = []  # connectors waiting for a capitalised word
+    for s, e in words:
+        word = text[s:e]
+        prev_end = (pending or run)[-1][1] if (pending or run) else None
+        gap = text[prev_end:s] if prev_end is not None else ""
+        joined = prev_end is not None and gap in (" ", ", ", "-", " - ") and (
+            gap != ", " or (_is_number(word) and any(
+                text[a:b].lower() in _MONTHS or _is_number(text[a:b]) for a, b in run[-2:])))
+        if _is_capitalised(word):
+            if pending and _is_number(word):
+                joined = False  # "3 and 4" are two claims; connectors join names only
+            if run and joined:
+                run += pending + [(s, e)]
+            else:
+                if run:
+                    runs.append(run)
+                run = [(s, e)]
+            pending = []
+        elif (run and joined and word.lower() in _CONNECTORS and len(pending) < 2
+              and not _is_number(text[run[-1][0]:run[-1][1]])):
+            pending.append((s, e))
+        elif run and joined and word.lower() in _MONTHS:
+            run += pending + [(s, e)]
+            pending = []
+        else:
+            if run:
+                runs.append(run)
+            run, pending = [], []
+    if run:
+        runs.append(run)
+    return runs
+
+
+def _kind(words: list[str]) -> ClaimKind:
+    if all(_is_number(w) for w in words):
+        return "number"
+    if any(w.lower() in _MONTHS for w in words) and any(_is_number(w) for w in words):
+        return "date"
+    return "name"
+
+
+def _prompt_words(prompt: str) -> set[str]:
+    return set(fold(prompt).split())
+
+
+def find_claims(text: str, *, prompt: str = "") -> list[Claim]:
+    """Claim spans of ``text`` (an answer to ``prompt``), in order, not overlapping."""
+    words = _words(text)
+    seen = _prompt_words(prompt) if prompt else set()
+    claims: list[Claim] = []
+    for run in _runs(text, words):
+        # Strip function words and pronouns at the start of a run, and connectors at its end.
+        while run and text[run[0][0]:run[0][1]].lower() in _FUNCTION_WORDS and not _is_number(
+                text[run[0][0]:run[0][1]]):
+            run = run[1:]
+        while run and text[run[-1][0]:run[-1][1]].lower() in _CONNECTORS:
+            run = run[:-1]
+        if not run:
+            continue
+        tokens = [text[s:e] for s, e in run]
+        kind = _kind(tokens)
+        if kind == "name":
+            content = [fold(t) for t in tokens if t.lower() not in _CONNECTORS]
+            if seen and all(w in seen for c in content for w in c.split()):
+                continue  # copied from the prompt: no new claim
+        claims.append(Claim(run[0][0], run[-1][1], text[run[0][0]:run[-1][1]], kind))
+    answer = _short_answer(text, prompt)
+    if answer is not None and not any(c.start < answer[1] and answer[0] < c.end for c in claims):
+        s, e = answer
+        core = [fold(w) for w in text[s:e].split()]
+        if not (seen and all(w in seen for c in core for w in c.split())):
+            claims.append(Claim(s, e, text[s:e], "answer"))
+            claims.sort(key=lambda c: c.start)
+    return claims
+
+
+def _sentence_end(text: str, start: int, stop: int) -> int:
+    """End of the first sentence in text[start:stop] (abbreviations are not ends)."""
+    i = start
+    while i < stop:
+        ch = text[i]
+        if ch in "!?;":
+            return i
+        if ch == "." and (i + 1 >= stop or text[i + 1].isspace()):
+            word = re.split(r"\s", text[start:i])[-1]
+            bare = word.replace(".", "")
+            if "." in word or len(bare) <= 1 or bare.lower() in _ABBREVIATIONS:
+                i += 1
+                continue
+            return i
+        i += 1
+    return stop
+
+
+def core_answer(text: str, *, context: str | None = None) -> tuple[int, int] | None:
+    """Character span of the core answer of the first line, or None when there is none.
+
+    "The capital of Mongolia is Ulaanbaatar." -> "Ulaanbaatar": a leading restatement (words
+    before "is" that share a content word with ``context``), articles, trailing clauses and
+    punctuation are trimmed.
+    """
+    stop = text.find("\n")
+    stop = len(text) if stop < 0 else stop
+    start = len(text[:stop]) - len(text[:stop].lstrip())
+    if start >= stop:
+        return None
+    end = _sentence_end(text, start, stop)
+    m = _RESTATEMENT_VERB.search(text, start, end)
+    if m is not None:
+        prefix = set(fold(text[start:m.start()]).split())
+        keywords = set(fold(context).split()) - _CONTEXT_STOPWORDS if context else set()
+        if prefix & keywords:
+            start = m.end()
+    for article in ("the ", "a ", "an "):
+        if text[start:start + len(article)].lower() == article:
+            start += len(article)
+            break
+    for brk in _CLAUSE_BREAKS:
+        cut = text.find(brk, start, end)
+        if cut > start:
+            end = cut
+    while end > start and text[end - 1] in _TRAILING:
+        end -= 1
+    while start < end and text[start] in " \t\"'([{":
+        start += 1
+    return (start, end) if end > start else None
+
+
+_CONTEXT_STOPWORDS = {"what", "which", "who", "is", "the", "of", "a", "an", "in", "on", "did",
+                      "does", "do", "year", "us", "has", "have", "was", "were", "are", "q",
+                      "a", "answer", "question", "user", "assistant"}
+
+
+def _short_answer(text: str, prompt: str) -> tuple[int, int] | None:
+    """The core of a one-line answer of at most ``MAX_ANSWER_WORDS`` words."""
+    first = text.split("\n", 1)[0]
+    if not first.strip() or len(first.split()) > 3 * MAX_ANSWER_WORDS:
+        return None
+    span = core_answer(text, context=_last_question(prompt))
+    if span is None:
+        return None
+    s, e = span
+    core = text[s:e]
+    if not re.search(r"\w", core) or len(core.split()) > MAX_ANSWER_WORDS:
+        return None
+    if all(w.lower() in _FUNCTION_WORDS for w in re.findall(r"[\w']+", core)):
+        return None
+    return span
+
+
+def _last_question(prompt: str) -> str:
+    """The last line of the prompt that reads as a question (the one being answered)."""
+    lines = [ln for ln in prompt.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if "?" in line:
+            return line
+    return lines[-1] if lines else ""
+
+
+def claim_tokens(starts: Sequence[int], ends: Sequence[int], claim: Claim | tuple[int, int]
+                 ) -> tuple[int, int] | None:
+    """Generated tokens ``[t0, t1)`` whose characters ``[starts[i], ends[i])`` overlap the
+    claim; None when none does (an empty token never overlaps)."""
+    start, end = (claim.start, claim.end) if isinstance(claim, Claim) else claim
+    first = last = None
+    for i, (s, e) in enumerate(zip(starts, ends)):
+        if e > start and s < end and e > s:
+            first = i if first is None else first
+            last = i
+    return None if first is None else (first, last + 1)
+
+
+def aggregate(values: Sequence[float], how: str = "max") -> float:
+    """A claim's score from its tokens' scores."""
+    if how not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {how!r}; choose from {AGGREGATIONS}")
+    if not len(values):
+        raise ValueError("a claim needs at least one scored token")
+    return float(max(values)) if how == "max" else float(sum(values) / len(values))
+
+
+def aggregate_segments(scores: np.ndarray, counts: np.ndarray, how: str = "max") -> np.ndarray:
+    """:func:`aggregate` over consecutive segments of ``scores`` of the given lengths
+    (each at least 1): the vectorised form training and evaluation use."""
+    if how not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {how!r}; choose from {AGGREGATIONS}")
+    counts = np.asarray(counts, dtype=np.int64)
+    if not counts.size:
+        return np.zeros(0)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    if how == "max":
+        return np.maximum.reduceat(scores, starts)
+    return np.add.reduceat(scores, starts) / counts
+
+
+def sentences(text: str) -> list[tuple[int, int]]:
+    """Sentence (or line) character ranges of ``text``."""
+    return [(m.start(), m.end() - (1 if m.group().endswith("\n") else 0))
+            for m in _SENTENCE.finditer(text) if m.group().strip()]
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseVerdict:
+    """A response's verdict for one probe: flagged when any claim in it is."""
+
+    probe: str
+    score: float  # the highest claim score (nan without scored claims)
+    threshold: float
+    flagged: bool
+    claims: int  # claims judged
+    flagged_claims: int
+
+
+def response_verdict(probe: str, threshold: float, claim_scores: Sequence[float]
+                     ) -> ResponseVerdict:
+    scores = [float(s) for s in claim_scores]
+    flagged = sum(s >= threshold for s in scores)
+    return ResponseVerdict(probe, max(scores) if scores else float("nan"), threshold,
+                           flagged > 0, len(scores), flagged)
+
+
+__all__ = [
+    "AGGREGATIONS",
+    "Claim",
+    "ClaimKind",
+    "ResponseVerdict",
+    "aggregate",
+    "aggregate_segments",
+    "claim_tokens",
+    "core_answer",
+    "find_claims",
+    "fold",
+    "response_verdict",
+    "sentences",
+]

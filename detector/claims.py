@@ -45,11 +45,11 @@ _SENTENCE = re.compile(r"\S.*?(?:[.!?](?=\s|$)|\n|$)", re.DOTALL)
 _MONTHS = {"january", "february", "march", "april", "may", "june", "july", "august",
            "september", "october", "november", "december", "jan", "feb", "mar", "apr", "jun",
            "jul", "aug", "sep", "sept", "oct", "nov", "dec"}
-# Lowercase words that may sit inside a multi-word name ("Bosnia and Herzegovina",
-# "Rio de Janeiro", "University of Oxford"); never at its ends.
-_CONNECTORS = {"of", "and", "de", "da", "do", "dos", "das", "di", "del", "della", "la", "le",
-               "les", "van", "von", "der", "den", "du", "y", "the", "upon", "al", "el", "bin",
-               "ibn", "&"}
+# Lowercase words that may sit inside a multi-word name ("Rio de Janeiro", "University of
+# Oxford"); never at its ends. Not "and": "Paris and London" are two claims, each judged on
+# its own (so "Bosnia and Herzegovina" is two as well).
+_CONNECTORS = {"of", "de", "da", "do", "dos", "das", "di", "del", "della", "la", "le", "les",
+               "van", "von", "der", "den", "du", "the", "upon", "al", "el", "bin", "ibn"}
 # Capitalised words that carry no claim of their own: function words, pronouns, discourse
 # markers and answer lead-ins. Stripped from the start of a run; a run of only these is
 # no claim ("The", "He", "In 1990" keeps "1990").

@@ -9,6 +9,7 @@ serving stack would use, then prints a summary and writes an HTML report.
 from __future__ import annotations
 
 import html
+import json
 import logging
 import socket
 import tempfile
@@ -46,6 +47,8 @@ DEFAULT_QUESTIONS = [
 ]
 SHORT_QUESTIONS = DEFAULT_QUESTIONS[:3]
 SYSTEM_PROMPT = "You are a helpful assistant. Answer in one short sentence."
+# The served held-out evaluation's summary, in the probe's directory (benchmarks/heldout.py).
+HELDOUT_SUMMARY = "heldout.json"
 
 
 @dataclass
@@ -55,12 +58,23 @@ class Answer:
     text: str = ""
     tokens: list[pb.TokenScore] = field(default_factory=list)
     spans: list[pb.Span] = field(default_factory=list)
+    verdicts: list[pb.ResponseVerdict] = field(default_factory=list)
     state: int = 0
     seconds: float = 0.0
 
     @property
     def flagged(self) -> list[pb.Span]:
         return [s for s in self.spans if s.flagged]
+
+    @property
+    def claims(self) -> list[pb.Span]:
+        return [s for s in self.spans if s.kind == "claim"]
+
+    @property
+    def verdict(self) -> bool | None:
+        """The response verdict (any claim flagged); None when nothing was judged."""
+        judged = [v for v in self.verdicts if v.claims]
+        return any(v.flagged for v in judged) if judged else None
 
     def token_probability(self, token: pb.TokenScore) -> float | None:
         return max((s.probability for s in token.scores), default=None)
@@ -158,6 +172,7 @@ class Demo:
                                             timeout=300):
                 answer.tokens.extend(update.tokens)
                 answer.spans.extend(update.spans)
+                answer.verdicts.extend(update.verdicts)
                 answer.state = update.state
                 live.update(self._render(answer))
         worker.join()
@@ -166,7 +181,7 @@ class Demo:
         answer.text = "".join(t.text for t in answer.tokens)
         answer.seconds = time.monotonic() - started
         for span in answer.flagged:
-            if span.kind == "entity":
+            if span.kind == "claim":
                 self.console.print(Text(f"   flagged: {span.text!r} score {span.score:.2f} >= "
                                         f"threshold {span.threshold:.2f}", style="red"))
         return answer
@@ -189,16 +204,38 @@ class Demo:
         table = Table(title="Summary")
         table.add_column("question")
         table.add_column("answer")
-        table.add_column("max span score", justify="right")
-        table.add_column("flagged spans")
+        table.add_column("verdict")
+        table.add_column("max claim score", justify="right")
+        table.add_column("flagged claims")
         for a in answers:
-            top = max((s.score for s in a.spans if s.kind == "entity"), default=float("nan"))
-            flagged = ", ".join(sorted({s.text for s in a.flagged if s.kind == "entity"}))
-            table.add_row(a.question, a.text.strip()[:60], f"{top:.2f}", flagged or "-")
+            top = max((s.score for s in a.claims), default=float("nan"))
+            flagged = ", ".join(sorted({s.text for s in a.flagged if s.kind == "claim"}))
+            verdict = {None: "[dim]no claim judged[/dim]", True: "[red]made up[/red]",
+                       False: "[green]ok[/green]"}[a.verdict]
+            table.add_row(a.question, a.text.strip()[:60], verdict, f"{top:.2f}",
+                          flagged or "-")
         return table
 
 
-def _flagged_chars(answer: Answer, kinds: tuple[str, ...] = ("entity",)) -> set[int]:
+def measured_quality(probe: Path | None) -> str | None:
+    """One line with the probe's measured held-out precision and recall, when its directory
+    carries the served evaluation's summary (``heldout.json``, from benchmarks/heldout.py)."""
+    if probe is None or not (probe / HELDOUT_SUMMARY).is_file():
+        return None
+    try:
+        data = json.loads((probe / HELDOUT_SUMMARY).read_text())
+        v = data["response_verdict"]
+        return (f"Measured on {v['answers']} answers to held-out topics and prompts the probe "
+                f"never trained on, through the served path: a flagged answer is made up "
+                f"{v['precision']:.0%} of the time (precision), and {v['recall']:.0%} of made-up "
+                f"answers are flagged (recall); {v['false_flag_rate']:.0%} of correct answers "
+                f"are flagged. Source: {data.get('source', HELDOUT_SUMMARY)}.")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("unreadable %s in %s: %s", HELDOUT_SUMMARY, probe, exc)
+        return None
+
+
+def _flagged_chars(answer: Answer, kinds: tuple[str, ...] = ("claim",)) -> set[int]:
     """Characters inside flagged spans of the given kinds."""
     chars: set[int] = set()
     for s in answer.flagged:
@@ -237,7 +274,7 @@ def write_report(answers: list[Answer], path: Path, *, probe: Path | None) -> Pa
                      f"<td>{html.escape(flagged) or '-'}</td></tr>")
     parts.append("</table>")
     for a in answers:
-        flagged_chars = _flagged_chars(a, kinds=("word", "entity", "sentence"))
+        flagged_chars = _flagged_chars(a, kinds=("claim",))
         parts.append(f"<div class='answer' id='{html.escape(a.request_id)}'>"
                      f"<h3>{html.escape(a.question)}</h3><p>")
         pos = 0
@@ -280,6 +317,9 @@ def run_demo(*, model: str | None, questions: list[str] | None, short: bool, rep
         demo.start()
         answers = demo.ask_all()
         console.print(demo.summary(answers))
+        quality = measured_quality(probe)
+        if quality:
+            console.print(quality)
         path = write_report(answers, report, probe=probe)
         console.print(f"HTML report: {path}")
         return 0

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from detector.claims import ResponseVerdict
 from detector.sidecar.spans import SPAN_KINDS, SpanVerdict, find_spans, judge_spans
 from detector.sidecar.streams import ProbeColumns, RequestRecord, TokenScore
 from detector.sidecar.text import DecodedText, TextDecoder
@@ -17,6 +18,8 @@ class RequestAnalysis:
     tokens: list[TokenScore]
     decoded: DecodedText | None
     verdicts: list[SpanVerdict]
+    # One per probe: flagged when any claim span is (empty without a decoder or probes).
+    responses: list[ResponseVerdict]
 
     @property
     def text(self) -> str:
@@ -25,7 +28,7 @@ class RequestAnalysis:
 
 class Analyzer:
     def __init__(self, decoder: TextDecoder | None,
-                 span_kinds: Sequence[str] = ("entity", "sentence")) -> None:
+                 span_kinds: Sequence[str] = SPAN_KINDS) -> None:
         unknown = set(span_kinds) - set(SPAN_KINDS)
         if unknown:
             raise ValueError(f"unknown span kinds {sorted(unknown)}; choose from {SPAN_KINDS}")
@@ -46,11 +49,15 @@ class Analyzer:
                 n += 1
             tokens = tokens[:n]
         if self.decoder is None:
-            return RequestAnalysis(record, tokens, None, [])
+            return RequestAnalysis(record, tokens, None, [], [])
         decoded = self.decoder.decode([t.token_id for t in tokens], record.prompt_tail)
         verdicts: list[SpanVerdict] = []
+        responses: list[ResponseVerdict] = []
         if columns is not None and columns.names:
-            spans = find_spans(decoded, self.span_kinds)
+            # Names copied from the prompt are no claim of the model's (detector.claims).
+            prompt = self.decoder.text_of(record.prompt_tail)
             probes = list(zip(columns.names, columns.aggregations, columns.thresholds))
-            verdicts = judge_spans(spans, [t.scores for t in tokens], probes)
-        return RequestAnalysis(record, tokens, decoded, verdicts)
+            verdicts, responses = judge_spans(decoded, find_spans(decoded, prompt),
+                                              [t.scores for t in tokens], probes,
+                                              self.span_kinds)
+        return RequestAnalysis(record, tokens, decoded, verdicts, responses)

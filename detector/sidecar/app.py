@@ -74,7 +74,7 @@ class SidecarSettings(BaseSettings):
     # which the hook does not see when the engine goes idle after it); so have requests
     # that lost steps and got no new step for this long (their end was in a lost step).
     engine_idle_s: float = Field(30.0, gt=0)
-    span_kinds: list[str] = Field(default_factory=lambda: ["entity", "sentence"])
+    span_kinds: list[str] = Field(default_factory=lambda: list(SPAN_KINDS))
     max_streams: int = Field(256, ge=1)
     shutdown_grace_s: float = Field(5.0, ge=0)
     # TLS for gRPC; with a client CA, mutual TLS (clients must present a cert it signed).

@@ -68,13 +68,14 @@ class SidecarMetrics:
             registry=r)
         self.requests_flagged = Counter(
             "lie_detector_requests_flagged",
-            "Finished requests with at least one flagged span, per probe.", ["probe"],
+            "Finished requests whose response verdict is flagged (a claim span reached the "
+            "probe's threshold), per probe.", ["probe"],
             registry=r)
         self.requests_incomplete = Counter(
             "lie_detector_requests_incomplete",
             "Finished requests whose scores are incomplete (rows lost).", registry=r)
         self.span_score = Histogram(
-            "lie_detector_span_score", "Calibrated span scores, per probe.", ["probe"],
+            "lie_detector_span_score", "Calibrated claim-span scores, per probe.", ["probe"],
             buckets=_SCORE_BUCKETS, registry=r)
         self._engine_dropped_seen: dict[str, int] = {}
 

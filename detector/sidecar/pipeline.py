@@ -163,15 +163,15 @@ class ScoringPipeline:
         for name in columns.names:
             m.tokens_scored.labels(name).inc(sum(name in t.scores for t in analysis.tokens))
             m.requests_scored.labels(name).inc()
-        flagged_probes = set()
         for v in analysis.verdicts:
             m.spans_scored.labels(v.probe, v.span.kind).inc()
-            m.span_score.labels(v.probe).observe(v.score)
+            if v.span.kind == "claim":
+                m.span_score.labels(v.probe).observe(v.score)
             if v.flagged:
                 m.spans_flagged.labels(v.probe, v.span.kind).inc()
-                flagged_probes.add(v.probe)
-        for name in flagged_probes:
-            m.requests_flagged.labels(name).inc()
+        for r in analysis.responses:  # the response verdict: any claim span flagged
+            if r.flagged:
+                m.requests_flagged.labels(r.probe).inc()
 
     def _housekeeping(self) -> None:
         """Gauges, hook state and request ends."""

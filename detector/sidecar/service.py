@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.artifact import ProbeArtifactError, ProbeMismatchError
+from detector.claims import ResponseVerdict, sentences
 from detector.sidecar.analysis import Analyzer, RequestAnalysis
 from detector.sidecar.registry import LoadedProbe, ProbeRegistry
 from detector.sidecar.security import AdminGuard, is_loopback
@@ -75,6 +76,7 @@ class DetectorService(pb_grpc.DetectorServicer):
             tokens=_tokens(analysis, 0, len(analysis.tokens), columns),
             spans=[_span(v) for v in analysis.verdicts],
             text=analysis.text,
+            verdicts=[_verdict(r) for r in analysis.responses],
         )
 
     def StreamScores(self, request: pb.StreamScoresRequest, context: grpc.ServicerContext
@@ -106,9 +108,11 @@ class DetectorService(pb_grpc.DetectorServicer):
             columns = self.store.columns
             analysis = self.analyzer.analyse(*snap, columns, settled_only=not done)
             n = len(analysis.tokens)
-            # A span is final once text follows it (or the request ended).
+            # A span is final once the sentence holding it has ended and text follows (a
+            # name can still grow: "New" -> "New York"), or the request ended.
+            open_from = _open_sentence_start(analysis.text)
             closed = [v for v in analysis.verdicts
-                      if (done or v.span.char_end < len(analysis.text))
+                      if (done or v.span.char_end <= open_from)
                       and _span_key(v) not in sent_spans]
             if n > sent_tokens or closed or done:
                 yield pb.ScoresUpdate(
@@ -119,6 +123,7 @@ class DetectorService(pb_grpc.DetectorServicer):
                     tokens=_tokens(analysis, sent_tokens, n, columns),
                     spans=[_span(v) for v in closed],
                     final=done,
+                    verdicts=[_verdict(r) for r in analysis.responses] if done else [],
                 )
                 sent_tokens = n
                 sent_spans.update(_span_key(v) for v in closed)
@@ -192,6 +197,21 @@ def _span(v: SpanVerdict) -> pb.Span:
     return pb.Span(char_start=s.char_start, char_end=s.char_end, token_start=s.token_start,
                    token_end=s.token_end, text=s.text, kind=s.kind, probe=v.probe,
                    score=v.score, threshold=v.threshold, flagged=v.flagged)
+
+
+def _verdict(r: ResponseVerdict) -> pb.ResponseVerdict:
+    return pb.ResponseVerdict(probe=r.probe, score=r.score, threshold=r.threshold,
+                              flagged=r.flagged, claims=r.claims,
+                              flagged_claims=r.flagged_claims)
+
+
+def _open_sentence_start(text: str) -> int:
+    """Where the last sentence that may still grow begins (``len(text)`` if none may)."""
+    spans = sentences(text)
+    if not spans:
+        return len(text)
+    start, end = spans[-1]
+    return start if end >= len(text.rstrip()) else len(text)
 
 
 def _span_key(v: SpanVerdict) -> tuple:

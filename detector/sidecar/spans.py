@@ -1,30 +1,33 @@
-"""Cut generated text into spans and turn token scores into span verdicts.
+"""Judge a response's claim spans, and derive sentence and response verdicts from them.
 
-Span kinds:
+What counts as a claim, which tokens it covers and how their scores aggregate is decided
+by :mod:`detector.claims`, the module training and evaluation use too, so the sidecar
+judges exactly the spans the probe was trained and measured on. Span kinds:
 
-- ``word``: a maximal run of letters, digits and inner punctuation ("Samarkhand", "3.14",
-  "O'Neill");
-- ``entity``: a run of capitalised or numeric words ("New South Wales", "1492"), the unit
-  entity-level hallucination probes are usually judged on;
-- ``sentence``: up to and including ., ! or ? followed by whitespace, or the end.
+- ``claim``: a name, number, date or short answer the model asserts (never a function word,
+  a pronoun or a name copied from the prompt);
+- ``sentence``: judged by the highest claim inside it, flagged only when one of its claims
+  is; a sentence without a scored claim gets no verdict.
 
-A span's score aggregates the scores of the tokens that overlap it, by the probe's
-aggregation (max by default: one fabricated token makes the span fabricated); its
-calibrated probability is compared with the probe's threshold.
+The response verdict per probe (any claim flagged) is :func:`detector.claims.response_verdict`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from detector.claims import (
+    ResponseVerdict,
+    aggregate,
+    claim_tokens,
+    find_claims,
+    response_verdict,
+    sentences,
+)
 from detector.sidecar.text import DecodedText
 
-SPAN_KINDS = ("word", "entity", "sentence")
-_WORD = re.compile(r"[^\W_](?:[\w'’.\-]*[^\W_])?", re.UNICODE)
-_SENTENCE = re.compile(r"\S.*?(?:[.!?](?=\s|$)|$)", re.DOTALL)
-_ENTITY_WORD = re.compile(r"^(?:[A-Z0-9À-Þ]|\d)")
+SPAN_KINDS = ("claim", "sentence")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,72 +49,53 @@ class SpanVerdict:
     flagged: bool
 
 
-def find_spans(decoded: DecodedText, kinds: Sequence[str] = ("entity", "sentence")) -> list[Span]:
-    """Spans of the requested kinds, each mapped to the generated tokens that overlap it."""
-    text = decoded.text
-    ranges: list[tuple[str, int, int]] = []
-    words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
-    if "word" in kinds:
-        ranges += [("word", s, e) for s, e in words]
-    if "entity" in kinds:
-        ranges += [("entity", s, e) for s, e in _entities(text, words)]
-    if "sentence" in kinds:
-        ranges += [("sentence", m.start(), m.end()) for m in _SENTENCE.finditer(text)
-                   if m.group().strip()]
+def find_spans(decoded: DecodedText, prompt: str = "") -> list[Span]:
+    """The claim spans of the generated text, each with the generated tokens it covers."""
     spans = []
-    for kind, start, end in ranges:
-        tokens = _overlapping_tokens(decoded, start, end)
+    for claim in find_claims(decoded.text, prompt=prompt):
+        tokens = claim_tokens(decoded.starts, decoded.ends, claim)
         if tokens is not None:
-            spans.append(Span(kind, start, end, tokens[0], tokens[1], text[start:end]))
+            spans.append(Span("claim", claim.start, claim.end, tokens[0], tokens[1], claim.text))
     return spans
 
 
-def _entities(text: str, words: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Merge consecutive capitalised/numeric words separated only by spaces."""
-    out: list[tuple[int, int]] = []
-    run: tuple[int, int] | None = None
-    for s, e in words:
-        if _ENTITY_WORD.match(text[s:e]):
-            if run is not None and text[run[1]:s].strip(" ") == "" and "\n" not in text[run[1]:s]:
-                run = (run[0], e)
-            else:
-                if run is not None:
-                    out.append(run)
-                run = (s, e)
-        elif run is not None:
-            out.append(run)
-            run = None
-    if run is not None:
-        out.append(run)
-    return out
-
-
-def _overlapping_tokens(decoded: DecodedText, start: int, end: int) -> tuple[int, int] | None:
-    first = last = None
-    for i, (s, e) in enumerate(zip(decoded.starts, decoded.ends)):
-        if e > start and s < end:
-            first = i if first is None else first
-            last = i
-    return None if first is None else (first, last + 1)
-
-
 def judge_spans(
-    spans: Sequence[Span],
+    decoded: DecodedText,
+    claims: Sequence[Span],
     token_scores: Sequence[dict[str, float]],
     probes: Sequence[tuple[str, str, float]],
-) -> list[SpanVerdict]:
-    """One verdict per (span, probe) with at least one scored token.
+    kinds: Sequence[str] = SPAN_KINDS,
+) -> tuple[list[SpanVerdict], list[ResponseVerdict]]:
+    """Span verdicts of the requested kinds, and one response verdict per probe.
 
     ``probes`` lists (name, aggregation, threshold); ``token_scores[i]`` maps probe name to
-    the calibrated probability of generated token i (absent when unscored).
+    the calibrated probability of generated token i (absent when unscored). A claim with no
+    scored token has no verdict.
     """
-    verdicts = []
-    for span in spans:
-        for name, aggregation, threshold in probes:
+    claim_verdicts: list[SpanVerdict] = []
+    for span in claims:
+        for name, how, threshold in probes:
             values = [token_scores[i][name] for i in range(span.token_start, span.token_end)
-                      if name in token_scores[i]]
-            if not values:
-                continue
-            score = max(values) if aggregation == "max" else sum(values) / len(values)
-            verdicts.append(SpanVerdict(span, name, score, threshold, score >= threshold))
-    return verdicts
+                      if i < len(token_scores) and name in token_scores[i]]
+            if values:
+                score = aggregate(values, how)
+                claim_verdicts.append(SpanVerdict(span, name, score, threshold,
+                                                  score >= threshold))
+    out = list(claim_verdicts) if "claim" in kinds else []
+    if "sentence" in kinds:
+        for start, end in sentences(decoded.text):
+            inside = [v for v in claim_verdicts
+                      if v.span.char_start >= start and v.span.char_end <= end]
+            for name, _, threshold in probes:
+                mine = [v for v in inside if v.probe == name]
+                if not mine:
+                    continue
+                top = max(mine, key=lambda v: v.score)
+                tokens = claim_tokens(decoded.starts, decoded.ends, (start, end))
+                assert tokens is not None  # it holds a claim, which covers tokens
+                span = Span("sentence", start, end, tokens[0], tokens[1], decoded.text[start:end])
+                out.append(SpanVerdict(span, name, top.score, threshold, top.flagged))
+    responses = [response_verdict(name, threshold,
+                                  [v.score for v in claim_verdicts if v.probe == name])
+                 for name, _, threshold in probes]
+    return out, responses

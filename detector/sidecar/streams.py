@@ -31,7 +31,9 @@ _INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 _PROMPT_INDEX = re.compile(r"^(cmpl-.+)-(\d+)$")
 _ROW_OVERHEAD = 96  # bytes of dict entry + array header per stored row, roughly
 MAX_GAP = 1 << 16  # missing tokens filled in at once; more is treated as corrupt
-PROMPT_TAIL = 8  # prompt tokens kept per request, to decode the first generated piece
+# Prompt tokens kept per request: the last few prime decoding of the first generated piece,
+# all of them tell a claim from a name copied from the prompt (detector.claims).
+PROMPT_TAIL = 256
 
 
 def request_aliases(req_id: str) -> list[str]:
@@ -305,6 +307,7 @@ class RequestStore:
     def _set_prompt_tail(rec: RequestRecord, i: int, token: int) -> None:
         tail = rec.prompt_tail
         if len(tail) < PROMPT_TAIL:
+            rec.nbytes += 8 * (PROMPT_TAIL - len(tail))
             tail.extend([-1] * (PROMPT_TAIL - len(tail)))
         tail[i] = token
 

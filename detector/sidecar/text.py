@@ -18,6 +18,8 @@ from tokenizers.decoders import DecodeStream
 
 logger = logging.getLogger(__name__)
 
+PRIME_TOKENS = 8  # prompt tokens that prime decoding of the first generated piece
+
 
 @dataclass(frozen=True, slots=True)
 class DecodedText:
@@ -40,8 +42,20 @@ class TextDecoder:
             return None
         return cls(Tokenizer.from_file(str(path)))
 
+    def text_of(self, token_ids: Sequence[int]) -> str:
+        """Plain text of some tokens (special tokens skipped), e.g. the prompt's tail."""
+        ids = [t for t in token_ids if t >= 0]
+        try:
+            return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        except Exception:  # an id outside the vocabulary: no text rather than no verdict
+            return ""
+
     def decode(self, generated: Sequence[int], prompt_tail: Sequence[int] = ()) -> DecodedText:
-        """Decode generated tokens; unknown tokens (-1) decode to nothing."""
+        """Decode generated tokens; unknown tokens (-1) decode to nothing.
+
+        Only the last ``PRIME_TOKENS`` of ``prompt_tail`` prime the decoder, as vLLM's
+        incremental detokenizer does."""
+        prompt_tail = list(prompt_tail)[-PRIME_TOKENS:]
         stream = DecodeStream(ids=list(prompt_tail), skip_special_tokens=True) if prompt_tail \
             else DecodeStream(skip_special_tokens=True)
         pieces: list[str] = []

@@ -210,9 +210,20 @@ def test_stream_sends_spans_and_metrics_move(vllm_server, stub, sidecar) -> None
     assert [t.index for t in tokens] == list(range(len(tokens)))
     keys = [(s.kind, s.char_start, s.char_end, s.probe) for s in spans]
     assert len(keys) == len(set(keys)), "a span was sent twice"
-    assert {s.kind for s in spans} == {"entity", "sentence"}
+    assert {s.kind for s in spans} == {"claim", "sentence"}
     for s in spans:
         assert text[s.char_start:s.char_end] == s.text
+    # The response verdict comes with the final update and derives from the claims alone.
+    claims = [s for s in spans if s.kind == "claim"]
+    (verdict,) = final.verdicts
+    assert verdict.probe == "word-start" and verdict.claims == len(claims)
+    assert verdict.flagged_claims == sum(s.flagged for s in claims)
+    assert verdict.flagged == any(s.flagged for s in claims)
+    assert abs(verdict.score - max(s.score for s in claims)) < 1e-6
+    for sentence in (s for s in spans if s.kind == "sentence"):
+        inside = [c for c in claims
+                  if sentence.char_start <= c.char_start and c.char_end <= sentence.char_end]
+        assert inside and sentence.flagged == any(c.flagged for c in inside)
     time.sleep(1.5)  # housekeeping publishes gauges once a second
     after = scrape_metrics(sidecar.metrics_port)
     probe = '{"probe": "word-start"}'

@@ -20,9 +20,9 @@ def test_precedence_flags_env_file(tmp_path, monkeypatch) -> None:
 
 
 def test_yaml_and_json_files(tmp_path) -> None:
-    (tmp_path / "a.yaml").write_text("span_kinds: [word]\n")
+    (tmp_path / "a.yaml").write_text("span_kinds: [claim]\n")
     (tmp_path / "b.json").write_text('{"span_kinds": ["sentence"]}')
-    assert load_settings(tmp_path / "a.yaml").span_kinds == ["word"]
+    assert load_settings(tmp_path / "a.yaml").span_kinds == ["claim"]
     assert load_settings(tmp_path / "b.json").span_kinds == ["sentence"]
 
 

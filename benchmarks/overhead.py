@@ -222,8 +222,10 @@ def start_sidecar(groups: ProcessGroups, channel: str, workdir: Path, probe: Pat
     return Sidecar(proc, address, f"http://127.0.0.1:{metrics_port}/metrics", log_path)
 
 
-def make_random_probe(model_dir: Path, directory: Path, layer: int = PROBE_LAYER) -> Path:
-    """A valid probe artifact with random weights: exercises scoring, measures nothing."""
+def make_random_probe(model_dir: Path, directory: Path, layer: int = PROBE_LAYER,
+                      token_features: list[str] | None = None) -> Path:
+    """A valid probe artifact with random weights: exercises scoring, measures nothing
+    (a hybrid one reading ``token_features`` too, for ``--token-features``)."""
     import torch
 
     from detector.artifact import ProbeArtifact, ProbeMetadata
@@ -236,7 +238,9 @@ def make_random_probe(model_dir: Path, directory: Path, layer: int = PROBE_LAYER
         name="benchmark-random", model=identity, layers=[layer],
         hidden_size=identity.hidden_size, score_position="producer", calibration="none",
         threshold=0.5, training={"note": "random weights for the overhead benchmark"},
+        token_features=list(token_features or []),
     )
+    d += len(meta.token_features)
     art = ProbeArtifact(metadata=meta, weight=torch.randn(d, generator=g) / d**0.5,
                         bias=torch.zeros(1))
     return art.save(directory, overwrite=True)
@@ -621,6 +625,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "OMP_NUM_THREADS=1 (repeatable)")
     p.add_argument("--warmup", type=int, default=1,
                    help="uncounted warm-up rounds per server (default 1)")
+    p.add_argument("--token-features", action="store_true",
+                   help="server A also computes token features (logprob, entropy) and the "
+                   "probe is a hybrid one: compare its ratio with a run without the flag")
     p.add_argument("--keep-logs", action="store_true",
                    help="keep the servers' log folder (its path is logged) after the run")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -671,12 +678,15 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("load average before: %.2f %.2f %.2f", *load_before)
     ok = False
     try:
-        probe = make_random_probe(model_dir, workdir / "probe")
+        features = ["logprob", "entropy"] if args.token_features else []
+        probe = make_random_probe(model_dir, workdir / "probe", token_features=features)
         sidecar = start_sidecar(groups, channel, workdir, probe, model_dir, args.sidecar_cpus,
                                 dict(args.sidecar_env))
         # Both start together (start-up is not measured); generation never overlaps.
         servers = {
-            "A": start_vllm(groups, "vllm-A-plugin-on", model_dir, workdir, channel, plugin=True),
+            "A": start_vllm(groups, "vllm-A-plugin-on", model_dir, workdir, channel, plugin=True,
+                            extra_env=({"LIE_DETECTOR_TOKEN_FEATURES": ",".join(features)}
+                                       if features else None)),
             "B": start_vllm(groups, "vllm-B-plugin-off", model_dir, workdir, channel,
                             plugin=False),
         }
@@ -762,7 +772,9 @@ def main(argv: list[str] | None = None) -> int:
                 "vllm_args": VLLM_ARGS + ["--max-model-len", str(MAX_MODEL_LEN),
                                           "--no-enable-prefix-caching"],
                 "env": {"VLLM_CPU_KVCACHE_SPACE": "1",
-                        "A": {"LIE_DETECTOR_LAYERS": ",".join(map(str, LAYERS))},
+                        "A": {"LIE_DETECTOR_LAYERS": ",".join(map(str, LAYERS)),
+                              **({"LIE_DETECTOR_TOKEN_FEATURES": ",".join(features)}
+                                 if features else {})},
                         "B": {"LIE_DETECTOR_DISABLE": "1"}},
                 "order": [k for k, _ in abba(args.rounds)],
             },

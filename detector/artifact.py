@@ -12,9 +12,11 @@ are ignored, and every inconsistency raises :class:`ProbeArtifactError` with a r
 that names the file, so an operator can fix a bad probe without reading a traceback.
 
 Score of a token position with captured rows ``x`` (the probe's layers concatenated in
-``layers`` order, length ``len(layers) * hidden_size``)::
+``layers`` order, length ``len(layers) * hidden_size``), followed, for a *hybrid* probe,
+by the scored token's ``token_features`` (``detector.hooks.token_features``: its raw
+log-probability, the entropy of its top-20 distribution) in the order the metadata lists::
 
-    z = ((x - mean) / scale) . weight + bias        # the logit
+    z = (([x, f] - mean) / scale) . weight + bias   # the logit; f is empty for most probes
     p = calibrate(z)                                 # none | platt | isotonic
     flagged = p >= threshold
 """
@@ -48,6 +50,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from detector import __version__
+from detector.hooks.token_features import TOKEN_FEATURES, TOKEN_FEATURES_ENV
 from detector.model_identity import ModelIdentity
 
 logger = logging.getLogger(__name__)
@@ -99,6 +102,9 @@ class ProbeMetadata(BaseModel):
     platt_a: FiniteFloat | None = None
     platt_b: FiniteFloat | None = None
     threshold: FiniteFloat = Field(gt=0.0, lt=1.0)
+    # Per-token inputs beside the rows (hybrid probe), in the order their weights follow
+    # the hidden weights. The engine computes them only when a loaded probe lists them.
+    token_features: list[str] = Field(default_factory=list)
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     library_version: str = __version__
     training: dict[str, Any] = Field(default_factory=dict)
@@ -115,6 +121,19 @@ class ProbeMetadata(BaseModel):
     def _check_layers(cls, value: list[int]) -> list[int]:
         if value != sorted(set(value)):
             raise ValueError(f"layers must be sorted and unique, got {value}")
+        return value
+
+    @field_validator("token_features")
+    @classmethod
+    def _check_token_features(cls, value: list[str]) -> list[str]:
+        unknown = [f for f in value if f not in TOKEN_FEATURES]
+        if unknown:
+            raise ValueError(
+                f"unknown token feature(s) {unknown}; this library (version {__version__}) "
+                f"computes {list(TOKEN_FEATURES)}"
+            )
+        if len(set(value)) != len(value):
+            raise ValueError(f"token_features must be unique, got {value}")
         return value
 
     @field_validator("training")
@@ -148,9 +167,14 @@ class ProbeMetadata(BaseModel):
         return self
 
     @property
-    def input_dim(self) -> int:
-        """Length of the probe's input: its layers' rows concatenated."""
+    def hidden_dim(self) -> int:
+        """Length of the row part of the input: the probe's layers' rows concatenated."""
         return len(self.layers) * self.hidden_size
+
+    @property
+    def input_dim(self) -> int:
+        """Length of the probe's input: its layers' rows, then its token features."""
+        return self.hidden_dim + len(self.token_features)
 
 
 @dataclass(frozen=True, eq=False)
@@ -314,12 +338,20 @@ def check_compatible(
         raise ProbeMismatchError(f"probe {meta.name!r} cannot be used: " + "; ".join(problems))
 
 
+def probe_token_features(metas: Sequence[ProbeMetadata]) -> list[str]:
+    """Every token feature any of the probes reads, in canonical order (what the engine
+    must compute: ``LIE_DETECTOR_TOKEN_FEATURES``)."""
+    wanted = {f for m in metas for f in m.token_features}
+    return [f for f in TOKEN_FEATURES if f in wanted]
+
+
 def folded_linear(art: ProbeArtifact) -> tuple[torch.Tensor, float]:
     """Fold standardisation into the weights so scoring is a single dot product.
 
     ``((x - mean) / scale) . w + b == x . (w / scale) + (b - sum(w * mean / scale))``.
     Computed in float64 and rounded once, to keep the folded logit close to the
-    unfolded one.
+    unfolded one. For a hybrid probe the last ``len(token_features)`` entries of the
+    returned weight apply to the token features, folded like the rest.
     """
     w = art.weight.double()
     b = float(art.bias.double()[0])
@@ -494,7 +526,9 @@ def _check_tensors(meta: ProbeMetadata, tensors: dict[str, Any], where: str) -> 
         expected = shapes.get(name)
         if expected is not None and tuple(t.shape) != expected:
             why = "" if name == "bias" else (
-                f" ({len(meta.layers)} layers x hidden size {meta.hidden_size})"
+                f" ({len(meta.layers)} layers x hidden size {meta.hidden_size}"
+                + (f" + token features {meta.token_features}" if meta.token_features else "")
+                + ")"
             )
             raise ProbeArtifactError(
                 f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected {expected}{why}"
@@ -527,6 +561,7 @@ __all__ = [
     "FORMAT_VERSION",
     "LAYERS_ENV",
     "METADATA_FILE",
+    "TOKEN_FEATURES_ENV",
     "TENSORS_FILE",
     "ProbeArtifact",
     "ProbeArtifactError",
@@ -535,4 +570,5 @@ __all__ = [
     "check_compatible",
     "folded_linear",
     "load_probe",
+    "probe_token_features",
 ]

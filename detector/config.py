@@ -14,6 +14,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from detector.hooks.token_features import parse_token_features
+
 ENV_PREFIX = "LIE_DETECTOR_"
 
 
@@ -50,12 +52,25 @@ class HookSettings(BaseSettings):
     queue_steps: int = Field(1024, ge=1, le=65536)
     queue_bytes: int = Field(256 << 20, ge=1 << 16)
     heartbeat_s: float = Field(1.0, gt=0, le=60)
+    # "logprob,entropy": per-token features computed from each step's logits for hybrid
+    # probes (set from the probes' declarations); empty, the default, computes nothing.
+    token_features: str | None = None
 
     @field_validator("layers")
     @classmethod
     def _check_layers(cls, value: str | None) -> str | None:
         parse_layers(value)
         return value
+
+    @field_validator("token_features")
+    @classmethod
+    def _check_token_features(cls, value: str | None) -> str | None:
+        parse_token_features(value)
+        return value
+
+    @property
+    def token_feature_list(self) -> list[str]:
+        return parse_token_features(self.token_features)
 
     @property
     def layer_list(self) -> list[int] | None:

@@ -50,6 +50,15 @@ def probe_layers(paths: list[Path]) -> list[int]:
     return sorted(layers)
 
 
+def probe_token_features(paths: list[Path]) -> list[str]:
+    """Every token feature any of the given probes reads (hybrid probes), in canonical
+    order: what the engine must compute for them."""
+    from detector.artifact import load_probe
+    from detector.artifact import probe_token_features as union
+
+    return union([load_probe(p).metadata for p in paths])
+
+
 def probe_dtype(paths: list[Path]) -> str | None:
     """The vLLM dtype the probes' rows were captured in, when they agree on one."""
     from detector.artifact import load_probe
@@ -103,6 +112,14 @@ def engine_env(opts: ServeOptions, layers: list[int]) -> dict[str, str]:
     env = dict(os.environ)
     env["LIE_DETECTOR_CHANNEL"] = opts.channel
     env["LIE_DETECTOR_LAYERS"] = ",".join(map(str, layers))
+    # Token features only when a loaded probe reads them (else the hook computes none);
+    # with no probes given, an explicit LIE_DETECTOR_TOKEN_FEATURES is left as set.
+    if opts.probes:
+        features = probe_token_features(opts.probes)
+        if features:
+            env["LIE_DETECTOR_TOKEN_FEATURES"] = ",".join(features)
+        else:
+            env.pop("LIE_DETECTOR_TOKEN_FEATURES", None)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     return env
 

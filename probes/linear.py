@@ -215,15 +215,20 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         score_position: Literal["producer", "own"] = "producer",
         threshold: float = 0.5,
         training: dict[str, Any] | None = None,
+        token_features: Sequence[str] = (),
     ) -> ProbeArtifact:
-        """Export for the sidecar; features must be ``layers``' rows concatenated in order."""
+        """Export for the sidecar; features must be ``layers``' rows concatenated in order,
+        then, for a hybrid probe, one column per ``token_features`` name in that order
+        (``SpanTable.features`` with ``token_features`` set; ``probes.hybrid``)."""
         check_is_fitted(self, "coef_")
         layers = [int(k) for k in layers]
-        expected = len(layers) * model.hidden_size
+        token_features = list(token_features)
+        expected = len(layers) * model.hidden_size + len(token_features)
         if self.n_features_in_ != expected:
+            extra = f" + {len(token_features)} token features" if token_features else ""
             raise ProbeArtifactError(
                 f"probe {name!r} was fitted on {self.n_features_in_} features but "
-                f"{len(layers)} layers x hidden size {model.hidden_size} = {expected}"
+                f"{len(layers)} layers x hidden size {model.hidden_size}{extra} = {expected}"
             )
         info = dict(training or {})
         info.setdefault(
@@ -253,6 +258,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                 platt_b=self.platt_b_,
                 threshold=threshold,
                 training=info,
+                token_features=token_features,
             )
         except ValidationError as exc:
             raise ProbeArtifactError(f"probe {name!r}: invalid metadata: {_describe(exc)}") from None

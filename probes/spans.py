@@ -1,19 +1,22 @@
 """Labelled spans of a capture as arrays: what training and evaluation read.
 
-Each span is one labelled answer (1 = fabrication, 0 = retrieval). Its tokens are laid
-out consecutively, so per-token scores reduce to per-span scores with ``reduceat``; each
-token knows its producer row (position q-1) and its own row (position q).
+Each span is one labelled claim (1 = fabrication, 0 = retrieval): for generated answers
+the claim span (``detector.claims``) that carries the labelled answer. Its tokens are laid
+out consecutively, so per-token scores reduce to per-span scores with
+:func:`detector.claims.aggregate_segments` (the sidecar's aggregation); each token knows
+its producer row (position q-1) and its own row (position q).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
+from detector.claims import aggregate_segments
 from probes.store import CaptureStore
 
 logger = logging.getLogger(__name__)
@@ -44,6 +47,8 @@ class SpanTable:
     own_row: np.ndarray
     logprobs: np.ndarray  # of the generated token (nan if unknown)
     entropies: np.ndarray
+    # Hybrid probes: token features appended to ``features()`` (probes.hybrid).
+    token_features: list[str] = field(default_factory=list)
 
     @property
     def n_spans(self) -> int:
@@ -63,12 +68,18 @@ class SpanTable:
 
     def features(self, spans: np.ndarray, layers: Sequence[int], position: ScorePosition
                  ) -> np.ndarray:
-        """(n_tokens, len(layers) * H) float32: the rows a probe reads for these spans' tokens."""
+        """(n_tokens, len(layers) * H) float32: the rows a probe reads for these spans' tokens
+        (then ``token_features`` columns, for a hybrid probe)."""
         tokens = self.token_index(spans)
         rows = self.producer_row if position == "producer" else self.own_row
         li = [self.layers.index(k) for k in layers]
         x = self.rows[rows[tokens]][:, li, :]
-        return x.reshape(len(tokens), -1).astype(np.float32)
+        x = x.reshape(len(tokens), -1).astype(np.float32)
+        if self.token_features:
+            from probes.hybrid import token_feature_matrix
+
+            x = np.concatenate([x, token_feature_matrix(self, tokens, self.token_features)], 1)
+        return x
 
     def token_labels(self, spans: np.ndarray) -> np.ndarray:
         spans = np.asarray(spans, dtype=np.int64)
@@ -81,11 +92,17 @@ class SpanTable:
         w = np.repeat(1.0 / counts, self.token_count[spans])
         return w * (w.size / w.sum()) if w.size else w
 
+    def span_scores(self, spans: np.ndarray, token_scores: np.ndarray, how: str = "max"
+                    ) -> np.ndarray:
+        """Per-span scores from the per-token scores of ``spans``' tokens (in span order),
+        aggregated by :func:`detector.claims.aggregate_segments`: the function the sidecar
+        judges claims with, so trained, evaluated and served aggregation are one."""
+        spans = np.asarray(spans, dtype=np.int64)
+        return aggregate_segments(np.asarray(token_scores), self.token_count[spans], how)
+
     def span_max(self, spans: np.ndarray, token_scores: np.ndarray) -> np.ndarray:
         """Max of per-token scores within each span (the sidecar's default aggregation)."""
-        spans = np.asarray(spans, dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(self.token_count[spans])[:-1]]).astype(np.int64)
-        return np.maximum.reduceat(token_scores, starts) if spans.size else np.zeros(0)
+        return self.span_scores(spans, token_scores, "max")
 
     def subset_mask(self, *, invented: bool | None = None) -> np.ndarray:
         mask = np.ones(self.n_spans, dtype=bool)

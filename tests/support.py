@@ -79,12 +79,13 @@ def log_tails(since: float, lines: int = 40) -> list[tuple[str, str]]:
 
 
 def start_vllm(model_dir: Path, workdir: Path, *, disable: bool = False,
-               layers: list[int] = LAYERS) -> VllmServer:
+               layers: list[int] = LAYERS, env_extra: dict[str, str] | None = None,
+               enforce_eager: bool = False) -> VllmServer:
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     opts = ServeOptions(
         model_dir=model_dir, port=port, channel=f"ipc://{workdir}/channel.sock", layers=layers,
-        max_model_len=1024, dtype="float32",
+        max_model_len=1024, dtype="float32", enforce_eager=enforce_eager,
         vllm_args=["--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
                    "--max-num-seqs", "16", "--seed", "0"],
     )
@@ -94,6 +95,7 @@ def start_vllm(model_dir: Path, workdir: Path, *, disable: bool = False,
     env.setdefault("LIE_DETECTOR_QUEUE_STEPS", "256")
     if disable:
         env["LIE_DETECTOR_DISABLE"] = "1"
+    env.update(env_extra or {})
     log_path = workdir / "vllm.log"
     PROCESS_LOGS.append(("vLLM", log_path))
     with log_path.open("wb") as log:

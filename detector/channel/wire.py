@@ -23,6 +23,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FiniteFloat,
     TypeAdapter,
     ValidationError,
     model_validator,
@@ -33,6 +34,10 @@ MAX_ROWS_PER_STEP = 1 << 20
 MAX_POSITION = 1 << 24  # far beyond any context length; bounds what a header can make us allocate
 MAX_LAYERS = 256
 MAX_HIDDEN = 65536
+# Bounds on a request's stop strings (vLLM sets none; a request beyond them is sent without
+# its stop rule, see detector.hooks.vllm_adapter).
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 256
 
 # Wire dtype name -> (torch dtype, bytes per element). bfloat16 has no numpy dtype, so rows
 # travel as raw bytes and are rebuilt with torch.
@@ -64,6 +69,9 @@ class EngineInfo(BaseModel):
     capture_method: Literal["aux_hidden_states", "forward_hook"]
     pid: int
     started_at: float
+    # Per-token features the hook computes for sampled tokens (LIE_DETECTOR_TOKEN_FEATURES,
+    # detector.hooks.token_features); empty from older hooks.
+    token_features: list[Literal["logprob", "entropy"]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _layers_valid(self) -> EngineInfo:
@@ -74,6 +82,23 @@ class EngineInfo(BaseModel):
         if self.layers[0] < 1 or self.layers[-1] >= self.num_layers:
             raise ValueError(f"layers must lie in 1..{self.num_layers - 1}")
         return self
+
+
+class StopRule(BaseModel):
+    """A request's stop strings, as vLLM's detokenizer applies them in the API process.
+
+    The engine runs past a matched stop string (the API process aborts it a step or more
+    later), so the sidecar needs them to keep to the text the client received."""
+
+    model_config = ConfigDict(frozen=True)
+
+    strings: Annotated[
+        tuple[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)], ...],
+        Field(min_length=1, max_length=MAX_STOP_STRINGS),
+    ]
+    include_in_output: bool = False
+    # vLLM checks stop strings only once this many tokens are out.
+    min_tokens: Annotated[int, Field(ge=0, le=MAX_POSITION)] = 0
 
 
 class RequestRows(BaseModel):
@@ -89,11 +114,21 @@ class RequestRows(BaseModel):
     input_token_ids: list[int]
     # Tokens sampled in this step (empty for a partial prefill chunk).
     sampled_token_ids: list[int] = Field(default_factory=list)
+    # Sent once, with the request's first step (None: no stop strings, or an older hook).
+    stop: StopRule | None = None
+    # Token features of the sampled tokens, one value per sampled token, when the engine
+    # computes them (a hybrid probe is loaded); None: not computed, or an older hook.
+    sampled_logprobs: list[FiniteFloat] | None = None
+    sampled_entropies: list[FiniteFloat] | None = None
 
     @model_validator(mode="after")
     def _tokens_match_rows(self) -> RequestRows:
         if len(self.input_token_ids) != self.num_rows:
             raise ValueError("input_token_ids must have one id per row")
+        for name in ("sampled_logprobs", "sampled_entropies"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.sampled_token_ids):
+                raise ValueError(f"{name} must have one value per sampled token")
         return self
 
 

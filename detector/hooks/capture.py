@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from detector.channel.publisher import ChannelPublisher, PendingStep
-from detector.channel.wire import DTYPES, RequestRows
+from detector.channel.wire import DTYPES, RequestRows, StopRule
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class ScheduledRequest:
     first_position: int
     num_prompt_tokens: int
     prompt_token_ids: Sequence[int] | None  # needed only the first time a request is seen
+    stop: StopRule | None = None  # likewise: sent with the request's first step only
 
 
 @dataclass(slots=True)
@@ -92,8 +93,10 @@ class StepAssembler:
     def _still_open(self, req_id: str) -> bool:
         return any(r.req_id == req_id for step in self._open for r in step.scheduled)
 
-    def close_step(self, step: OpenStep, sampled: dict[str, list[int]], *, hook_ns: int = 0) -> bool:
-        """Attach sampled tokens, update histories, and offer the step to the channel."""
+    def close_step(self, step: OpenStep, sampled: dict[str, list[int]], *, hook_ns: int = 0,
+                   token_features: dict[str, dict[str, list[float]]] | None = None) -> bool:
+        """Attach sampled tokens (and, for hybrid probes, their features by request and
+        feature name), update histories, and offer the step to the channel."""
         requests: list[RequestRows] = []
         offset = 0
         with self._lock:
@@ -107,6 +110,11 @@ class StepAssembler:
                     history.extend([-1] * (end - len(history)))
                 ended = req.req_id in self._ended
                 new_tokens = [] if ended else list(sampled.get(req.req_id, ()))
+                feats = (token_features or {}).get(req.req_id) if new_tokens else None
+                extra = {} if not feats else {
+                    "sampled_logprobs": feats.get("logprob"),
+                    "sampled_entropies": feats.get("entropy"),
+                }
                 requests.append(
                     RequestRows.model_construct(
                         req_id=req.req_id,
@@ -116,6 +124,8 @@ class StepAssembler:
                         num_prompt_tokens=req.num_prompt_tokens,
                         input_token_ids=history[req.first_position:end],
                         sampled_token_ids=new_tokens,
+                        stop=req.stop,
+                        **extra,
                     )
                 )
                 offset += req.num_rows

@@ -7,7 +7,14 @@ Hook points, named so an upgrade is this file's work alone:
 - ``GPUModelRunner.sample_tokens`` (wrapped, around): ``execute_model`` has just run the
   forward pass and left ``execute_model_state``; we read the step's rows and layout before
   sampling and the sampled tokens after it (directly, or when vLLM resolves the
-  asynchronous output).
+  asynchronous output). When hybrid probes ask for token features
+  (``LIE_DETECTOR_TOKEN_FEATURES``), ``execute_model_state.logits`` (raw, one row per
+  request) is summarised before sampling (top-20 and log-normaliser; whole rows only for
+  requests with a temperature, ``requests[id].sampling_params.temperature``) and reduced
+  to the sampled tokens' features after it.
+- ``GPUModelRunner.requests[req_id]`` (``CachedRequestState``), read when a request is first
+  seen: ``prompt_token_ids`` and ``sampling_params.{stop, include_stop_str_in_output,
+  min_tokens}`` (stop strings are matched in the API process; the sidecar applies them).
 
 Capture methods:
 
@@ -25,17 +32,23 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import time
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from detector.channel.publisher import ChannelPublisher
-from detector.channel.wire import TORCH_TO_WIRE, EngineInfo
+from detector.channel.wire import TORCH_TO_WIRE, EngineInfo, StopRule
 from detector.config import HookSettings, default_layers
 from detector.hooks.capture import OpenStep, ScheduledRequest, StepAssembler
+from detector.hooks.token_features import (
+    LogitSummary,
+    features_from_summary,
+    summarise_logits,
+)
 
 logger = logging.getLogger("detector.hooks")
 
@@ -55,6 +68,8 @@ class _RunnerCapture:
         self.hook_rows: dict[int, torch.Tensor] = {}  # forward_hook method only
         self.pending: list[OpenStep] = []
         self.enabled = True
+        # Token features to compute for sampled tokens (hybrid probes); empty: none.
+        self.token_features: list[str] = []
 
     def disable(self, why: str) -> None:
         if self.enabled:
@@ -108,8 +123,11 @@ def _wrap_sample_tokens(cls: type) -> None:
             return original(self, grammar_output)
         t0 = time.perf_counter_ns()
         step = None
+        logits = None
         try:
             step = _open_step(self, cap)
+            if cap.token_features:
+                logits = _snapshot_logits(self)
         except Exception as exc:
             cap.disable(f"reading the step failed: {exc!r}")
         t1 = time.perf_counter_ns()
@@ -117,7 +135,7 @@ def _wrap_sample_tokens(cls: type) -> None:
         if step is not None:
             step.hook_ns = t1 - t0
             try:
-                _close_when_sampled(self, cap, step, output)
+                _close_when_sampled(self, cap, step, output, logits)
             except Exception as exc:
                 cap.disable(f"reading sampled tokens failed: {exc!r}")
         return output
@@ -206,6 +224,7 @@ def _after_load_model(runner: Any, settings: HookSettings) -> None:
         capture_method=method,
         pid=os.getpid(),
         started_at=time.time(),
+        token_features=settings.token_feature_list,
     )
     publisher = ChannelPublisher(
         settings.channel,
@@ -215,6 +234,7 @@ def _after_load_model(runner: Any, settings: HookSettings) -> None:
         heartbeat_s=settings.heartbeat_s,
     )
     cap = _RunnerCapture(StepAssembler(publisher), method, layers)
+    cap.token_features = settings.token_feature_list
     if method == "forward_hook":
         _install_forward_hooks(model, layers, cap)
     setattr(runner, _ATTR, cap)
@@ -325,9 +345,11 @@ def _open_step(runner: Any, cap: _RunnerCapture) -> OpenStep:
         n = int(sched.num_scheduled_tokens.get(req_id, 0))
         if n == 0:
             continue
-        prompt = None
+        prompt = stop = None
         if not assembler.knows(req_id):
-            prompt = runner.requests[req_id].prompt_token_ids
+            state = runner.requests[req_id]
+            prompt = state.prompt_token_ids
+            stop = _stop_rule(state.sampling_params)
         scheduled.append(
             ScheduledRequest(
                 req_id=req_id,
@@ -335,16 +357,116 @@ def _open_step(runner: Any, cap: _RunnerCapture) -> OpenStep:
                 first_position=int(batch.num_computed_tokens_cpu[i]),
                 num_prompt_tokens=int(batch.num_prompt_tokens[i]),
                 prompt_token_ids=prompt,
+                stop=stop,
             )
         )
     return assembler.open_step(rows, scheduled, sorted(sched.finished_req_ids), ready=ready)
 
 
-def _close_when_sampled(runner: Any, cap: _RunnerCapture, step: OpenStep, output: Any) -> None:
+_stop_rules_refused = 0
+
+
+def _stop_rule(params: Any) -> StopRule | None:
+    """A request's stop strings (``SamplingParams.stop``, ``include_stop_str_in_output``,
+    ``min_tokens``): vLLM matches them in the API process, after the engine has run past
+    them, so the sidecar needs them to cut what the client never received. Read once, when
+    the request is first seen. Stop strings beyond the wire's bounds (or not UTF-8) are not
+    sent, so one odd request cannot make the whole step's message invalid."""
+    global _stop_rules_refused
+    stop = getattr(params, "stop", None)
+    if not stop:
+        return None
+    strings = (stop,) if isinstance(stop, str) else tuple(stop)
+    try:
+        for text in strings:
+            text.encode("utf-8")  # lone surrogates cannot travel as JSON
+        return StopRule(strings=strings,
+                        include_in_output=bool(params.include_stop_str_in_output),
+                        min_tokens=int(params.min_tokens or 0))
+    except (ValueError, TypeError, AttributeError) as exc:
+        _stop_rules_refused += 1
+        if _stop_rules_refused == 1 or _stop_rules_refused % 1000 == 0:
+            logger.warning("lie-detector: stop strings not sent to the sidecar (%d requests "
+                           "so far), it may score text past them: %s",
+                           _stop_rules_refused, type(exc).__name__)
+        return None
+
+
+class _LogitsSnapshot(NamedTuple):
+    """What token features need of a step's logits, taken before sampling."""
+
+    summary: LogitSummary  # one row per request, in batch order
+    row_of: dict[str, int]
+    # Full raw logits of requests sampled at a temperature, whose token may fall outside
+    # the top-k: (rows, their request ids).
+    sampled_rows: torch.Tensor | None
+    sampled_ids: dict[str, int]
+
+
+_GREEDY_EPS = 1e-5  # vLLM's own: below this temperature a request is sampled greedily
+
+
+def _snapshot_logits(runner: Any) -> _LogitsSnapshot | None:
+    """Summarise the step's raw logits (``execute_model_state.logits``, one row per request
+    in batch order) before sampling: the sampler scales them in place (temperature,
+    penalties) and the features are defined on the unprocessed ones. Only rows of requests
+    sampled at a temperature are copied whole; a greedy token is in the top-k."""
+    state = runner.execute_model_state
+    if state.spec_decode_metadata is not None or state.logits is None:
+        return None  # several rows per request: not supported (nor is speculation at all)
+    batch = runner.input_batch
+    req_ids = list(batch.req_ids[: batch.num_reqs])
+    logits = state.logits
+    if logits.dim() != 2 or logits.shape[0] < len(req_ids):
+        return None  # not one row per request: no features this step (tokens unscored)
+    logits = logits[: len(req_ids)]
+    hot = []
+    for i, r in enumerate(req_ids):
+        req = runner.requests.get(r)
+        params = getattr(req, "sampling_params", None)
+        if params is None or params.temperature >= _GREEDY_EPS:
+            hot.append(i)
+    sampled_rows = None
+    if hot:
+        index = torch.tensor(hot, device=logits.device)
+        sampled_rows = logits.index_select(0, index).to(torch.float32)  # a copy
+    return _LogitsSnapshot(summarise_logits(logits), {r: i for i, r in enumerate(req_ids)},
+                           sampled_rows, {req_ids[i]: k for k, i in enumerate(hot)})
+
+
+def _sampled_features(cap: _RunnerCapture, snap: _LogitsSnapshot,
+                      sampled: dict[str, list[int]]) -> dict[str, dict[str, list[float]]]:
+    """Token features of each request's sampled token, as lists by feature name. A request
+    whose features are not finite (its token's raw logit unknown) is left out: the sidecar
+    leaves that token unscored."""
+    req_ids = [r for r, toks in sampled.items() if len(toks) == 1 and r in snap.row_of]
+    if not req_ids:
+        return {}
+    device = snap.summary.lse.device
+    rows = torch.tensor([snap.row_of[r] for r in req_ids], device=device)
+    tokens = torch.tensor([sampled[r][0] for r in req_ids], device=device)
+    token_logits = None
+    hot = [(j, snap.sampled_ids[r]) for j, r in enumerate(req_ids) if r in snap.sampled_ids]
+    if snap.sampled_rows is not None and hot:
+        token_logits = torch.full((len(req_ids),), float("nan"), device=device)
+        js = torch.tensor([j for j, _ in hot], device=device)
+        ks = torch.tensor([k for _, k in hot], device=device)
+        token_logits[js] = snap.sampled_rows[ks, tokens[js]]  # one gather, not one per request
+    values = features_from_summary(snap.summary, rows, tokens, cap.token_features,
+                                   token_logits=token_logits)
+    out: dict[str, dict[str, list[float]]] = {}
+    for r, row in zip(req_ids, values.cpu().tolist()):
+        if all(math.isfinite(v) for v in row):
+            out[r] = {name: [v] for name, v in zip(cap.token_features, row)}
+    return out
+
+
+def _close_when_sampled(runner: Any, cap: _RunnerCapture, step: OpenStep, output: Any,
+                        logits: _LogitsSnapshot | None = None) -> None:
     from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
 
     if isinstance(output, ModelRunnerOutput):
-        _close(runner, cap, step, output)
+        _close(runner, cap, step, output, logits)
         return
     if not isinstance(output, AsyncModelRunnerOutput):
         raise TypeError(f"unexpected sample_tokens output {type(output).__name__}")
@@ -354,7 +476,7 @@ def _close_when_sampled(runner: Any, cap: _RunnerCapture, step: OpenStep, output
     def get_output() -> Any:
         resolved = original()
         try:
-            _close(runner, cap, step, resolved)
+            _close(runner, cap, step, resolved, logits)
         except Exception as exc:
             cap.disable(f"reading sampled tokens failed: {exc!r}")
         return resolved
@@ -362,7 +484,8 @@ def _close_when_sampled(runner: Any, cap: _RunnerCapture, step: OpenStep, output
     output.get_output = get_output
 
 
-def _close(runner: Any, cap: _RunnerCapture, step: OpenStep, output: Any) -> None:
+def _close(runner: Any, cap: _RunnerCapture, step: OpenStep, output: Any,
+           logits: _LogitsSnapshot | None = None) -> None:
     t0 = time.perf_counter_ns()
     index = output.req_id_to_index
     sampled = {
@@ -371,7 +494,9 @@ def _close(runner: Any, cap: _RunnerCapture, step: OpenStep, output: Any) -> Non
         if req.req_id in index
     }
     step.finished.extend(_predicted_finished(runner, cap.assembler, step, sampled))
-    cap.assembler.close_step(step, sampled, hook_ns=time.perf_counter_ns() - t0)
+    features = _sampled_features(cap, logits, sampled) if logits is not None else None
+    cap.assembler.close_step(step, sampled, hook_ns=time.perf_counter_ns() - t0,
+                             token_features=features)
 
 
 def _predicted_finished(runner: Any, assembler: StepAssembler, step: OpenStep,

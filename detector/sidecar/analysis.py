@@ -8,6 +8,7 @@ from pathlib import Path
 
 from detector.claims import ResponseVerdict
 from detector.sidecar.spans import SPAN_KINDS, SpanVerdict, find_spans, judge_spans
+from detector.sidecar.stops import cut_to_returned
 from detector.sidecar.streams import ProbeColumns, RequestRecord, TokenScore
 from detector.sidecar.text import DecodedText, TextDecoder
 
@@ -51,6 +52,8 @@ class Analyzer:
         if self.decoder is None:
             return RequestAnalysis(record, tokens, None, [], [])
         decoded = self.decoder.decode([t.token_id for t in tokens], record.prompt_tail)
+        # Only what the client received: vLLM cuts stop strings after the engine ran past.
+        record, tokens, decoded = cut_to_returned(record, tokens, decoded)
         verdicts: list[SpanVerdict] = []
         responses: list[ResponseVerdict] = []
         if columns is not None and columns.names:

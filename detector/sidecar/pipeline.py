@@ -118,7 +118,13 @@ class ScoringPipeline:
         if active is not None and active.columns.names and index.size:
             scorer = active.scorer
             selected = rows[:, torch.from_numpy(index)]
-            probs = scorer.probabilities(scorer.logits(selected)).cpu().numpy()
+            features: dict[str, torch.Tensor] = {}
+            if scorer.has_hybrid:  # hybrid probes: the scored tokens' features too
+                own, producer = self.store.token_feature_inputs(header, index,
+                                                                scorer.token_features)
+                features = {"own_features": torch.from_numpy(own),
+                            "producer_features": torch.from_numpy(producer)}
+            probs = scorer.probabilities(scorer.logits(selected, **features)).cpu().numpy()
             columns = active.columns
             self.metrics.rows_scored.inc(int(index.size))
         if not self.store.ingest(header, index, probs, columns):

@@ -167,6 +167,12 @@ class ProbeRegistry:
                                loaded.artifact.metadata.name, trained, engine.dtype, trained)
         scorer = FusedProbeScorer(usable, captured_layers=engine.layers,
                                   hidden_size=engine.hidden_size, device=self.device)
+        absent = [f for f in scorer.token_features if f not in engine.token_features]
+        if absent:
+            logger.warning("hybrid probes read token features %s that the engine does not "
+                           "compute: their tokens stay unscored; start vLLM with "
+                           "LIE_DETECTOR_TOKEN_FEATURES=%s (lie-detector serve sets it)",
+                           absent, ",".join(scorer.token_features))
         metas = [a.metadata for a in usable]
         columns = columns_for([m.name for m in metas], [m.score_position for m in metas],
                               [m.threshold for m in metas], [m.aggregation for m in metas])

@@ -17,6 +17,12 @@ the GEMM multiplies them anyway (``L*H*n_probes`` multiply-adds per token instea
 this costs little compute; the real waste is capturing and shipping layers no probe
 reads, which is fixed by capturing fewer layers (``LIE_DETECTOR_LAYERS``), not by
 splitting the GEMM. :attr:`FusedProbeScorer.unused_layers` reports such layers.
+
+Hybrid probes (``token_features`` in their metadata) also read the scored token's
+log-probability and entropy. Those few columns are added after the GEMM
+(``features @ W_f``, only into hybrid probes' logits), so the GEMM over the rows stays one
+and pure probes' logits are the GEMM's output unchanged. A hybrid probe whose features are
+missing for a token gets a NaN logit and probability there: the token stays unscored.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from detector.artifact import (
     ProbeMismatchError,
     check_compatible,
     folded_linear,
+    probe_token_features,
 )
 from detector.model_identity import ModelIdentity
 
@@ -81,6 +88,12 @@ class FusedProbeScorer:
         bias = torch.zeros(len(probes), dtype=torch.float32)
         platt_a = torch.ones(len(probes), dtype=torch.float32)
         platt_b = torch.zeros(len(probes), dtype=torch.float32)
+        # Token features: one row per feature any probe reads (canonical order).
+        self.token_features = probe_token_features([p.metadata for p in probes])
+        n_feat = len(self.token_features)
+        feat_weight = torch.zeros(n_feat, len(probes), dtype=torch.float32)
+        feat_used = torch.zeros(n_feat, len(probes), dtype=torch.float32)
+        hybrid: dict[str, list[int]] = {"own": [], "producer": []}
         for j, probe in enumerate(probes):
             meta = probe.metadata
             if model is not None:
@@ -101,6 +114,12 @@ class FusedProbeScorer:
                 c = position[k]
                 weight[c * h : (c + 1) * h, j] = w[i * h : (i + 1) * h]
             bias[j] = b
+            for i, name in enumerate(meta.token_features):
+                f = self.token_features.index(name)
+                feat_weight[f, j] = w[meta.hidden_dim + i]
+                feat_used[f, j] = 1.0
+            if meta.token_features:
+                hybrid[meta.score_position].append(j)
             if meta.calibration == "platt":
                 platt_a[j], platt_b[j] = float(meta.platt_a), float(meta.platt_b)
 
@@ -109,6 +128,12 @@ class FusedProbeScorer:
         self._bias = bias.to(self.device)
         self._platt_a = platt_a.to(self.device)
         self._platt_b = platt_b.to(self.device)
+        self._feat_weight = feat_weight.to(self.device)
+        self._feat_used = feat_used.to(self.device)
+        self._hybrid = {
+            pos: torch.tensor(cols, dtype=torch.long, device=self.device)
+            for pos, cols in hybrid.items() if cols
+        }
         self._thresholds = torch.tensor(
             [p.metadata.threshold for p in probes], dtype=torch.float32, device=self.device
         )
@@ -181,9 +206,25 @@ class FusedProbeScorer:
 
     # ------------------------------------------------------------------ scoring
 
+    @property
+    def has_hybrid(self) -> bool:
+        """Whether any probe reads token features (the caller must then pass them)."""
+        return bool(self._hybrid)
+
     @torch.no_grad()
-    def logits(self, rows: torch.Tensor) -> torch.Tensor:
-        """(n_captured_layers, n_tokens, hidden) rows -> (n_tokens, n_probes) float32 logits."""
+    def logits(
+        self,
+        rows: torch.Tensor,
+        *,
+        own_features: torch.Tensor | None = None,
+        producer_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(n_captured_layers, n_tokens, hidden) rows -> (n_tokens, n_probes) float32 logits.
+
+        ``own_features``/``producer_features``: ``(n_tokens, len(token_features))``, the
+        features of the token each row scores as its own row (position p) or as its
+        producer (the token at p+1); NaN where unknown. Hybrid probes get NaN logits where
+        a feature they read is unknown or not passed."""
         n_layers, h = len(self.captured_layers), self.hidden_size
         if rows.dim() != 3 or rows.shape[0] != n_layers or rows.shape[2] != h:
             raise ValueError(
@@ -198,7 +239,28 @@ class FusedProbeScorer:
         # One copy does the device move, the cast to float32 and the (L,T,H)->(T,L,H) layout.
         x = torch.empty((n_tokens, n_layers, h), dtype=torch.float32, device=self.device)
         x.copy_(rows.transpose(0, 1))
-        return torch.addmm(self._bias, x.view(n_tokens, n_layers * h), self._weight)
+        z = torch.addmm(self._bias, x.view(n_tokens, n_layers * h), self._weight)
+        if self._hybrid:
+            feats = {"own": own_features, "producer": producer_features}
+            for position, cols in self._hybrid.items():
+                self._add_token_features(z, cols, feats[position])
+        return z
+
+    def _add_token_features(self, z: torch.Tensor, cols: torch.Tensor,
+                            features: torch.Tensor | None) -> None:
+        """``z[:, cols] += features @ W_f[:, cols]``, NaN where a read feature is unknown."""
+        if features is None:
+            z.index_fill_(1, cols, float("nan"))
+            return
+        f = torch.as_tensor(features).to(device=self.device, dtype=torch.float32)
+        expected = (z.shape[0], len(self.token_features))
+        if tuple(f.shape) != expected:
+            raise ValueError(f"token features must have shape {expected} "
+                             f"({self.token_features}), got {tuple(f.shape)}")
+        unknown = ~torch.isfinite(f)
+        add = torch.where(unknown, 0.0, f) @ self._feat_weight[:, cols]
+        gone = (unknown.float() @ self._feat_used[:, cols]) > 0
+        z[:, cols] = torch.where(gone, float("nan"), z[:, cols] + add)
 
     @torch.no_grad()
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -221,11 +283,14 @@ class FusedProbeScorer:
             y0, y1 = self._iso_y.gather(1, lo), self._iso_y.gather(1, hi)
             t = (zi - x0) / (x1 - x0)
             probs[:, self._iso_cols] = (y0 + t * (y1 - y0)).t()
+        if self._hybrid:  # an unscored token stays NaN whatever the calibration
+            probs = torch.where(torch.isnan(z), z, probs)
         return probs
 
-    def score(self, rows: torch.Tensor) -> torch.Tensor:
-        """Calibrated probabilities (n_tokens, n_probes) for a step's rows."""
-        return self.probabilities(self.logits(rows))
+    def score(self, rows: torch.Tensor, **token_features: torch.Tensor | None) -> torch.Tensor:
+        """Calibrated probabilities (n_tokens, n_probes) for a step's rows (and, for
+        hybrid probes, ``own_features``/``producer_features`` as in :meth:`logits`)."""
+        return self.probabilities(self.logits(rows, **token_features))
 
     def __repr__(self) -> str:
         return (

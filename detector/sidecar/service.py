@@ -249,6 +249,7 @@ def _probe_info(loaded: LoadedProbe) -> pb.ProbeInfo:
         model_fingerprint=meta.model.fingerprint,
         path=loaded.path,
         inactive_reason=loaded.inactive_reason,
+        token_features=meta.token_features,
     )
 
 

@@ -9,6 +9,11 @@ probabilities and resolves them per token when read.
 Requests are found by their engine id (``cmpl-X-0-1a2b3c4d``), by the response id the API
 client sees (``cmpl-X`` / ``chatcmpl-X``) and by the ``X-Request-Id`` they were sent with
 (``X``).
+
+Hybrid probes also read each generated token's features (log-probability, entropy),
+which arrive with the token (``RequestRows.sampled_logprobs``/``sampled_entropies``); the
+store keeps them per token so a row scored in a later step (``own``, or a recomputed
+row) finds the features of the token it scores (:meth:`RequestStore.token_feature_inputs`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from detector.channel.wire import StepHeader
+from detector.channel.wire import RequestRows, StepHeader, StopRule
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +105,10 @@ class RequestRecord:
     inferred_end: bool = False
     # The engine's clock (``time_ns``) at the last step that ran it.
     last_step_ns: int = 0
+    # Token feature name -> one value per generated token (NaN: not received); hybrid probes.
+    features: dict[str, list[float]] = field(default_factory=dict)
+    # Stop strings the API process applies (detector.sidecar.stops); None when it has none.
+    stop: StopRule | None = None
 
     def token_scores(self, columns: ProbeColumns | None) -> list[TokenScore]:
         """Every generated token in order, with whatever scores exist for it."""
@@ -116,7 +125,9 @@ class RequestRecord:
                         continue
                     i = row[0].index(name)
                     if i is not None:
-                        scores[name] = float(row[1][i])
+                        value = float(row[1][i])
+                        if value == value:  # NaN: a hybrid probe lacked token features
+                            scores[name] = value
             when = self.generated_ns[g] if g < len(self.generated_ns) else 0
             out.append(TokenScore(position=q, token_id=token, scores=scores, settled=settled,
                                   generated_ns=when))
@@ -259,6 +270,9 @@ class RequestStore:
                 else:
                     self._records.move_to_end(req.req_id)
                 before = rec.nbytes
+                if req.stop is not None and rec.stop is None:
+                    rec.stop = req.stop
+                    rec.nbytes += stop_rule_nbytes(req.stop)
                 p0 = rec.num_prompt_tokens
                 for j, token in enumerate(req.input_token_ids):
                     pos = req.first_position + j
@@ -277,6 +291,9 @@ class RequestStore:
                 for k, token in enumerate(req.sampled_token_ids):
                     self._set_generated(rec, end + k - p0, token)
                     self._set_time(rec, end + k - p0, header.time_ns)
+                for name, values in _sampled_features(req).items():
+                    for k, value in enumerate(values):
+                        self._set_feature(rec, name, end + k - p0, value)
                 if req.sampled_token_ids:
                     rec.finished = rec.inferred_end = False
                 rec.updated = now
@@ -302,6 +319,58 @@ class RequestStore:
             rec.nbytes += 8 * (g + 1 - len(times))
             times.extend([0] * (g + 1 - len(times)))
         times[g] = time_ns
+
+    @staticmethod
+    def _set_feature(rec: RequestRecord, name: str, g: int, value: float) -> None:
+        values = rec.features.setdefault(name, [])
+        if g < 0 or g - len(values) > MAX_GAP:
+            return
+        if g >= len(values):
+            rec.nbytes += 8 * (g + 1 - len(values))
+            values.extend([float("nan")] * (g + 1 - len(values)))
+        values[g] = float(value)
+
+    def token_feature_inputs(
+        self, header: StepHeader, positions_scored: np.ndarray, names: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Token features for the rows of ``header`` about to be scored, before the step is
+        ingested: ``(own, producer)``, each ``(len(positions_scored), len(names))`` float32.
+
+        Row p scores token p as its own row and token p+1 as its producer. A token's
+        features come from this step (tokens it sampled) or from the store (tokens sampled
+        earlier); NaN where neither has them (a hook without features, a dropped step)."""
+        n = len(positions_scored)
+        own = np.full((n, len(names)), np.nan, dtype=np.float32)
+        producer = np.full((n, len(names)), np.nan, dtype=np.float32)
+        if not n or not names:
+            return own, producer
+        with self._cond:
+            i = 0
+            for req in header.requests:
+                hi = req.row_offset + req.num_rows
+                if i >= n or positions_scored[i] >= hi:
+                    continue
+                rec = self._records.get(req.req_id)
+                stored = rec.features if rec is not None else {}
+                fresh = _sampled_features(req)
+                end = req.first_position + req.num_rows
+                p0 = req.num_prompt_tokens
+
+                def value(name: str, pos: int) -> float:
+                    new = fresh.get(name)
+                    if new is not None and 0 <= pos - end < len(new):
+                        return new[pos - end]
+                    old = stored.get(name)
+                    g = pos - p0
+                    return old[g] if old is not None and 0 <= g < len(old) else float("nan")
+
+                while i < n and positions_scored[i] < hi:
+                    pos = req.first_position + int(positions_scored[i]) - req.row_offset
+                    for f, name in enumerate(names):
+                        own[i, f] = value(name, pos)
+                        producer[i, f] = value(name, pos + 1)
+                    i += 1
+        return own, producer
 
     @staticmethod
     def _set_prompt_tail(rec: RequestRecord, i: int, token: int) -> None:
@@ -439,7 +508,7 @@ class RequestStore:
                 rec.req_id, rec.engine_id, rec.num_prompt_tokens, list(rec.generated),
                 list(rec.generated_ns), [t for t in rec.prompt_tail if t >= 0], {},
                 rec.finished, rec.incomplete, rec.created, rec.updated,
-                rec.version, rec.nbytes,
+                rec.version, rec.nbytes, stop=rec.stop,
             )
             return copy, rec.token_scores(self.columns)
 
@@ -477,6 +546,11 @@ class RequestStore:
                               self.incomplete)
 
 
+def stop_rule_nbytes(rule: StopRule) -> int:
+    """Memory a stored stop rule holds, roughly: its strings plus per-string overhead."""
+    return _ROW_OVERHEAD + sum(len(s.encode("utf-8")) + 56 for s in rule.strings)
+
+
 def rows_to_score(header: StepHeader) -> np.ndarray:
     """Global row indices worth scoring: the last prompt row and every generated row.
 
@@ -489,6 +563,16 @@ def rows_to_score(header: StepHeader) -> np.ndarray:
         if start < req.num_rows:
             keep.append(np.arange(req.row_offset + start, req.row_offset + req.num_rows))
     return np.concatenate(keep) if keep else np.empty(0, dtype=np.int64)
+
+
+def _sampled_features(req: RequestRows) -> dict[str, list[float]]:
+    """The token features a request's step carries, by feature name."""
+    out = {}
+    if req.sampled_logprobs is not None:
+        out["logprob"] = req.sampled_logprobs
+    if req.sampled_entropies is not None:
+        out["entropy"] = req.sampled_entropies
+    return out
 
 
 def columns_for(names: Sequence[str], score_positions: Sequence[str],

@@ -149,7 +149,7 @@ class ListProbesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ProbeInfo(_message.Message):
-    __slots__ = ("name", "layers", "score_position", "aggregation", "calibration", "threshold", "model_name", "model_fingerprint", "path", "inactive_reason")
+    __slots__ = ("name", "layers", "score_position", "aggregation", "calibration", "threshold", "model_name", "model_fingerprint", "path", "inactive_reason", "token_features")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SCORE_POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,7 @@ class ProbeInfo(_message.Message):
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     INACTIVE_REASON_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FEATURES_FIELD_NUMBER: _ClassVar[int]
     name: str
     layers: _containers.RepeatedScalarFieldContainer[int]
     score_position: str
@@ -170,7 +171,8 @@ class ProbeInfo(_message.Message):
     model_fingerprint: str
     path: str
     inactive_reason: str
-    def __init__(self, name: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., score_position: _Optional[str] = ..., aggregation: _Optional[str] = ..., calibration: _Optional[str] = ..., threshold: _Optional[float] = ..., model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., path: _Optional[str] = ..., inactive_reason: _Optional[str] = ...) -> None: ...
+    token_features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., score_position: _Optional[str] = ..., aggregation: _Optional[str] = ..., calibration: _Optional[str] = ..., threshold: _Optional[float] = ..., model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., path: _Optional[str] = ..., inactive_reason: _Optional[str] = ..., token_features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListProbesResponse(_message.Message):
     __slots__ = ("probes",)

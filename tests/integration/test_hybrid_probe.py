@@ -1,0 +1,152 @@
+"""Hybrid probes served end to end on a real vLLM server, with no train/serve skew.
+
+Training reads a token's log-probability and top-20 entropy from the OpenAI API
+(``logprobs=20``); the engine hook computes them from the step's logits. The two must be
+the same numbers, and a hybrid probe's score read over gRPC must be its formula applied to
+them. One server of this module's own runs with ``LIE_DETECTOR_TOKEN_FEATURES`` set.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from support import (
+    ChannelTap,
+    complete_many,
+    start_sidecar,
+    start_vllm,
+    wait_for_engine,
+)
+
+from detector.api.liedetector.v1 import detector_pb2 as pb
+from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.artifact import ProbeArtifact, ProbeMetadata
+from detector.model_identity import identify_model
+from probes.capture import entropy_of
+
+pytestmark = pytest.mark.vllm
+logger = logging.getLogger(__name__)
+
+PROMPTS = ["The capital of Italy is", "Q: Who wrote Hamlet?\nA:", "Numbers: 3, 1, 4, 1, 5,",
+           "The chemical symbol of gold is"]
+LAYER = 15
+A_LOGPROB, C_ENTROPY = 0.7, -0.45
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    srv = start_vllm(model_dir, tmp_path_factory.mktemp("vllm-hybrid"),
+                     env_extra={"LIE_DETECTOR_TOKEN_FEATURES": "logprob,entropy"},
+                     enforce_eager=True)  # starts in seconds, not minutes of compiling
+    yield srv
+    srv.stop()
+
+
+def _jobs(tag: str) -> list[dict]:
+    jobs = [{"prompt": p, "max_tokens": 12, "request_id": f"{tag}-{i}", "logprobs": 20,
+             "return_tokens_as_token_ids": True} for i, p in enumerate(PROMPTS)]
+    # Sampled at a temperature: the features stay those of the unprocessed distribution.
+    jobs.append({**jobs[0], "request_id": f"{tag}-hot", "temperature": 1.3, "seed": 3})
+    return jobs
+
+
+def _api_features(resp: dict) -> tuple[np.ndarray, np.ndarray]:
+    lp = resp["choices"][0]["logprobs"]
+    logprobs = np.array(lp["token_logprobs"], dtype=np.float64)
+    entropies = np.array([entropy_of(top, 20) for top in lp["top_logprobs"]])
+    return logprobs, entropies
+
+
+def test_hook_features_equal_the_api_logprobs(server) -> None:
+    tap = ChannelTap(server.channel)
+    try:
+        tap.wait_connected(server.base_url)
+        jobs = _jobs("parity")
+        responses = complete_many(server.base_url, jobs)
+        time.sleep(1.0)
+    finally:
+        tap.close()
+    assert all(s.engine.token_features == ["logprob", "entropy"] for s in tap.steps)
+    hook: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for step in tap.steps:
+        for req in step.requests:
+            if req.sampled_token_ids:
+                assert req.sampled_logprobs is not None and req.sampled_entropies is not None
+                hook[req.req_id]["lp"] += req.sampled_logprobs
+                hook[req.req_id]["ent"] += req.sampled_entropies
+    worst_lp = worst_ent = 0.0
+    for job, resp in zip(jobs, responses):
+        req_id, _ = tap.find(f"cmpl-{job['request_id']}-0")
+        api_lp, api_ent = _api_features(resp)
+        got_lp, got_ent = np.array(hook[req_id]["lp"]), np.array(hook[req_id]["ent"])
+        assert got_lp.shape == api_lp.shape == (12,)
+        worst_lp = max(worst_lp, float(np.abs(got_lp - api_lp).max()))
+        worst_ent = max(worst_ent, float(np.abs(got_ent - api_ent).max()))
+    logger.info("hook vs API: max |logprob diff| %.3g, max |entropy diff| %.3g",
+                worst_lp, worst_ent)
+    print(f"PARITY max|dlogprob|={worst_lp:.3g} max|dentropy|={worst_ent:.3g}")  # noqa: T201
+    assert worst_lp < 1e-4 and worst_ent < 1e-4
+
+
+def _probe(identity, name: str, hidden: torch.Tensor, *, position: str,
+           features: dict[str, float]) -> ProbeArtifact:
+    meta = ProbeMetadata(name=name, model=identity, layers=[LAYER],
+                         hidden_size=identity.hidden_size, score_position=position,
+                         calibration="none", threshold=0.5, token_features=list(features))
+    weight = torch.cat([hidden, torch.tensor(list(features.values()), dtype=torch.float32)])
+    return ProbeArtifact(metadata=meta, weight=weight, bias=torch.tensor([0.25]))
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+def test_served_hybrid_probe_scores_match_the_formula(server, model_dir, tmp_path) -> None:
+    """A pure probe and the same probe plus a feature weight: over gRPC, their logits
+    differ by exactly weight x the API's feature of the token scored."""
+    identity = identify_model(model_dir)
+    hidden = torch.randn(identity.hidden_size, generator=torch.Generator().manual_seed(0)) * 2e-3
+    specs = {
+        "pure-producer": ("producer", {}),
+        "hyb-producer": ("producer", {"logprob": A_LOGPROB}),
+        "pure-own": ("own", {}),
+        "hyb-own": ("own", {"entropy": C_ENTROPY}),
+    }
+    paths = [_probe(identity, name, hidden, position=pos, features=f).save(tmp_path / name)
+             for name, (pos, f) in specs.items()]
+    sidecar = start_sidecar(server.channel, tmp_path / "sidecar", probes=paths,
+                            model_dir=model_dir)
+    try:
+        with grpc.insecure_channel(sidecar.grpc_address) as channel:
+            stub = pb_grpc.DetectorStub(channel)
+            wait_for_engine(stub)
+            listed = {p.name: list(p.token_features) for p in
+                      stub.ListProbes(pb.ListProbesRequest()).probes}
+            assert listed["hyb-producer"] == ["logprob"] and listed["pure-own"] == []
+            jobs = _jobs("served")
+            responses = complete_many(server.base_url, jobs)
+            worst = 0.0
+            for job, resp in zip(jobs, responses):
+                reply = stub.GetScores(pb.GetScoresRequest(request_id=job["request_id"],
+                                                           wait_until_finished=True), timeout=30)
+                api_lp, api_ent = _api_features(resp)
+                names = list(reply.probes)
+                for t in reply.tokens:
+                    probs = {s.probe: s.probability for s in t.scores}
+                    if t.index < len(reply.tokens) - 1:  # the last token has no own row
+                        assert set(probs) == set(names)
+                        d = _logit(probs["hyb-own"]) - _logit(probs["pure-own"])
+                        worst = max(worst, abs(d - C_ENTROPY * api_ent[t.index]))
+                    d = _logit(probs["hyb-producer"]) - _logit(probs["pure-producer"])
+                    worst = max(worst, abs(d - A_LOGPROB * api_lp[t.index]))
+            print(f"SERVED max|logit diff - formula|={worst:.3g}")  # noqa: T201
+            assert worst < 2e-3
+    finally:
+        sidecar.stop()

@@ -52,11 +52,24 @@ def _soak() -> str:
     ])
 
 
+def _heldout() -> str:
+    """The served held-out evaluation (benchmarks/heldout.py writes heldout.json)."""
+    import json
+
+    from probes.heldout_report import markdown
+
+    path = ROOT / "benchmarks/results/heldout.json"
+    if not path.is_file():
+        return "(not measured yet: benchmarks/results/heldout.json is missing)"
+    return markdown(json.loads(path.read_text()))
+
+
 SOURCES: dict[str, Path | Callable[[], str]] = {
     "overhead": ROOT / "benchmarks/results/overhead.md",
     "scoring": ROOT / "benchmarks/results/scoring-cpu.md",
     # Rendered from the probe's own evaluation, so it appears as soon as the probe ships.
     "detection": _detection,
+    "heldout": _heldout,
     "benchmarks": ROOT / "benchmarks/results/benchmarks.md",
     "soak": _soak,
     "stall": ROOT / "benchmarks/results/stall.md",

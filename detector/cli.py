@@ -302,12 +302,24 @@ def _train_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--Cs", default="0.001,0.01,0.1,1", help="inverse regularisation grid")
     parser.add_argument("--concat-top", type=int, default=2,
                         help="also try the best K layers concatenated (0 = off)")
-    parser.add_argument("--cv-folds", type=int, default=5)
+    parser.add_argument("--cv-scheme", choices=["topics", "domains", "entities"],
+                        default="topics", help="selection folds: leave one topic out (default), "
+                        "one domain out, or entity-grouped k-fold (the former protocol)")
+    parser.add_argument("--cv-folds", type=int, default=5,
+                        help="folds of --cv-scheme entities")
+    parser.add_argument("--no-topic-balance", action="store_true",
+                        help="balance the classes over all spans, not within every topic")
+    parser.add_argument("--min-class-spans", type=int, default=20,
+                        help="a topic with fewer spans of a class gets that fraction of the "
+                        "weight of a full topic")
     parser.add_argument("--test-fraction", type=float, default=0.25,
                         help="fraction of entities held out for the test set")
     parser.add_argument("--calibration", choices=["platt", "isotonic", "none"], default="platt")
     parser.add_argument("--target-fpr", type=float, default=0.10,
                         help="the threshold flags at most this fraction of retrievals")
+    parser.add_argument("--token-features", default="",
+                        help="hybrid probe: also read the token's logprob,entropy (computed in "
+                        "the engine when such a probe is served; default: rows only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cross-topic", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -321,8 +333,11 @@ def _train_config(args: argparse.Namespace, name: str):
         name=name, layers=parse_layers(args.candidate_layers),
         score_positions=[p for p in args.positions.split(",") if p],
         Cs=[float(c) for c in args.Cs.split(",") if c], concat_top=args.concat_top,
-        cv_folds=args.cv_folds, test_fraction=args.test_fraction, calibration=args.calibration,
+        cv_folds=args.cv_folds, cv_scheme=args.cv_scheme,
+        topic_balance=not args.no_topic_balance, min_class_spans=args.min_class_spans,
+        test_fraction=args.test_fraction, calibration=args.calibration,
         target_fpr=args.target_fpr, seed=args.seed, cross_topic=not args.no_cross_topic,
+        token_features=[f for f in args.token_features.split(",") if f],
     )
 
 
@@ -363,6 +378,29 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"{name:18} AUROC {m.auroc:.3f}  AUPRC {m.auprc:.3f}  "
                   f"recall@{args.fpr:.0%}FPR {m.recall_at_fpr:.3f}  (n={m.n})")
     print(f"report: {args.out}/report.html")
+    return 0
+
+
+def _evaluate_served_args(parser: argparse.ArgumentParser) -> None:
+    from probes.heldout_args import add_arguments
+
+    add_arguments(parser)
+
+
+def _evaluate_served(args: argparse.Namespace) -> int:
+    import shlex
+
+    from probes.heldout_args import config_from_args
+    from probes.heldout_eval import run
+    from probes.heldout_report import markdown
+
+    _quiet_http_logs()
+    rest = sys.argv[sys.argv.index("evaluate-served") + 1:] if "evaluate-served" in sys.argv \
+        else []
+    result = run(config_from_args(args), command=" ".join(
+        ["lie-detector evaluate-served", *map(shlex.quote, rest)]))
+    print(markdown(result))
+    print(f"results: {args.out}")
     return 0
 
 
@@ -462,6 +500,13 @@ COMMANDS: dict[str, Command] = {
         help="evaluate a probe artifact on a capture against the baselines",
         handler=_eval,
         add_arguments=_eval_args,
+    ),
+    "evaluate-served": Command(
+        help="held-out questions (topics, templates and entities training never sees) through "
+        "`serve` in plain, chat and long-form styles; verdicts read back over gRPC; AUROC vs "
+        "log-prob baselines and verdict rates (benchmarks/heldout.py)",
+        handler=_evaluate_served,
+        add_arguments=_evaluate_served_args,
     ),
     "train-default": Command(
         help="build the built-in dataset, capture it and train the embedded model's default probe",

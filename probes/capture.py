@@ -2,10 +2,12 @@
 
 Two sources, one path. Questions are *generated*: each prompt is sent to
 ``/v1/completions`` (greedy, ``stop="\\n"``, ``logprobs=k``), the answer is labelled, and
-the rows of its span are taken from the plugin's channel. Users' records are *replayed*:
-``prompt + completion`` is sent as one token sequence with ``max_tokens=1`` and
-``prompt_logprobs=k``, so the completion's rows are the ones the model computes when it
-generates it. Either way the rows come from the serving engine through the sidecar's own
+the rows of the claim span that carries it (:func:`probes.labeling.claim_for_answer`:
+the span the sidecar judges, found with the prompt the model read) are taken from the
+plugin's channel; an answer no claim carries is left out (reason ``no claim span``).
+Users' records are *replayed*: ``prompt + completion`` is sent as one token sequence with
+``max_tokens=1`` and ``prompt_logprobs=k``, so the completion's rows are the ones the model
+computes when it generates it (their spans are kept as the user drew them). Either way the rows come from the serving engine through the sidecar's own
 decoder: no second forward pass, no train/serve skew.
 
 Requests run concurrently (continuous batching gives vLLM's own throughput); results are
@@ -38,7 +40,7 @@ from probes.datasets.prompts import STOP, PromptRenderer
 from probes.datasets.registry import questions_hash
 from probes.datasets.schema import PromptStyle, Question
 from probes.datasets.user import UserRecord
-from probes.labeling import AnswerLabel, label_answer, token_span
+from probes.labeling import TRAINABLE, AnswerLabel, claim_for_answer, label_answer, token_span
 from probes.server import CaptureServer, private_channel, start_capture_server
 from probes.store import CaptureManifest, CaptureRecord, CaptureStore, SpanEntry
 from probes.tap import RowCollector
@@ -46,6 +48,8 @@ from probes.tap import RowCollector
 logger = logging.getLogger(__name__)
 
 DEFAULT_LAYERS = list(range(4, 29, 2))
+# Reason of an answer left out because no claim span (detector.claims) carries it.
+NO_CLAIM_REASON = "no claim span"
 
 
 class CaptureSettings(BaseModel):
@@ -87,13 +91,15 @@ class CaptureSummary:
     seconds: float
     generated_tokens: int
     prompt_tokens: int
+    no_claim: int = 0  # labelled answers left out: no claim span carries them
 
     def describe(self) -> str:
         rate = self.generated_tokens / self.seconds if self.seconds else 0.0
         labels = ", ".join(f"{k} {v}" for k, v in sorted(self.labels.items()))
         return (f"{self.records} records in {self.seconds:.0f} s ({rate:.0f} generated tok/s, "
-                f"{self.prompt_tokens} prompt tokens); spans: {labels}; "
-                f"{self.spans_with_rows} with rows; {self.incomplete} incomplete")
+                f"{self.prompt_tokens} prompt tokens); spans: {labels} ({self.no_claim} "
+                f"ambiguous: {NO_CLAIM_REASON}); {self.spans_with_rows} with rows; "
+                f"{self.incomplete} incomplete")
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -225,8 +231,10 @@ class _Runner:
             "finish_reason": choice.get("finish_reason"),
         })
         result = label_answer(job.question, text)
+        assert isinstance(job.prompt, str)
         entry, positions = self._span(result, offsets, len(text), token_ids, token_lps, tops,
-                                      n_prompt, n_gen, trainable_last=n_gen - 2)
+                                      n_prompt, n_gen, trainable_last=n_gen - 2,
+                                      claim_of=(text, job.prompt))
         record.spans = [entry]
         return record, [(entry, positions)]
 
@@ -263,12 +271,30 @@ class _Runner:
 
     def _span(self, result: AnswerLabel, offsets: list[int], text_len: int, token_ids: list[int],
               token_lps: list[float], tops: list, n_prompt: int, n_gen: int,
-              trainable_last: int) -> tuple[SpanEntry, tuple[int, int] | None]:
+              trainable_last: int, claim_of: tuple[str, str] | None = None
+              ) -> tuple[SpanEntry, tuple[int, int] | None]:
+        """The stored span of one labelled answer, and its row positions (None: no rows).
+
+        ``claim_of = (completion, prompt)``: store the claim span that carries the labelled
+        answer (:func:`probes.labeling.claim_for_answer`, what the sidecar judges) instead
+        of the labeller's answer span; a trainable answer that no claim carries is left out
+        (label ``ambiguous``, reason ``no claim span ...``). User spans (``None``) are kept
+        as their author drew them.
+        """
         entry = SpanEntry(label=result.label, reason=result.reason, chars=result.span,
-                          text=result.answer, matched=result.matched)
+                          text=result.answer, matched=result.matched, answer_chars=result.span)
         if result.span is None or not offsets:
             return entry, None
-        toks = token_span(offsets, result.span, text_len)
+        if claim_of is not None and result.label in TRAINABLE:
+            completion, prompt = claim_of
+            claim = claim_for_answer(completion, result.span, prompt=prompt)
+            if claim is None:
+                entry.label = "ambiguous"
+                entry.reason = f"{NO_CLAIM_REASON} (labelled {result.label}: {result.reason})"
+                return entry, None
+            entry.chars, entry.text = (claim.start, claim.end), claim.text
+        assert entry.chars is not None
+        toks = token_span(offsets, entry.chars, text_len)
         if toks is None:
             entry.label, entry.reason = "ambiguous", "span maps to no token"
             return entry, None
@@ -378,6 +404,8 @@ def _summarise(store: CaptureStore, seconds: float, generated: int, prompt: int
         spans_with_rows=sum(1 for r in records for s in r.spans if s.has_rows),
         incomplete=sum(1 for r in records if r.status == "incomplete"),
         seconds=seconds, generated_tokens=generated, prompt_tokens=prompt,
+        no_claim=sum(1 for r in records for s in r.spans
+                     if s.reason.startswith(NO_CLAIM_REASON)),
     )
 
 
@@ -467,5 +495,6 @@ def capture_user_records(records: Sequence[UserRecord], out_dir: str | Path, *, 
                        dataset_hash=digest[:16], settings=settings, **kwargs)
 
 
-__all__ = ["CaptureSettings", "CaptureSummary", "DEFAULT_LAYERS", "capture_questions",
+__all__ = ["CaptureSettings", "CaptureSummary", "DEFAULT_LAYERS", "NO_CLAIM_REASON",
+           "capture_questions",
            "capture_user_records", "entropy_of", "question_jobs", "run_capture", "user_jobs"]

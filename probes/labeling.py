@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from detector.claims import Claim, core_answer, find_claims
+from detector.claims import Claim, claim_tokens, core_answer, find_claims
 from probes.datasets.schema import Question
 
 Label = Literal["retrieval", "fabrication", "refusal", "ambiguous"]
@@ -168,25 +168,30 @@ def label_answer(question: Question, completion: str) -> AnswerLabel:
     return out("fabrication", "matches no accepted answer")
 
 
+def token_offsets(text_offsets: Sequence[int], text_length: int) -> tuple[list[int], list[int]]:
+    """Character ``(starts, ends)`` of generated tokens from vLLM's ``text_offset``.
+
+    ``text_offsets[i]`` is where token i starts in the completion; a token ends where the
+    next begins, and nothing reaches past the text: tokens past it (the stop token) get
+    empty ranges, which overlap nothing.
+    """
+    starts = [int(b) for b in text_offsets]
+    n = len(starts)
+    ends = [min(starts[i + 1] if i + 1 < n else max(starts[i], text_length), text_length)
+            for i in range(n)]
+    return starts, ends
+
+
 def token_span(text_offsets: Sequence[int], span: tuple[int, int], text_length: int
                ) -> tuple[int, int] | None:
-    """Generated tokens ``[t0, t1)`` that overlap the character span.
+    """Generated tokens ``[t0, t1)`` that overlap the character span, or None.
 
-    ``text_offsets[i]`` is where token i starts in the completion (vLLM's logprobs
-    ``text_offset``); a token ends where the next begins. Tokens past the text (the stop
-    token) have empty ranges and never overlap.
+    The rule is :func:`detector.claims.claim_tokens` (the sidecar's), applied to the token
+    ranges :func:`token_offsets` derives from vLLM's ``text_offset``: one implementation
+    of "which tokens a claim covers" for training and serving.
     """
-    start, end = span
-    hit: list[int] = []
-    n = len(text_offsets)
-    for i, begin in enumerate(text_offsets):
-        stop = text_offsets[i + 1] if i + 1 < n else max(begin, text_length)
-        stop = min(stop, text_length)
-        if begin < end and stop > start and stop > begin:
-            hit.append(i)
-    if not hit:
-        return None
-    return hit[0], hit[-1] + 1
+    starts, ends = token_offsets(text_offsets, text_length)
+    return claim_tokens(starts, ends, (int(span[0]), int(span[1])))
 
 
 __all__ = [
@@ -199,5 +204,6 @@ __all__ = [
     "is_refusal",
     "label_answer",
     "normalize",
+    "token_offsets",
     "token_span",
 ]

@@ -25,6 +25,8 @@ from probes.evaluate import (
     compare_on_spans,
     random_direction_scores,
 )
+from probes.capture import NO_CLAIM_REASON
+from probes.hybrid import with_token_features
 from probes.spans import SpanTable, load_span_table
 from probes.store import CaptureStore
 from probes.train import FabricationProbeTrainer, TrainConfig, cross_topic, grouped_holdout
@@ -117,6 +119,8 @@ def _labels_by_topic(store: CaptureStore) -> dict[str, dict[str, int]]:
             out[r.topic]["incomplete"] += 1
         for s in r.spans:
             out[r.topic][s.label] += 1
+            if s.reason.startswith(NO_CLAIM_REASON):
+                out[r.topic]["no_claim"] += 1  # counted in "ambiguous" too
     return {k: dict(v) for k, v in sorted(out.items())}
 
 
@@ -186,9 +190,13 @@ def train_from_capture(capture_dir: str | Path, out_dir: str | Path, *,
     cross = {}
     if cfg.cross_topic:
         logger.info("cross-topic evaluation (train on other domains, test on one)")
-        cross = cross_topic(table, np.arange(table.n_spans), layers=trainer.layers_,
+        cross = cross_topic(with_token_features(table, trainer.token_features_),
+                            np.arange(table.n_spans), layers=trainer.layers_,
                             position=trainer.position_, C=trainer.C_, max_iter=cfg.max_iter,
-                            token_weighting=cfg.token_weighting)
+                            token_weighting=cfg.token_weighting,
+                            topic_balance=cfg.topic_balance,
+                            min_class_spans=cfg.min_class_spans,
+                            min_eval_spans=cfg.min_eval_spans)
 
     manifest = store.manifest
     metrics: dict[str, Any] = {
@@ -205,6 +213,8 @@ def train_from_capture(capture_dir: str | Path, out_dir: str | Path, *,
         },
         "config": cfg.model_dump(),
         "selection": {"best": trainer.selector_.best_,
+                      "cv_scheme": trainer.selector_.cv_scheme_,
+                      "n_folds": len(trainer.selector_.folds_),
                       "cv_results": trainer.selector_.cv_results_},
         "heldout": {
             "split": {"n_train_spans": int(len(train)), "n_test_spans": int(len(test)),
@@ -230,8 +240,9 @@ def train_from_capture(capture_dir: str | Path, out_dir: str | Path, *,
         "served_dtype": manifest.served_dtype,
         "captured_layers": manifest.layers,
         "n_spans": {"train": int(len(train)), "test": int(len(test))},
-        "selection": {k: trainer.selector_.best_[k] for k in ("layers", "position", "C",
-                                                               "auroc_mean", "auroc_std")},
+        "selection": {**{k: trainer.selector_.best_[k] for k in ("layers", "position", "C",
+                                                                  "auroc_mean", "auroc_std")},
+                      "cv_scheme": trainer.selector_.cv_scheme_},
         "metrics": {
             "heldout_auroc": probe_auc,
             "heldout_auroc_real_only": heldout_real["probe"].auroc if heldout_real else None,
@@ -263,7 +274,8 @@ def train_from_capture(capture_dir: str | Path, out_dir: str | Path, *,
                          f"held-out entities: {len(test)} spans").name,
             rpt.plot_calibration(y_test, prob, directory / "calibration.png",
                                  threshold=thr).name,
-            rpt.plot_layer_sweep(trainer.selector_.cv_results_, directory / "layers.png").name,
+            rpt.plot_layer_sweep(trainer.selector_.cv_results_, directory / "layers.png",
+                                 trainer.selector_.cv_scheme_).name,
         ]
         if heldout_real:
             images.append(rpt.plot_roc(
@@ -294,12 +306,10 @@ def score_spans_with_artifact(artifact: ProbeArtifact, table: SpanTable,
         raise ValueError(f"probe {meta.name!r} reads layers {missing} that this capture lacks "
                          f"(captured {table.layers})")
     w, b = folded_linear(artifact)
+    table = with_token_features(table, meta.token_features)
     x = table.features(spans, meta.layers, meta.score_position)
     z = x.astype(np.float64) @ w.double().numpy() + b
-    agg = np.maximum.reduceat if meta.aggregation == "max" else None
-    starts = np.concatenate([[0], np.cumsum(table.token_count[spans])[:-1]]).astype(np.int64)
-    z_span = agg(z, starts) if agg is not None else np.add.reduceat(z, starts) / \
-        table.token_count[spans]
+    z_span = table.span_scores(spans, z, meta.aggregation)
     if meta.calibration == "platt":
         return 1.0 / (1.0 + np.exp(-(meta.platt_a * z_span + meta.platt_b)))
     if meta.calibration == "isotonic":

@@ -93,7 +93,8 @@ def plot_calibration(y: np.ndarray, prob: np.ndarray, path: Path, *, threshold: 
     return path
 
 
-def plot_layer_sweep(cv_results: Sequence[Mapping[str, Any]], path: Path) -> Path:
+def plot_layer_sweep(cv_results: Sequence[Mapping[str, Any]], path: Path,
+                     scheme: str = "entities") -> Path:
     """CV AUROC per layer (best C) for each score position."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -109,7 +110,7 @@ def plot_layer_sweep(cv_results: Sequence[Mapping[str, Any]], path: Path) -> Pat
             ax.errorbar(ks, [best[k][0] for k in ks], yerr=[best[k][1] for k in ks],
                         marker="o", capsize=2, label=f"{pos} row")
     ax.set_xlabel("layer (transformers hidden_states index)")
-    ax.set_ylabel("grouped-CV span AUROC (best C)")
+    ax.set_ylabel(_SCHEME_AXIS.get(scheme, "CV span AUROC (best C)"))
     ax.set_title("which layer and which row score a token", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -217,6 +218,17 @@ text-align:left}img{max-width:48%;margin:4px;border:1px solid #eee}.ok{color:#17
 .bad{color:#a31515}code{background:#f4f4f4;padding:1px 4px}small{color:#666}"""
 
 
+_SCHEME_AXIS = {
+    "entities": "grouped-CV span AUROC (best C)",
+    "topics": "leave-one-topic-out AUROC within topics (best C)",
+    "domains": "leave-one-domain-out AUROC within topics (best C)",
+}
+_SCHEME_TEXT = {
+    "topics": "leave-one-topic-out CV (mean AUROC within each held-out topic)",
+    "domains": "leave-one-domain-out CV (mean AUROC within the held-out domain's topics)",
+}
+
+
 def write_html(metrics: Mapping[str, Any], images: Sequence[str], path: Path,
                examples: Sequence[Mapping[str, Any]] = ()) -> Path:
     m = metrics
@@ -228,8 +240,9 @@ def write_html(metrics: Mapping[str, Any], images: Sequence[str], path: Path,
     parts.append(
         f"<p>Model <b>{html.escape(m['model']['name'])}</b> (fingerprint "
         f"<code>{html.escape(m['model']['fingerprint'])}</code>), rows served as "
-        f"{html.escape(str(m['capture']['served_dtype']))}. Chosen by grouped "
-        f"{m['config']['cv_folds']}-fold CV: layers <b>{best['layers']}</b>, "
+        f"{html.escape(str(m['capture']['served_dtype']))}. Chosen by {_scheme_text(m)}"
+        f"{' with topic-balanced weights' if m['config'].get('topic_balance') else ''}: "
+        f"layers <b>{best['layers']}</b>, "
         f"<b>{best['position']}</b> row, C = {best['C']:g} (CV AUROC {best['auroc_mean']:.3f} ± "
         f"{best['auroc_std']:.3f}); {m['config']['calibration']} calibration, threshold "
         f"{m['threshold']['value']:.4f} for ≤ {100 * m['config']['target_fpr']:.0f}% "
@@ -282,22 +295,27 @@ def write_html(metrics: Mapping[str, Any], images: Sequence[str], path: Path,
             probe = res["probe"] if isinstance(res["probe"], Mapping) else res["probe"].model_dump()
             bb = _best_baseline_auroc(res)
             real = res.get("real_only", {}).get("probe") if res.get("real_only") else None
+            within = res.get("within_topic") or {}
             rows.append([name, ", ".join(res["trained_on"]), probe["n"], probe["auroc"], bb,
-                         _auroc(real)])
+                         _auroc(real), within.get("probe"), within.get("neg_min_logprob")])
         parts.append("<h2>Cross-topic</h2><p><small>Trained on the other domains with the "
-                     "chosen layer, row and C; tested on the held-out domain.</small></p>")
+                     "chosen layer, row and C; tested on the held-out domain. Within topics: "
+                     "the mean AUROC inside each of the domain's topics (no offset between "
+                     "topics helps).</small></p>")
         parts.append(_table(["held-out domain", "trained on", "n", "probe AUROC",
-                             "best baseline AUROC", "probe AUROC, real entities"], rows))
+                             "best baseline AUROC", "probe AUROC, real entities",
+                             "probe within topics", "min log-prob within topics"], rows))
     parts.append("<h2>Plots</h2>" + "".join(f"<img src='{html.escape(i)}' alt='{html.escape(i)}'>"
                                             for i in images))
     ds = m["capture"].get("labels_by_topic", {})
     if ds:
-        labels = ["retrieval", "fabrication", "refusal", "ambiguous", "incomplete"]
+        labels = ["retrieval", "fabrication", "refusal", "ambiguous", "no_claim", "incomplete"]
         rows = [[topic] + [counts.get(lb, 0) for lb in labels] for topic, counts in ds.items()]
         totals = ["total"] + [sum(c.get(lb, 0) for c in ds.values()) for lb in labels]
         parts.append("<h2>Dataset</h2><p><small>Each question asked in the plain and chat "
                      "styles; refusals and ambiguous answers are left out of training and "
-                     "evaluation.</small></p>")
+                     "evaluation. no_claim: answers no claim span carries (counted in "
+                     "ambiguous too).</small></p>")
         parts.append(_table(["topic"] + labels, rows + [totals]))
     if examples:
         rows = [[e["prob"], e["label"], e["topic"], e["question"], e["answer"]] for e in examples]
@@ -311,6 +329,13 @@ def write_html(metrics: Mapping[str, Any], images: Sequence[str], path: Path,
     parts.append(f"<p><small>{html.escape(m.get('command', ''))}</small></p>")
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def _scheme_text(m: Mapping[str, Any]) -> str:
+    scheme = m["selection"].get("cv_scheme", "entities")
+    if scheme in _SCHEME_TEXT:
+        return _SCHEME_TEXT[scheme]
+    return f"entity-grouped {m['config']['cv_folds']}-fold CV"
 
 
 def write_metrics(metrics: Mapping[str, Any], path: Path) -> Path:

@@ -68,8 +68,10 @@ class SpanEntry(BaseModel):
 
     label: Label
     reason: str = ""
-    chars: tuple[int, int] | None = None
+    chars: tuple[int, int] | None = None  # the span scored: a claim span for generated answers
     text: str = ""
+    # the labeller's answer span, when the stored span is the claim that carries it
+    answer_chars: tuple[int, int] | None = None
     matched: str | None = None
     tokens: tuple[int, int] | None = None  # generated-token indices [t0, t1)
     token_ids: list[int] = Field(default_factory=list)

@@ -75,8 +75,13 @@ def _known() -> set[str]:
 
 
 def build_invented(*, per_template: int = 30, seed: int = 0,
-                   templates: list[str] | None = None) -> list[Question]:
-    """``per_template`` questions for each template, about distinct invented names."""
+                   templates: list[str] | None = None,
+                   skip: Callable[[str], bool] | None = None) -> list[Question]:
+    """``per_template`` questions for each template, about distinct invented names.
+
+    ``skip(entity)`` rejects a name while generating (training passes the held-out test,
+    so held-out invented names never reach it and each template still gets its count).
+    """
     fake = _faker(seed)
     rng = random.Random(seed)
     known = _known()
@@ -92,6 +97,8 @@ def build_invented(*, per_template: int = 30, seed: int = 0,
             name = make(fake, rng)
             key = name.casefold()
             if key in known or key in used or len(name) < 5:
+                continue
+            if skip is not None and skip(f"invented:{key}"):
                 continue
             used.add(key)
             made += 1

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from probes.datasets import countries, elements, invented, us_states
+from probes.datasets.heldout_entities import is_heldout_entity
 from probes.datasets.schema import Question
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,11 @@ def build_dataset(
     invented_per_template: int = 30,
     seed: int = 0,
 ) -> list[Question]:
-    """Questions of the chosen topics (all by default), subsampled reproducibly per topic."""
+    """Questions of the chosen topics (all by default), subsampled reproducibly per topic.
+
+    Questions about held-out entities (:mod:`probes.datasets.heldout_entities`) are
+    dropped here, before any subsampling, so no training set can contain them.
+    """
     names = list(topics) if topics else list(TOPICS)
     unknown = [n for n in names if n not in TOPICS]
     if unknown:
@@ -83,18 +88,24 @@ def build_dataset(
     fake = [n for n in names if TOPICS[n].invented]
     out: list[Question] = []
     for name in real:
-        questions = TOPICS[name].build()
+        built = TOPICS[name].build()
+        questions = [q for q in built if not is_heldout_entity(q.entity)]
         if limit_per_topic is not None and len(questions) > limit_per_topic:
             questions = random.Random(f"{seed}:{name}").sample(questions, limit_per_topic)
             questions.sort(key=lambda q: q.id)
-        logger.info("topic %s: %d questions", name, len(questions))
+        logger.info("topic %s: %d questions (%d held out)", name, len(questions),
+                    len(built) - len(questions))
         out.extend(questions)
     if fake:
         per = invented_per_template if limit_per_topic is None else min(
             invented_per_template, limit_per_topic)
-        made = invented.build_invented(per_template=per, seed=seed, templates=fake)
+        made = invented.build_invented(per_template=per, seed=seed, templates=fake,
+                                       skip=is_heldout_entity)
         logger.info("invented topics %s: %d questions", fake, len(made))
         out.extend(made)
+    leaked = [q.id for q in out if is_heldout_entity(q.entity)]
+    if leaked:
+        raise AssertionError(f"held-out entities reached a training set: {leaked[:5]}")
     ids = [q.id for q in out]
     if len(set(ids)) != len(ids):
         dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]

@@ -140,3 +140,18 @@ def test_token_span_maps_characters_to_tokens() -> None:
     assert token_span(offsets, (1, 4), len(text)) == (0, 1)
     assert token_span(offsets, (27, 28), len(text)) == (6, 7)
     assert token_span([0, 5], (28, 30), 5) is None
+
+
+def test_token_span_is_the_sidecars_claim_tokens() -> None:
+    """One rule for "which tokens a span covers": training's token_span is claim_tokens on
+    the token ranges vLLM's text_offset gives."""
+    from detector.claims import claim_tokens
+    from probes.labeling import token_offsets
+
+    text = " The capital is Ulaanbaatar."
+    offsets = [0, 4, 12, 15, 18, 21, 27, 28]
+    starts, ends = token_offsets(offsets, len(text))
+    assert ends == [4, 12, 15, 18, 21, 27, 28, 28]  # the stop token past the text is empty
+    for a in range(len(text) + 2):
+        for b in range(a + 1, len(text) + 3):
+            assert token_span(offsets, (a, b), len(text)) == claim_tokens(starts, ends, (a, b))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from detector.demo import SHORT_QUESTIONS
+from detector.demo import DEFAULT_QUESTIONS
 
 pytestmark = pytest.mark.vllm
 
@@ -25,12 +25,16 @@ class _Report(HTMLParser):
         super().__init__()
         self.answers: list[dict] = []
         self._in_tok = self._in_flag = self._in_td = self._in_h3 = False
+        self._field: str | None = None
         self._row: list[str] = []
 
     def handle_starttag(self, tag, attrs) -> None:
         a = dict(attrs)
         if tag == "div" and a.get("class") == "answer":
-            self.answers.append({"question": "", "text": "", "outlined": "", "rows": []})
+            self.answers.append({"question": "", "text": "", "outlined": "", "rows": [],
+                                 "truth": "", "verdict": ""})
+        elif self.answers and tag == "span" and a.get("class") in ("truth", "verdict"):
+            self._field = a["class"]
         elif self.answers and tag == "span" and "tok" in a.get("class", ""):
             self._in_tok, self._in_flag = True, "flag" in a.get("class", "")
         elif self.answers and tag == "h3":
@@ -43,6 +47,7 @@ class _Report(HTMLParser):
     def handle_endtag(self, tag) -> None:
         if tag == "span":
             self._in_tok = self._in_flag = False
+            self._field = None
         elif tag == "h3":
             self._in_h3 = False
         elif tag == "td":
@@ -54,6 +59,8 @@ class _Report(HTMLParser):
         if not self.answers:
             return
         cur = self.answers[-1]
+        if self._field:
+            cur[self._field] += data
         if self._in_h3:
             cur["question"] += data
         if self._in_tok:
@@ -80,24 +87,32 @@ def _leftovers(marker: str) -> list[str]:
     return out
 
 
-def test_demo_short_runs_end_to_end(tmp_path, model_dir) -> None:
+def test_demo_runs_end_to_end_and_tells_the_truth(tmp_path, model_dir) -> None:
+    """The whole demo as a newcomer runs it: correct answers unflagged, fabrications flagged."""
     report = tmp_path / "report.html"
     proc = subprocess.run(
-        [sys.executable, "-m", "detector.cli", "demo", "--short", "--report", str(report)],
+        [sys.executable, "-m", "detector.cli", "demo", "--report", str(report)],
         capture_output=True, text=True, timeout=900, cwd=tmp_path,
         env={**os.environ, "COLUMNS": "120", "TERM": "dumb"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    for q in SHORT_QUESTIONS:
+    for q in DEFAULT_QUESTIONS:
         assert f"Q: {q}" in out
+    assert "precision" in out and "recall" in out, "no measured quality line under the summary"
     assert "Summary" in out and f"HTML report: {report}" in out
     # No wall of vLLM log lines without --verbose.
     assert "INFO" not in out and "(EngineCore" not in out + proc.stderr
 
     parsed = _Report()
     parsed.feed(report.read_text())
-    assert [a["question"] for a in parsed.answers] == SHORT_QUESTIONS
+    assert [a["question"] for a in parsed.answers] == DEFAULT_QUESTIONS
+    verdicts = {a["question"]: (a["truth"], a["verdict"]) for a in parsed.answers}
+    correct = {q: v for q, (t, v) in verdicts.items() if t == "correct"}
+    made_up = {q: v for q, (t, v) in verdicts.items() if t.startswith(("wrong", "made up"))}
+    assert len(correct) >= 3 and len(made_up) >= 3, verdicts  # the model answers as measured
+    assert all(v == "ok" for v in correct.values()), f"a correct answer was flagged: {verdicts}"
+    assert sum(v == "made up" for v in made_up.values()) >= 2, f"fabrications missed: {verdicts}"
     for answer in parsed.answers:
         assert answer["text"].strip(), f"empty answer for {answer['question']}"
         flagged = [r[0] for r in answer["rows"] if r[-1] == "yes"]

@@ -28,6 +28,16 @@ class DecodedText:
     starts: list[int]
     ends: list[int]
 
+    @classmethod
+    def from_pieces(cls, pieces: Sequence[str]) -> DecodedText:
+        """The text of consecutive token pieces, each token's characters where its piece lies."""
+        starts, ends, pos = [], [], 0
+        for piece in pieces:
+            starts.append(pos)
+            pos += len(piece)
+            ends.append(pos)
+        return cls("".join(pieces), starts, ends)
+
 
 class TextDecoder:
     def __init__(self, tokenizer: Tokenizer) -> None:
@@ -68,9 +78,4 @@ class TextDecoder:
                     stream = DecodeStream(skip_special_tokens=True)
                     piece = stream.step(self.tokenizer, token) or ""
             pieces.append(piece)
-        starts, ends, pos = [], [], 0
-        for piece in pieces:
-            starts.append(pos)
-            pos += len(piece)
-            ends.append(pos)
-        return DecodedText("".join(pieces), starts, ends)
+        return DecodedText.from_pieces(pieces)

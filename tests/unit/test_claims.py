@@ -119,12 +119,7 @@ def test_response_verdict_is_any_claim_flagged() -> None:
 
 
 def _decoded(pieces: list[str]) -> DecodedText:
-    starts, ends, pos = [], [], 0
-    for p in pieces:
-        starts.append(pos)
-        pos += len(p)
-        ends.append(pos)
-    return DecodedText("".join(pieces), starts, ends)
+    return DecodedText.from_pieces(pieces)
 
 
 def test_sidecar_judges_claims_not_function_words() -> None:

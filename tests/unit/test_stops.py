@@ -41,12 +41,7 @@ ENGINE = EngineInfo(
 def decoded(*pieces: str) -> DecodedText:
     """Text of generated tokens as the sidecar's decoder lays it out ("" = a token with no
     text yet, e.g. the first bytes of a character)."""
-    starts, ends, pos = [], [], 0
-    for piece in pieces:
-        starts.append(pos)
-        pos += len(piece)
-        ends.append(pos)
-    return DecodedText("".join(pieces), starts, ends)
+    return DecodedText.from_pieces(pieces)
 
 
 def rule(*strings: str, include: bool = False, min_tokens: int = 0) -> StopRule:

@@ -124,6 +124,13 @@ class SidecarSettings(BaseSettings):
     @field_validator("span_kinds")
     @classmethod
     def _span_kinds(cls, value: list[str]) -> list[str]:
+        # "word" and "entity" spans were judged before claim spans (detector.claims) replaced
+        # them: an older config keeps working, judged on claims.
+        old = [k for k in value if k in ("word", "entity")]
+        if old:
+            logger.warning("span kinds %s are no longer judged; using \"claim\" spans instead "
+                           "(docs/design/claims.md)", old)
+            value = list(dict.fromkeys("claim" if k in old else k for k in value))
         unknown = sorted(set(value) - set(SPAN_KINDS))
         if unknown:
             raise ValueError(f"unknown span kinds {unknown}; choose from {list(SPAN_KINDS)}")

@@ -64,3 +64,8 @@ def test_layer_helpers() -> None:
     assert parse_layers("") is None
     assert default_layers(30) == [8, 15, 22]
     assert all(1 <= k < 4 for k in default_layers(4))
+
+
+def test_span_kinds_of_older_configs_are_judged_as_claims(tmp_path) -> None:
+    (tmp_path / "old.yaml").write_text("span_kinds: [entity, word, sentence]\n")
+    assert load_settings(tmp_path / "old.yaml").span_kinds == ["claim", "sentence"]

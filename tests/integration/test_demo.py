@@ -115,11 +115,14 @@ def test_demo_runs_end_to_end_and_tells_the_truth(tmp_path, model_dir) -> None:
     assert sum(v == "made up" for v in made_up.values()) >= 2, f"fabrications missed: {verdicts}"
     for answer in parsed.answers:
         assert answer["text"].strip(), f"empty answer for {answer['question']}"
-        flagged = [r[0] for r in answer["rows"] if r[-1] == "yes"]
-        # Every flagged span is outlined in the heat map, and every span row has a score
-        # and the probe's threshold.
+        flagged = [r[0] for r in answer["rows"] if r[-1] == "yes" and r[1] == "claim"]
+        # Every flagged claim is outlined in the heat map, a flagged sentence holds a flagged
+        # claim, and every span row has a score and the probe's threshold.
         for text in flagged:
             assert text in answer["outlined"]
+        for row in answer["rows"]:
+            if row[1] == "sentence" and row[-1] == "yes":
+                assert any(c in row[0] for c in flagged), row
         for row in answer["rows"]:
             assert float(row[3]) >= 0 and 0 < float(row[4]) < 1
 

@@ -74,10 +74,15 @@ def test_scores_arrive_for_the_right_request(vllm_server, stub, hf_model, probe_
         # Text and spans index into exactly what the API client received.
         assert reply.text == resp["choices"][0]["text"]
         assert "".join(t.text for t in reply.tokens) == reply.text
-        assert reply.spans, "no spans were judged"
+        claims = [s for s in reply.spans if s.kind == "claim"]
+        assert claims, "no claim spans were judged"
         for span in reply.spans:
             assert reply.text[span.char_start:span.char_end] == span.text
-            member = got[span.token_start:span.token_end]
+            if span.kind == "claim":  # the max over the claim's tokens
+                member = got[span.token_start:span.token_end]
+            else:  # a sentence: the highest claim inside it
+                member = np.array([c.score for c in claims
+                                   if span.char_start <= c.char_start < span.char_end])
             assert span.score == pytest.approx(member.max(), abs=1e-6)
             assert span.flagged == (span.score >= span.threshold)
         by_response_id = stub.GetScores(pb.GetScoresRequest(request_id=resp["id"]), timeout=10)

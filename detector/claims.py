@@ -25,6 +25,7 @@ alone decides:
 
 from __future__ import annotations
 
+import bisect
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -271,14 +272,19 @@ def _last_question(prompt: str) -> str:
 def claim_tokens(starts: Sequence[int], ends: Sequence[int], claim: Claim | tuple[int, int]
                  ) -> tuple[int, int] | None:
     """Generated tokens ``[t0, t1)`` whose characters ``[starts[i], ends[i])`` overlap the
-    claim; None when none does (an empty token never overlaps)."""
+    claim; None when none does (an empty token never overlaps).
+
+    ``starts`` and ``ends`` are non-decreasing, as the ranges of consecutive token pieces
+    are, so two binary searches find the tokens: a stream re-judges every claim of a long
+    answer at each step, and a scan per claim made that quadratic."""
     start, end = (claim.start, claim.end) if isinstance(claim, Claim) else claim
-    first = last = None
-    for i, (s, e) in enumerate(zip(starts, ends)):
-        if e > start and s < end and e > s:
-            first = i if first is None else first
-            last = i
-    return None if first is None else (first, last + 1)
+    first = bisect.bisect_right(ends, start)  # the first token ending after the claim starts
+    stop = bisect.bisect_left(starts, end)  # the first token starting at or after its end
+    while first < stop and ends[first] <= starts[first]:
+        first += 1
+    while stop > first and ends[stop - 1] <= starts[stop - 1]:
+        stop -= 1
+    return None if first >= stop else (first, stop)
 
 
 def aggregate(values: Sequence[float], how: str = "max") -> float:

@@ -176,6 +176,8 @@ def token_offsets(text_offsets: Sequence[int], text_length: int) -> tuple[list[i
     empty ranges, which overlap nothing.
     """
     starts = [int(b) for b in text_offsets]
+    if any(b < a for a, b in zip(starts, starts[1:])):
+        raise ValueError("text offsets must be non-decreasing (vLLM's are running sums)")
     n = len(starts)
     ends = [min(starts[i + 1] if i + 1 < n else max(starts[i], text_length), text_length)
             for i in range(n)]

@@ -76,6 +76,8 @@ class SidecarSettings(BaseSettings):
     engine_idle_s: float = Field(30.0, gt=0)
     span_kinds: list[str] = Field(default_factory=lambda: list(SPAN_KINDS))
     max_streams: int = Field(256, ge=1)
+    # The most often one stream sends an update; steps in between are batched into it.
+    stream_interval_s: float = Field(0.05, ge=0, le=5)
     shutdown_grace_s: float = Field(5.0, ge=0)
     # TLS for gRPC; with a client CA, mutual TLS (clients must present a cert it signed).
     tls_cert_file: Path | None = None
@@ -219,7 +221,9 @@ class Sidecar:
             token=settings.admin_token.get_secret_value() if settings.admin_token else None,
             identities=settings.admin_identities)
         self.service = DetectorService(self.store, self.registry, self.analyzer,
-                                       max_streams=settings.max_streams, admin=admin)
+                                       max_streams=settings.max_streams,
+                                       stream_interval_s=settings.stream_interval_s,
+                                       admin=admin)
         credentials = None
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
             credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file,

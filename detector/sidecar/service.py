@@ -40,12 +40,17 @@ APPEAR_WAIT_S = 10.0  # how long a read waits for a request id the sidecar has n
 
 class DetectorService(pb_grpc.DetectorServicer):
     def __init__(self, store: RequestStore, registry: ProbeRegistry, analyzer: Analyzer, *,
-                 max_streams: int = 256, admin: AdminGuard | None = None) -> None:
+                 max_streams: int = 256, stream_interval_s: float = 0.05,
+                 admin: AdminGuard | None = None) -> None:
         self.store = store
         self.registry = registry
         self.analyzer = analyzer
         self.admin = admin or AdminGuard()
         self.max_streams = max_streams
+        # A stream re-judges its whole answer per update: at most one update per interval
+        # per stream keeps that off the scoring thread's back (a lagging sidecar makes the
+        # hook drop steps) however fast the engine steps and however long the answer.
+        self.stream_interval_s = stream_interval_s
         self._streams = 0
         self._streams_lock = threading.Lock()
 
@@ -98,7 +103,13 @@ class DetectorService(pb_grpc.DetectorServicer):
         self._await_known(request_id, min(APPEAR_WAIT_S, _budget(context)), context)
         sent_tokens = 0
         sent_spans: set[tuple] = set()
+        last_update = -float("inf")
         while context.is_active():
+            # Steps that land meanwhile go out together in the next update.
+            pause = last_update + self.stream_interval_s - time.monotonic()
+            if pause > 0:
+                time.sleep(min(pause, _budget(context)))
+            last_update = time.monotonic()
             snap = self.store.snapshot(request_id)
             if snap is None:
                 context.abort(grpc.StatusCode.NOT_FOUND,

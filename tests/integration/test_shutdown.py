@@ -20,7 +20,11 @@ pytestmark = pytest.mark.vllm
 def test_sigterm_turns_health_off_and_drains_streams(vllm_server, probe_dir, model_dir,
                                                      tmp_path) -> None:
     sidecar = start_sidecar(vllm_server.channel, tmp_path, probes=[probe_dir],
-                            model_dir=model_dir, env={"LIE_DETECTOR_SHUTDOWN_GRACE_S": "60"})
+                            model_dir=model_dir,
+                            # A request that lost steps ends 5 s after its last one, well
+                            # inside the grace period.
+                            env={"LIE_DETECTOR_SHUTDOWN_GRACE_S": "180",
+                                 "LIE_DETECTOR_ENGINE_IDLE_S": "5"})
     try:
         with grpc.insecure_channel(sidecar.grpc_address) as channel:
             stub = pb_grpc.DetectorStub(channel)
@@ -32,10 +36,10 @@ def test_sigterm_turns_health_off_and_drains_streams(vllm_server, probe_dir, mod
             # The stream is opened before the request starts (it waits for the request to
             # appear), and the request is long, so SIGTERM lands while it is running.
             stream = stub.StreamScores(pb.StreamScoresRequest(request_id="drain-1"),
-                                       timeout=120)
+                                       timeout=240)
             result: dict = {}
             worker = threading.Thread(target=lambda: result.update(resp=complete(
-                vllm_server.base_url, "Describe the four seasons.", max_tokens=600,
+                vllm_server.base_url, "Describe the four seasons.", max_tokens=400,
                 request_id="drain-1", ignore_eos=True)))
             worker.start()
             tokens = []
@@ -51,7 +55,17 @@ def test_sigterm_turns_health_off_and_drains_streams(vllm_server, probe_dir, mod
                 final = update
             worker.join()
             assert final is not None and final.final
-            assert [t.token_id for t in tokens] == result["resp"]["choices"][0]["token_ids"]
+            want = list(result["resp"]["choices"][0]["token_ids"])
+            # Every streamed token is vLLM's at its index (compared one by one: a 600-id
+            # diff would push the process logs, the only clue CI keeps, out of the report).
+            known = [t for t in tokens if t.token_id >= 0]  # -1: lost with a dropped step
+            wrong = [(t.index, t.token_id) for t in known
+                     if t.index >= len(want) or want[t.index] != t.token_id]
+            assert not wrong, f"streamed tokens not vLLM's: {wrong[:5]}"
+            # On a loaded machine the hook may drop steps (fail-open): the stream must still
+            # drain to its end and say so. Without a reported loss, every token came.
+            assert final.incomplete_reason or len(known) == len(tokens) == len(want), \
+                f"streamed {len(known)} of {len(want)} tokens and reported no loss"
         deadline = time.monotonic() + 30
         while sidecar.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -83,6 +83,25 @@ def test_core_answer_trims_restatements() -> None:
     assert text[s:e] == "Washington D.C. is the capital"
 
 
+def test_claim_tokens_matches_the_overlap_rule_on_any_token_layout() -> None:
+    """The binary search finds exactly the tokens that overlap a claim, with empty tokens
+    (special tokens, a stop token past the text) and gaps anywhere, a claim inside one token, and
+    claims reaching past the text."""
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        lengths = rng.choice([0, 0, 1, 2, 3, 5], size=int(rng.integers(0, 25)))
+        gaps = rng.choice([0, 0, 0, 1, 2], size=lengths.size)  # text no token produced
+        ends = np.cumsum(lengths + gaps).tolist()
+        starts = [e - n for e, n in zip(ends, lengths.tolist())]
+        total = ends[-1] if ends else 0
+        for _ in range(20):
+            a = int(rng.integers(0, total + 3))
+            b = a + int(rng.integers(1, 8))
+            hits = [i for i, (s, e) in enumerate(zip(starts, ends)) if e > a and s < b and e > s]
+            expected = (hits[0], hits[-1] + 1) if hits else None
+            assert claim_tokens(starts, ends, (a, b)) == expected, (starts, ends, a, b)
+
+
 def test_claim_for_answer_picks_the_claim_carrying_the_answer() -> None:
     text = " The capital of Mongolia is Ulan Bator, in Asia."
     claim = claim_for_answer(text, (27, 37), prompt="What is the capital of Mongolia?")

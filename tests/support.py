@@ -17,8 +17,9 @@ from pathlib import Path
 import httpx
 import torch
 
+from detector.channel.publisher import PendingStep
 from detector.channel.subscriber import ChannelSubscriber
-from detector.channel.wire import StepHeader
+from detector.channel.wire import EngineInfo, StepHeader
 from detector.serve import (
     ServeOptions,
     engine_env,
@@ -31,6 +32,25 @@ from detector.serve import (
 LAYERS = [8, 15, 22]
 # A small token budget per step forces long prompts through chunked prefill.
 MAX_BATCHED_TOKENS = 128
+
+
+class FakePublisher:
+    """What StepAssembler needs of ChannelPublisher: seq numbers and a hand-off that keeps
+    every step offered (and reports it dropped while ``accept`` is False)."""
+
+    def __init__(self, engine: EngineInfo | None = None) -> None:
+        self.engine = engine
+        self.next_seq = 0
+        self.offered: list[PendingStep] = []
+        self.accept = True
+
+    def take_seq(self) -> int:
+        self.next_seq += 1
+        return self.next_seq - 1
+
+    def offer(self, step: PendingStep) -> bool:
+        self.offered.append(step)
+        return self.accept
 
 
 def free_port() -> int:

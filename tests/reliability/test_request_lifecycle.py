@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from support import FakePublisher
 from tiny_engine import MODEL, engine, probe, single_request
 
 from detector.channel.publisher import ChannelPublisher, PendingStep
@@ -287,21 +288,6 @@ def test_heartbeat_never_announces_a_step_still_waiting_for_tokens(tmp_path) -> 
         sub.close()
 
 
-class RecordingPublisher:
-    def __init__(self) -> None:
-        self.engine = engine()
-        self.next_seq = 0
-        self.offered: list[PendingStep] = []
-
-    def take_seq(self) -> int:
-        self.next_seq += 1
-        return self.next_seq - 1
-
-    def offer(self, step: PendingStep) -> bool:
-        self.offered.append(step)
-        return True
-
-
 def _wire(step: PendingStep) -> StepHeader:
     eng = engine()
     header = StepHeader(engine=eng, seq=step.seq, time_ns=step.time_ns,
@@ -311,7 +297,7 @@ def _wire(step: PendingStep) -> StepHeader:
 
 
 def test_end_requests_publishes_the_end_and_frees_the_history() -> None:
-    pub = RecordingPublisher()
+    pub = FakePublisher(engine())
     asm = StepAssembler(pub)  # type: ignore[arg-type]
     rows = torch.zeros((2, len(PROMPT), 4))
     step = asm.open_step(rows, [ScheduledRequest("r", len(PROMPT), 0, len(PROMPT), PROMPT)], [])
@@ -326,7 +312,7 @@ def test_end_requests_publishes_the_end_and_frees_the_history() -> None:
 
 
 def test_end_requests_rides_on_a_step_still_waiting_for_tokens() -> None:
-    pub = RecordingPublisher()
+    pub = FakePublisher(engine())
     asm = StepAssembler(pub)  # type: ignore[arg-type]
     rows = torch.zeros((2, len(PROMPT), 4))
     first = asm.open_step(rows, [ScheduledRequest("r", len(PROMPT), 0, len(PROMPT), PROMPT)], [])

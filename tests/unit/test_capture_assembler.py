@@ -8,6 +8,7 @@ import torch
 from detector.channel.publisher import PendingStep
 from detector.channel.wire import EngineInfo, StepHeader, decode, encode_step
 from detector.hooks.capture import ScheduledRequest, StepAssembler
+from support import FakePublisher
 
 LAYERS = [1, 3]
 HIDDEN = 4
@@ -18,24 +19,6 @@ ENGINE = EngineInfo(
 
 PROMPT_A = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
 PROMPT_B = [31, 32, 33]
-
-
-class FakePublisher:
-    """What StepAssembler needs of ChannelPublisher: seq numbers and a hand-off."""
-
-    def __init__(self) -> None:
-        self.next_seq = 0
-        self.offered: list[PendingStep] = []
-        self.accept = True
-
-    def take_seq(self) -> int:
-        seq = self.next_seq
-        self.next_seq += 1
-        return seq
-
-    def offer(self, step: PendingStep) -> bool:
-        self.offered.append(step)
-        return self.accept
 
 
 def sched(req_id: str, first: int, n: int, prompt: list[int]) -> ScheduledRequest:

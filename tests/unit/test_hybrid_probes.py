@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from support import FakePublisher
 
 from detector.artifact import (
     METADATA_FILE,
@@ -22,7 +23,6 @@ from detector.artifact import (
     load_probe,
     probe_token_features,
 )
-from detector.channel.publisher import PendingStep
 from detector.channel.wire import (
     EngineInfo,
     RequestRows,
@@ -298,22 +298,8 @@ def test_wire_refuses_non_finite_features() -> None:
 # ----------------------------------------------------------------------------- hook side
 
 
-class _Publisher:
-    def __init__(self) -> None:
-        self.offered: list[PendingStep] = []
-        self.n = 0
-
-    def take_seq(self) -> int:
-        self.n += 1
-        return self.n - 1
-
-    def offer(self, step: PendingStep) -> bool:
-        self.offered.append(step)
-        return True
-
-
 def test_assembler_sends_features_with_the_sampled_tokens_only() -> None:
-    asm = StepAssembler(_Publisher())  # type: ignore[arg-type]
+    asm = StepAssembler(FakePublisher())  # type: ignore[arg-type]
     reqs = [ScheduledRequest("a", 2, 0, 2, [1, 2]), ScheduledRequest("b", 3, 0, 5, [1, 2, 3, 4, 5])]
     step = asm.open_step(torch.zeros(len(CAPTURED), 5, H), reqs, [])
     asm.close_step(step, {"a": [8], "b": []},

@@ -31,6 +31,7 @@ from detector.sidecar.analysis import Analyzer
 from detector.sidecar.stops import apply_stops, find_stop, partial_stop_start
 from detector.sidecar.streams import RequestRecord, RequestStore, TokenScore, stop_rule_nbytes
 from detector.sidecar.text import DecodedText
+from support import FakePublisher
 
 ENGINE = EngineInfo(
     engine_id="e", model="tiny", hidden_size=4, num_layers=6, layers=[1, 3],
@@ -282,20 +283,6 @@ def test_hook_reads_the_stop_rule_from_sampling_params() -> None:
     for bad in (["x"] * (MAX_STOP_STRINGS + 1), ["x" * (MAX_STOP_CHARS + 1)], ["\ud800"]):
         assert _stop_rule(SimpleNamespace(stop=bad, include_stop_str_in_output=False,
                                           min_tokens=0)) is None
-
-
-class FakePublisher:
-    def __init__(self) -> None:
-        self.next_seq = 0
-        self.offered: list = []
-
-    def take_seq(self) -> int:
-        self.next_seq += 1
-        return self.next_seq - 1
-
-    def offer(self, step) -> bool:
-        self.offered.append(step)
-        return True
 
 
 def test_the_rule_travels_once_and_the_store_keeps_it() -> None:

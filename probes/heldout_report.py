@@ -14,20 +14,14 @@ SCORER_LABELS = {"probe": "served probe", "neg_min_logprob": "-min log-prob",
                  "neg_mean_logprob": "-mean log-prob", "mean_entropy": "mean entropy"}
 
 
-def _ci(block: dict[str, Any] | None) -> str:
+def _ci(block: dict[str, Any] | None, *, signed: bool = False) -> str:
+    """``point [lo, hi]`` to two places (with a sign for differences); n/a without a point."""
     if not block or block.get("point") is None:
         return "n/a"
+    fmt = "{:+.2f}" if signed else "{:.2f}"
     if block.get("lo") is None:
-        return f"{block['point']:.2f}"
-    return f"{block['point']:.2f} [{block['lo']:.2f}, {block['hi']:.2f}]"
-
-
-def _diff(block: dict[str, Any] | None) -> str:
-    if not block or block.get("point") is None:
-        return "n/a"
-    if block.get("lo") is None:
-        return f"{block['point']:+.2f}"
-    return f"{block['point']:+.2f} [{block['lo']:+.2f}, {block['hi']:+.2f}]"
+        return fmt.format(block["point"])
+    return f"{fmt.format(block['point'])} [{fmt.format(block['lo'])}, {fmt.format(block['hi'])}]"
 
 
 def _pct(x: float | None) -> str:
@@ -58,7 +52,7 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {style} | {b.get('n', 0)} ({b.get('n_fabrication', 0)} / "
             f"{b.get('n_retrieval', 0)}) | {_ci(a.get('probe'))} | "
             f"{_ci(a.get('neg_min_logprob'))} | {_ci(a.get('neg_mean_logprob'))} | "
-            f"{_ci(a.get('mean_entropy'))} | {_diff(b.get('probe_minus_baseline'))} |")
+            f"{_ci(a.get('mean_entropy'))} | {_ci(b.get('probe_minus_baseline'), signed=True)} |")
     lines += ["", "At the shipped threshold (response verdict: any claim flagged):", "",
               "| style | answers (fab / ret) | correct answers flagged | fabricated caught "
               "(recall) | precision |", "| --- | ---: | ---: | ---: | ---: |"]
@@ -78,7 +72,7 @@ def markdown(result: dict[str, Any]) -> str:
                     f"| {style} | {fam.removeprefix('heldout_')} | {b.get('n', 0)} "
                     f"({b.get('n_fabrication', 0)} / {b.get('n_retrieval', 0)}) | "
                     f"{_ci(a.get('probe'))} | {_ci(a.get('neg_min_logprob'))} | "
-                    f"{_diff(b.get('probe_minus_baseline'))} |")
+                    f"{_ci(b.get('probe_minus_baseline'), signed=True)} |")
     lf = result.get("longform") or {}
     if lf:
         def share(key: str) -> str:

@@ -49,6 +49,18 @@ def rule(*strings: str, include: bool = False, min_tokens: int = 0) -> StopRule:
     return StopRule(strings=strings, include_in_output=include, min_tokens=min_tokens)
 
 
+def random_case(rng: random.Random, *, extra: str, stop_chars: str, min_pieces: int
+                ) -> tuple[list[str], list[str]]:
+    """Token pieces (``extra`` is one more kind of piece) and distinct stop strings of 1-3
+    ``stop_chars`` for the property tests below."""
+    alphabet = ["a", "b", "\n", "Q", ":", "ab", "\nQ", "b\n", "", extra]
+    pieces = [rng.choice(alphabet) for _ in range(rng.randint(min_pieces, 8))]
+    strings = list(dict.fromkeys(
+        "".join(rng.choice(stop_chars) for _ in range(rng.randint(1, 3)))
+        for _ in range(rng.randint(1, 3))))
+    return pieces, strings
+
+
 def token_texts(d: DecodedText) -> list[str]:
     return [d.text[s:e] for s, e in zip(d.starts, d.ends)]
 
@@ -141,12 +153,8 @@ def test_tokens_sent_while_running_are_exactly_the_final_ones() -> None:
     """What a stream sends step by step (each token once, never taken back) equals the
     final answer, for random texts and stop rules."""
     rng = random.Random(7)
-    alphabet = ["a", "b", "\n", "Q", ":", "ab", "\nQ", "b\n", "", " "]
     for _ in range(3000):
-        pieces = [rng.choice(alphabet) for _ in range(rng.randint(0, 8))]
-        strings = tuple(dict.fromkeys(
-            "".join(rng.choice("ab\nQ:") for _ in range(rng.randint(1, 3)))
-            for _ in range(rng.randint(1, 3))))
+        pieces, strings = random_case(rng, extra=" ", stop_chars="ab\nQ:", min_pieces=0)
         stop = rule(*strings, include=rng.random() < 0.3, min_tokens=rng.randint(0, 2))
         final = apply_stops(decoded(*pieces), stop, final=True)
         sent: list[str] = []
@@ -175,12 +183,8 @@ def test_same_text_as_vllms_own_detokenizer() -> None:
             return self.pieces[next_token_id]
 
     rng = random.Random(11)
-    alphabet = ["a", "b", "\n", "Q", ":", "ab", "\nQ", "b\n", "", "é"]
     for _ in range(2000):
-        pieces = [rng.choice(alphabet) for _ in range(rng.randint(1, 8))]
-        strings = list(dict.fromkeys(
-            "".join(rng.choice("ab\nQ:é") for _ in range(rng.randint(1, 3)))
-            for _ in range(rng.randint(1, 3))))
+        pieces, strings = random_case(rng, extra="é", stop_chars="ab\nQ:é", min_pieces=1)
         params = SimpleNamespace(stop=strings, min_tokens=rng.randint(0, 2),
                                  include_stop_str_in_output=rng.random() < 0.3)
         vllm = Pieces(params, pieces)

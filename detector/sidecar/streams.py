@@ -290,10 +290,11 @@ class RequestStore:
                 end = req.first_position + req.num_rows
                 for k, token in enumerate(req.sampled_token_ids):
                     self._set_generated(rec, end + k - p0, token)
-                    self._set_time(rec, end + k - p0, header.time_ns)
+                    self._set_per_token(rec, rec.generated_ns, end + k - p0, header.time_ns, 0)
                 for name, values in _sampled_features(req).items():
                     for k, value in enumerate(values):
-                        self._set_feature(rec, name, end + k - p0, value)
+                        self._set_per_token(rec, rec.features.setdefault(name, []),
+                                            end + k - p0, float(value), float("nan"))
                 if req.sampled_token_ids:
                     rec.finished = rec.inferred_end = False
                 rec.updated = now
@@ -311,24 +312,16 @@ class RequestStore:
         return True
 
     @staticmethod
-    def _set_time(rec: RequestRecord, g: int, time_ns: int) -> None:
-        times = rec.generated_ns
-        if g < 0 or g - len(times) > MAX_GAP:
-            return
-        if g >= len(times):
-            rec.nbytes += 8 * (g + 1 - len(times))
-            times.extend([0] * (g + 1 - len(times)))
-        times[g] = time_ns
-
-    @staticmethod
-    def _set_feature(rec: RequestRecord, name: str, g: int, value: float) -> None:
-        values = rec.features.setdefault(name, [])
+    def _set_per_token(rec: RequestRecord, values: list, g: int, value: object,
+                       fill: object) -> None:
+        """``values[g] = value`` in one of the record's per-token lists (times, features),
+        grown with ``fill`` as far as a plausible gap (``MAX_GAP``) and counted in its bytes."""
         if g < 0 or g - len(values) > MAX_GAP:
             return
         if g >= len(values):
             rec.nbytes += 8 * (g + 1 - len(values))
-            values.extend([float("nan")] * (g + 1 - len(values)))
-        values[g] = float(value)
+            values.extend([fill] * (g + 1 - len(values)))
+        values[g] = value
 
     def token_feature_inputs(
         self, header: StepHeader, positions_scored: np.ndarray, names: Sequence[str]

@@ -78,6 +78,9 @@ class SidecarSettings(BaseSettings):
     max_streams: int = Field(256, ge=1)
     # The most often one stream sends an update; steps in between are batched into it.
     stream_interval_s: float = Field(0.05, ge=0, le=5)
+    # How long a stream waits for a request the sidecar has not heard of yet (within the
+    # client's deadline): a request can wait in vLLM's queue, and steps behind a backlog.
+    stream_appear_wait_s: float = Field(60.0, ge=0, le=3600)
     shutdown_grace_s: float = Field(5.0, ge=0)
     # TLS for gRPC; with a client CA, mutual TLS (clients must present a cert it signed).
     tls_cert_file: Path | None = None
@@ -223,6 +226,7 @@ class Sidecar:
         self.service = DetectorService(self.store, self.registry, self.analyzer,
                                        max_streams=settings.max_streams,
                                        stream_interval_s=settings.stream_interval_s,
+                                       appear_wait_s=settings.stream_appear_wait_s,
                                        admin=admin)
         credentials = None
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:

@@ -35,13 +35,12 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name
 # the overall status, so a sidecar that starts before vLLM is ready without a hook.
 HOOK_HEALTH_NAME = "liedetector.v1.Hook"
 MAX_ID_LENGTH = 512
-APPEAR_WAIT_S = 10.0  # how long a read waits for a request id the sidecar has not seen yet
 
 
 class DetectorService(pb_grpc.DetectorServicer):
     def __init__(self, store: RequestStore, registry: ProbeRegistry, analyzer: Analyzer, *,
                  max_streams: int = 256, stream_interval_s: float = 0.05,
-                 admin: AdminGuard | None = None) -> None:
+                 appear_wait_s: float = 60.0, admin: AdminGuard | None = None) -> None:
         self.store = store
         self.registry = registry
         self.analyzer = analyzer
@@ -51,6 +50,9 @@ class DetectorService(pb_grpc.DetectorServicer):
         # per stream keeps that off the scoring thread's back (a lagging sidecar makes the
         # hook drop steps) however fast the engine steps and however long the answer.
         self.stream_interval_s = stream_interval_s
+        # A stream opened as its request is sent waits (within the client's deadline) this
+        # long for the first step: under load a request can sit in vLLM's queue for long.
+        self.appear_wait_s = appear_wait_s
         self._streams = 0
         self._streams_lock = threading.Lock()
 
@@ -100,7 +102,7 @@ class DetectorService(pb_grpc.DetectorServicer):
 
     def _stream(self, request_id: str, context: grpc.ServicerContext
                 ) -> Iterator[pb.ScoresUpdate]:
-        self._await_known(request_id, min(APPEAR_WAIT_S, _budget(context)), context)
+        self._await_known(request_id, min(self.appear_wait_s, _budget(context)), context)
         sent_tokens = 0
         sent_spans: set[tuple] = set()
         last_update = -float("inf")

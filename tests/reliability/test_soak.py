@@ -68,6 +68,9 @@ class Soak:
         self.active: list[str] = []
         self.samples: list[dict] = []
         self.streams = {"attached": 0, "detached": 0, "to_end": 0, "errors": {}}
+        # Streams that ended in an error: (rid, status name, details, seconds after the
+        # request was sent that the stream was opened).
+        self.stream_failures: list[tuple[str, str, str, float]] = []
         self.stream_tokens: dict[str, list[int]] = {}
         self._n = 0
 
@@ -75,12 +78,12 @@ class Soak:
     def generator(self, index: int) -> None:
         rng = random.Random(index)
         while not self.stop.is_set():
+            entry = {"start": time.monotonic()}
             with self.lock:
                 rid = f"soak-{self._n}"
                 self._n += 1
+                self.requests[rid] = entry
                 self.active.append(rid)
-            entry = {"start": time.monotonic()}
-            self.requests[rid] = entry
             try:
                 entry["resp"] = complete(self.base_url, rng.choice(PROMPTS),
                                          max_tokens=rng.randint(8, 96), request_id=rid,
@@ -103,6 +106,7 @@ class Soak:
                     time.sleep(0.1)
                     continue
                 budget = rng.randint(1, 12)  # updates to read before walking away
+                opened = time.monotonic() - self.requests[rid]["start"]
                 call = stub.StreamScores(pb.StreamScoresRequest(request_id=rid), timeout=120)
                 self.streams["attached"] += 1
                 tokens: list[int] = []
@@ -121,6 +125,8 @@ class Soak:
                     if exc.code() != grpc.StatusCode.CANCELLED:
                         errs = self.streams["errors"]
                         errs[exc.code().name] = errs.get(exc.code().name, 0) + 1
+                        self.stream_failures.append(
+                            (rid, exc.code().name, exc.details() or "", round(opened, 2)))
                 time.sleep(rng.random() * 0.5)
         finally:
             ch.close()
@@ -224,7 +230,11 @@ def test_soak(vllm_server, model_dir, tmp_path) -> None:
                     f"it: {drops}): {exc}") from None
         assert healthy, "no request completed while the sidecar was healthy"
         assert soak.streams["to_end"] + soak.streams["detached"] > 0 or not STREAM_CLIENTS
-        assert not soak.streams["errors"], soak.streams["errors"]
+        # A stream may end NOT_FOUND only for a request the sidecar could not see (steps
+        # dropped around it), as GetScores may; every other stream error is a failure.
+        failed = [f for f in soak.stream_failures
+                  if f[1] != "NOT_FOUND" or f[0] not in unhealthy]
+        assert not failed, f"streams failed (rid, status, details, opened s after send): {failed}"
 
         # Memory: after warm-up (allocators, torch, gRPC threads) against the end.
         warm = [s for s in soak.samples if s["t"] >= WARMUP_S] or soak.samples

@@ -8,12 +8,12 @@ deadline, and an id that never appears ends NOT_FOUND once that wait is over.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import grpc
 import pytest
+from support import free_port
 from tiny_engine import GENERATED, probe, schedule
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
@@ -24,16 +24,10 @@ from detector.sidecar.app import Sidecar, SidecarSettings
 LATE_S = 11.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sidecar(tmp_path, appear_wait_s: float) -> Sidecar:
     probe_path = probe("p", [1, 3], "producer", 1).save(tmp_path / "p")
     sc = Sidecar(SidecarSettings(channel=f"ipc://{tmp_path}/ch.sock",
-                                 grpc_address=f"127.0.0.1:{_free_port()}", metrics_port=None,
+                                 grpc_address=f"127.0.0.1:{free_port()}", metrics_port=None,
                                  probes=[probe_path], shutdown_grace_s=0,
                                  stream_appear_wait_s=appear_wait_s))
     sc.start()

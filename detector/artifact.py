@@ -63,6 +63,8 @@ LAYERS_ENV = "LIE_DETECTOR_LAYERS"
 # Sanity caps: a real probe is kilobytes to tens of MiB; refuse to slurp anything huge.
 MAX_METADATA_BYTES = 16 << 20
 MAX_TENSORS_BYTES = 1 << 30
+# A probe's JSON (metadata, safetensors header) is a few levels deep; deeper is hostile.
+MAX_JSON_DEPTH = 32
 
 REQUIRED_TENSORS = ("weight", "bias")
 OPTIONAL_TENSORS = ("mean", "scale", "isotonic_x", "isotonic_y")
@@ -190,7 +192,9 @@ class ProbeArtifact:
     isotonic_y: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        _check_tensors(self.metadata, self.tensors(), f"probe {self.metadata.name!r}")
+        where = f"probe {self.metadata.name!r}"
+        _check_tensors(self.metadata, self.tensors(), where)
+        _check_scoring_numbers(self, where)
 
     @property
     def name(self) -> str:
@@ -364,6 +368,44 @@ def folded_linear(art: ProbeArtifact) -> tuple[torch.Tensor, float]:
 
 # ----------------------------------------------------------------------------- internals
 
+# Largest |logit| a probe may produce from rows of this magnitude without overflowing: the
+# folded weights' L1 norm times it must stay finite in float32, so the fused matmul can
+# never give inf - inf = NaN. Real residual rows stay far below 1e4.
+_ROW_BOUND = 1e4
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _check_scoring_numbers(art: ProbeArtifact, where: str) -> None:
+    """What the scorer computes from the probe must be finite in float32, its scoring dtype:
+    the folded weights and bias, the Platt parameters, and a logit from any row of
+    plausible magnitude. Finite float64 values (a scale of 1e308) are not enough."""
+    meta = art.metadata
+    try:
+        w, b = folded_linear(art)
+    except (OverflowError, ZeroDivisionError) as exc:
+        raise ProbeArtifactError(f"{where}: folding standardisation into the weights "
+                                 f"fails: {exc}") from None
+    bad = int((~torch.isfinite(w)).sum())
+    if bad:
+        raise ProbeArtifactError(f"{where}: {bad} weight(s) are not finite in float32 once "
+                                 "standardisation is folded in (weight/scale overflows)")
+    if not math.isfinite(b) or abs(b) > _F32_MAX:
+        raise ProbeArtifactError(f"{where}: the bias is not finite in float32 once "
+                                 f"standardisation is folded in ({b!r})")
+    reach = float(w.double().abs().sum()) * _ROW_BOUND + abs(b)
+    if not reach < _F32_MAX:
+        raise ProbeArtifactError(f"{where}: weights too large: a row of magnitude "
+                                 f"{_ROW_BOUND:g} could give an infinite logit")
+    if meta.calibration == "platt":
+        for name in ("platt_a", "platt_b"):
+            value = float(getattr(meta, name))
+            if not abs(value) < _F32_MAX:
+                raise ProbeArtifactError(f"{where}: {name} {value!r} is not finite in float32")
+        if not abs(float(meta.platt_a)) * reach + abs(float(meta.platt_b)) < _F32_MAX:
+            raise ProbeArtifactError(f"{where}: platt_a {meta.platt_a!r} times the probe's "
+                                     "largest logit overflows float32")
+
+
 
 def _write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as fh:
@@ -414,6 +456,12 @@ def _check_raw_metadata(raw: bytes, path: Path) -> None:
         doc = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProbeArtifactError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ProbeArtifactError(f"{path}: JSON nested too deeply") from None
+    depth = _json_depth(doc)
+    if depth > MAX_JSON_DEPTH:
+        raise ProbeArtifactError(f"{path}: JSON nested {depth} levels deep (at most "
+                                 f"{MAX_JSON_DEPTH})")
     if not isinstance(doc, dict):
         raise ProbeArtifactError(f"{path}: must hold a JSON object, got {type(doc).__name__}")
     if "format_version" not in doc:
@@ -435,6 +483,19 @@ def _check_raw_metadata(raw: bytes, path: Path) -> None:
             raise ProbeArtifactError(
                 f"{path}: invalid probe metadata: model has unexpected field(s) {extra}"
             )
+
+
+def _json_depth(doc: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+    return deepest
 
 
 def _read_metadata(path: Path) -> ProbeMetadata:
@@ -460,6 +521,10 @@ def _check_safetensors_layout(data: bytes, path: Path) -> None:
         header = json.loads(data[8 : 8 + n])
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProbeArtifactError(f"{path}: corrupt safetensors header: {exc}") from None
+    except RecursionError:
+        raise ProbeArtifactError(f"{path}: safetensors header nested too deeply") from None
+    if _json_depth(header) > MAX_JSON_DEPTH:
+        raise ProbeArtifactError(f"{path}: safetensors header nested too deeply")
     if not isinstance(header, dict):
         raise ProbeArtifactError(f"{path}: corrupt safetensors header (not a JSON object)")
     buffer = len(data) - 8 - n

@@ -108,8 +108,12 @@ def sidecar_command(opts: ServeOptions) -> list[str]:
     return cmd
 
 
+# The sidecar's secrets: vLLM and its workers (and whatever they log or spawn) never see them.
+SIDECAR_SECRETS = ("LIE_DETECTOR_ADMIN_TOKEN",)
+
+
 def engine_env(opts: ServeOptions, layers: list[int]) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in SIDECAR_SECRETS}
     env["LIE_DETECTOR_CHANNEL"] = opts.channel
     env["LIE_DETECTOR_LAYERS"] = ",".join(map(str, layers))
     # Token features only when a loaded probe reads them (else the hook computes none);

@@ -81,8 +81,18 @@ class ProbeRegistry:
                     layers = self._engine.layers if self._engine else artifact.metadata.layers
                     check_compatible(artifact.metadata, served, layers)
                 loaded = LoadedProbe(artifact, str(path))
+                previous = self._probes.get(name)
                 self._probes[name] = loaded
-                self._rebuild()
+                try:
+                    self._rebuild()
+                except Exception as exc:  # whatever it is, the probes already loaded keep scoring
+                    if previous is None:
+                        del self._probes[name]
+                    else:
+                        self._probes[name] = previous
+                    self._rebuild()
+                    raise ProbeArtifactError(f"probe {name!r} cannot be scored: "
+                                             f"{type(exc).__name__}: {exc}") from None
         except ProbeArtifactError:
             self.load_failures += 1
             raise

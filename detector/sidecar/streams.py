@@ -126,7 +126,9 @@ class RequestRecord:
                     i = row[0].index(name)
                     if i is not None:
                         value = float(row[1][i])
-                        if value == value:  # NaN: a hybrid probe lacked token features
+                        # NaN: a hybrid probe lacked token features. Nothing but a
+                        # probability in [0, 1] ever leaves the API.
+                        if 0.0 <= value <= 1.0:
                             scores[name] = value
             when = self.generated_ns[g] if g < len(self.generated_ns) else 0
             out.append(TokenScore(position=q, token_id=token, scores=scores, settled=settled,

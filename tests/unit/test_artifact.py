@@ -287,6 +287,60 @@ def test_nan_rejected_in_memory_too() -> None:
         ProbeArtifact(metadata=art.metadata, weight=bad, bias=art.bias)
 
 
+# Numbers finite in float64 but not in float32, the scoring dtype (or not once folded): each
+# used to load, then scored nothing or gave NaN.
+def test_platt_scale_beyond_float32_is_refused(saved: Path) -> None:
+    _rewrite_json(saved, platt_a=1e308)
+    with pytest.raises(ProbeArtifactError, match="platt_a 1e[+]?308 is not finite in float32"):
+        load_probe(saved)
+
+
+def test_platt_scale_that_overflows_the_logit_is_refused(saved: Path) -> None:
+    _rewrite_json(saved, platt_a=1e37)
+    with pytest.raises(ProbeArtifactError, match="largest logit overflows float32"):
+        load_probe(saved)
+
+
+def test_weights_that_overflow_once_folded_are_refused(saved: Path) -> None:
+    art = load_probe(saved)
+    _rewrite_tensors(saved, weight=torch.full_like(art.weight, 1e30),
+                     scale=torch.full_like(art.scale, 1e-30))
+    with pytest.raises(ProbeArtifactError, match="not finite in float32 once standardisation"):
+        load_probe(saved)
+
+
+def test_weights_that_can_overflow_a_logit_are_refused(saved: Path) -> None:
+    art = load_probe(saved)
+    _rewrite_tensors(saved, weight=torch.full_like(art.weight, 1e34), scale=None, mean=None)
+    with pytest.raises(ProbeArtifactError, match="weights too large"):
+        load_probe(saved)
+
+
+@pytest.mark.parametrize("depth", [40, 200_000])
+def test_deeply_nested_metadata_is_refused(saved: Path, depth: int) -> None:
+    doc = json.loads((saved / METADATA_FILE).read_text())
+    text = json.dumps(doc)[:-1] + ', "training": {"x": ' + "[" * depth + "]" * depth + "}}"
+    (saved / METADATA_FILE).write_text(text)
+    with pytest.raises(ProbeArtifactError, match="nested"):
+        load_probe(saved)
+
+
+def test_deeply_nested_safetensors_header_is_refused(saved: Path) -> None:
+    header = ('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}").encode()
+    (saved / TENSORS_FILE).write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ProbeArtifactError, match="nested too deeply"):
+        load_probe(saved)
+
+
+def test_shipped_probe_passes_the_scoring_checks() -> None:
+    from detector.artifact import default_probe_dir
+
+    path = default_probe_dir()
+    if path is None:
+        pytest.skip("no default probe installed")
+    assert load_probe(path).metadata.name
+
+
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [

@@ -175,3 +175,15 @@ def test_tls_settings_are_checked(tmp_path, pki) -> None:
         load_settings(None, admin_identities=["x"])
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings(None, tls_cert_file=tmp_path / "no.crt", tls_key_file=key)
+
+
+def test_serve_keeps_the_admin_token_out_of_vllms_environment(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """The sidecar reads it; vLLM, its workers and whatever they log never see it."""
+    from detector.serve import ServeOptions, engine_env
+
+    monkeypatch.setenv("LIE_DETECTOR_ADMIN_TOKEN", "s3cret-admin")
+    env = engine_env(ServeOptions(model_dir=tmp_path), [4])
+    assert "LIE_DETECTOR_ADMIN_TOKEN" not in env
+    assert "s3cret-admin" not in env.values()
+    assert env["LIE_DETECTOR_LAYERS"] == "4"

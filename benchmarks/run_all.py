@@ -180,7 +180,7 @@ class Runner:
                 self.fail_lens(group, f"install/import failed: {exc}")
         for key in list(group.variants):
             v = VARIANTS[key]
-            channel = f"ipc://{gdir}/{key}.sock"
+            channel = f"ipc://{gdir}/channels/{key}.sock"  # made owner-only by the sidecar
             if v.sidecar:
                 group.sidecars[key] = oh.start_sidecar(procs, channel, gdir, probe, model_dir,
                                                        name=f"sidecar-{key}")

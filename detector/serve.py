@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from detector.config import default_channel, default_layers
+from detector.config import default_layers
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +31,9 @@ class ServeOptions:
     metrics_port: int | None = 9464
     probes: list[Path] = field(default_factory=list)
     layers: list[int] | None = None
-    channel: str = field(default_factory=default_channel)
+    # None: a channel of this instance's own (a fresh owner-only directory), so two serves on
+    # one machine never meet; the Supervisor picks it and removes it at shutdown.
+    channel: str | None = None
     prefix_caching: bool = False
     enforce_eager: bool = False
     max_model_len: int = 2048
@@ -114,7 +118,8 @@ SIDECAR_SECRETS = ("LIE_DETECTOR_ADMIN_TOKEN",)
 
 def engine_env(opts: ServeOptions, layers: list[int]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in SIDECAR_SECRETS}
-    env["LIE_DETECTOR_CHANNEL"] = opts.channel
+    if opts.channel:  # None until a Supervisor gives the instance its own
+        env["LIE_DETECTOR_CHANNEL"] = opts.channel
     env["LIE_DETECTOR_LAYERS"] = ",".join(map(str, layers))
     # Token features only when a loaded probe reads them (else the hook computes none);
     # with no probes given, an explicit LIE_DETECTOR_TOKEN_FEATURES is left as set.
@@ -133,6 +138,11 @@ class Supervisor:
 
     def __init__(self, opts: ServeOptions, num_layers: int) -> None:
         self.opts = opts
+        self._private_dir: Path | None = None
+        if opts.channel is None:
+            base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+            self._private_dir = Path(tempfile.mkdtemp(prefix="lie-detector-serve-", dir=base))
+            opts.channel = f"ipc://{self._private_dir / 'channel.sock'}"
         self.layers = capture_layers(opts, num_layers)
         self.vllm: subprocess.Popen | None = None
         self.sidecar: subprocess.Popen | None = None
@@ -196,6 +206,8 @@ class Supervisor:
             except ProcessLookupError:
                 pass
             proc.wait()
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
 
 
 def wait_until_healthy(base_url: str, proc: subprocess.Popen | None = None,

@@ -104,7 +104,10 @@ def start_vllm(model_dir: Path, workdir: Path, *, disable: bool = False,
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     opts = ServeOptions(
-        model_dir=model_dir, port=port, channel=f"ipc://{workdir}/channel.sock", layers=layers,
+        # In a directory of its own, which the sidecar makes owner-only (a workdir made by a
+        # test may be open to others, and the channel refuses that).
+        model_dir=model_dir, port=port, channel=f"ipc://{workdir}/channel/channel.sock",
+        layers=layers,
         max_model_len=1024, dtype="float32", enforce_eager=enforce_eager,
         vllm_args=["--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
                    "--max-num-seqs", "16", "--seed", "0"],

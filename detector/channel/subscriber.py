@@ -2,7 +2,8 @@
 
 The sidecar binds and the engine connects, so either side can restart on its own: ZeroMQ
 reconnects the engine's socket when a new sidecar binds the same address. An IPC socket
-lives in a directory only its owner can enter, and the socket file itself is owner-only.
+lives in a directory only its owner can enter (one that is not is refused, see
+``socket_dir``), and the socket file itself is owner-only.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import zmq
 
+from detector.channel.socket_dir import ipc_path, make_private_dir
 from detector.channel.wire import Message, WireError, decode
 
 logger = logging.getLogger(__name__)
@@ -28,15 +30,13 @@ class ChannelError(RuntimeError):
     """The channel cannot be bound (another sidecar holds it, or the path is not ours)."""
 
 
-def ipc_path(endpoint: str) -> Path | None:
-    return Path(endpoint[len("ipc://"):]) if endpoint.startswith("ipc://") else None
-
-
 def _prepare_socket_path(path: Path) -> None:
-    """Create the socket's directory owner-only; clear a stale socket, never a live one."""
-    if not path.parent.exists():
-        path.parent.mkdir(mode=0o700, parents=True)
-        os.chmod(path.parent, 0o700)  # mkdir's mode is filtered by the umask
+    """Make sure the socket's directory is private; clear a stale socket, never a live one."""
+    try:
+        make_private_dir(path.parent)
+    except PermissionError as exc:
+        raise ChannelError(f"{exc}; use a directory of your own, for example "
+                           f"ipc://{path.parent / 'lie-detector' / path.name}") from None
     if not path.exists() and not path.is_symlink():
         return
     if not stat.S_ISSOCK(path.lstat().st_mode):

@@ -38,7 +38,7 @@ from deploy_support import (  # noqa: E402
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 COMPOSE_FILES = [DOCKER / "compose.yaml", DOCKER / "compose.gpu.yaml"]
 DEV = "pip install -e '.[dev]' (scripts/setup.sh)"
-CHANNEL = "ipc:///run/lie-detector/channel.sock"
+CHANNEL = "ipc:///run/lie-detector/private/channel.sock"
 
 
 def _compose(name: str = "compose.yaml") -> dict:

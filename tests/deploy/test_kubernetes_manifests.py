@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from deploy_support import KUBERNETES, OVERLAYS, require_module, require_tool, run  # noqa: E402
 
 K8S_VERSIONS = ("1.29.0", None)  # None: the newest schemas kubernetes-validate bundles
-CHANNEL = "ipc:///run/lie-detector/channel.sock"
+CHANNEL = "ipc:///run/lie-detector/private/channel.sock"
 DEV = "pip install -e '.[dev]' (scripts/setup.sh)"
 
 
@@ -178,7 +178,9 @@ def test_sidecar_is_a_native_sidecar_with_grpc_health_probes(objects: list[dict]
 def test_channel_is_shared_through_an_emptydir(objects: list[dict]) -> None:
     pod = _pod(objects)
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
-    socket_dir = CHANNEL.removeprefix("ipc://").rsplit("/", 1)[0]
+    # The socket sits in a directory the sidecar makes owner-only inside the volume (an
+    # emptyDir is world-writable, and the channel refuses such a directory).
+    socket_dir = CHANNEL.removeprefix("ipc://").rsplit("/", 2)[0]
     for name in ("lie-detector", "vllm"):
         container = _container(pod, name)
         assert _env(container)["LIE_DETECTOR_CHANNEL"] == CHANNEL, name

@@ -234,14 +234,52 @@ def test_full_queue_drops_instead_of_blocking(endpoint: str) -> None:
 
 
 # ------------------------------------------------------------------ the subscriber
-def test_ipc_socket_is_owner_only_in_an_existing_directory(endpoint: str) -> None:
+def test_ipc_socket_is_owner_only_in_an_existing_private_directory(endpoint: str) -> None:
     path = path_of(endpoint)
-    path.parent.mkdir(mode=0o755, parents=True)
-    os.chmod(path.parent, 0o755)  # an existing directory (it may be /tmp) is left alone
+    path.parent.mkdir(mode=0o700, parents=True)
+    os.chmod(path.parent, 0o700)
     with ChannelSubscriber(endpoint):
         assert stat.S_ISSOCK(path.stat().st_mode)
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
-        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o755
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o777, 0o1777, 0o710])
+def test_a_directory_others_can_enter_is_refused_and_left_alone(endpoint: str,
+                                                                  mode: int) -> None:
+    from detector.channel.subscriber import ChannelError
+
+    path = path_of(endpoint)
+    path.parent.mkdir(parents=True)
+    os.chmod(path.parent, mode)
+    with pytest.raises(ChannelError, match=f"has mode {mode & 0o7777:04o}.*must be 0700"):
+        ChannelSubscriber(endpoint)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == mode  # never repaired
+    assert not path.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand a directory to another user")
+def test_a_directory_another_user_made_is_refused(endpoint: str) -> None:
+    """``/tmp/lie-detector-<uid>`` created first by someone else: they could swap the socket."""
+    from detector.channel.subscriber import ChannelError
+
+    path = path_of(endpoint)
+    path.parent.mkdir(mode=0o700, parents=True)
+    os.chown(path.parent, 54321, 54321)
+    with pytest.raises(ChannelError, match="belongs to uid 54321"):
+        ChannelSubscriber(endpoint)
+
+
+def test_a_symlinked_directory_is_refused(endpoint: str, tmp_path: Path) -> None:
+    from detector.channel.subscriber import ChannelError
+
+    path = path_of(endpoint)
+    real = tmp_path / "elsewhere"
+    real.mkdir(mode=0o700)
+    path.parent.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.symlink_to(real)
+    with pytest.raises(ChannelError, match="symbolic link"):
+        ChannelSubscriber(endpoint)
 
 
 def test_a_live_socket_or_a_regular_file_is_never_replaced(endpoint: str) -> None:

@@ -187,3 +187,25 @@ def test_serve_keeps_the_admin_token_out_of_vllms_environment(tmp_path: Path,
     assert "LIE_DETECTOR_ADMIN_TOKEN" not in env
     assert "s3cret-admin" not in env.values()
     assert env["LIE_DETECTOR_LAYERS"] == "4"
+
+
+def test_each_serve_gets_a_channel_of_its_own(tmp_path: Path, monkeypatch) -> None:
+    """Two `lie-detector serve` on one machine never share a channel (they used to meet on
+    the per-user default, and one vLLM published into the other's sidecar)."""
+    from detector.serve import ServeOptions, Supervisor, engine_env, sidecar_command
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    first = Supervisor(ServeOptions(model_dir=tmp_path), num_layers=30)
+    second = Supervisor(ServeOptions(model_dir=tmp_path), num_layers=30)
+    channels = [s.opts.channel for s in (first, second)]
+    assert channels[0] != channels[1]
+    for sup, channel in zip((first, second), channels):
+        directory = Path(channel.removeprefix("ipc://")).parent
+        assert directory.parent == tmp_path
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        assert engine_env(sup.opts, [4])["LIE_DETECTOR_CHANNEL"] == channel
+        assert channel in sidecar_command(sup.opts)
+        sup.shutdown()  # nothing started: only the private directory to remove
+        assert not directory.exists()
+    explicit = Supervisor(ServeOptions(model_dir=tmp_path, channel="ipc:///x/y.sock"), 30)
+    assert explicit.opts.channel == "ipc:///x/y.sock"

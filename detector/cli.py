@@ -66,6 +66,9 @@ def _model_path(args: argparse.Namespace) -> int:
 def _sidecar_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channel", help="channel endpoint (default: LIE_DETECTOR_CHANNEL or "
                         "a per-user IPC socket)")
+    parser.add_argument("--channel-key-file", metavar="FILE",
+                        help="the channel key: only an engine presenting it may write steps "
+                        "(give vLLM the same file as LIE_DETECTOR_CHANNEL_KEY_FILE)")
     parser.add_argument("--grpc-address", help="host:port for gRPC (default 127.0.0.1:50051)")
     parser.add_argument("--grpc-port", type=int, help="port on 127.0.0.1 (shorthand)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464)")
@@ -90,6 +93,8 @@ def _sidecar(args: argparse.Namespace) -> int:
     overrides: dict = {}
     if args.channel:
         overrides["channel"] = args.channel
+    if args.channel_key_file:
+        overrides["channel_key_file"] = args.channel_key_file
     if args.grpc_address:
         overrides["grpc_address"] = args.grpc_address
     elif args.grpc_port is not None:
@@ -106,12 +111,16 @@ def _sidecar(args: argparse.Namespace) -> int:
         overrides["model_dir"] = args.model
     if args.device:
         overrides["device"] = args.device
+    from detector.channel.auth import ChannelKeyError
+    from detector.channel.subscriber import ChannelError
+    from detector.serve import EXIT_CONFIG
+
     try:
         settings = load_settings(Path(args.config) if args.config else None, **overrides)
-    except SettingsError as exc:
+        return run_sidecar(settings)
+    except (SettingsError, ChannelError, ChannelKeyError) as exc:
         log.error("%s", exc)
-        return 2
-    return run_sidecar(settings)
+        return EXIT_CONFIG
 
 
 def _serve_args(parser: argparse.ArgumentParser) -> None:

@@ -47,6 +47,8 @@ class HookSettings(BaseSettings):
 
     disable: bool = Field(False, description="Turn the plugin off completely.")
     channel: str = Field(default_factory=default_channel)
+    # The deployment's channel key (``detector.channel.auth``), presented to the sidecar.
+    channel_key_file: str | None = None
     # None: a default spread of layers chosen for the model at load time.
     layers: str | None = None
     queue_steps: int = Field(1024, ge=1, le=65536)

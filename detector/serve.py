@@ -17,9 +17,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from detector.channel.auth import write_key
 from detector.config import default_layers
 
 logger = logging.getLogger(__name__)
+
+# The exit status of a sidecar that cannot start as configured (its channel is held or not
+# private, a bad key file): restarting it cannot help, so serve stops and says so.
+EXIT_CONFIG = 2
 
 
 @dataclass
@@ -34,6 +39,9 @@ class ServeOptions:
     # None: a channel of this instance's own (a fresh owner-only directory), so two serves on
     # one machine never meet; the Supervisor picks it and removes it at shutdown.
     channel: str | None = None
+    # None: the Supervisor writes a fresh key there (``detector.channel.auth``) and hands it
+    # to both processes, so only this instance's vLLM can write to its sidecar.
+    channel_key_file: Path | None = None
     prefix_caching: bool = False
     enforce_eager: bool = False
     max_model_len: int = 2048
@@ -109,6 +117,8 @@ def sidecar_command(opts: ServeOptions) -> list[str]:
         "--no-metrics"]
     for probe in opts.probes:
         cmd += ["--probe", str(probe)]
+    if opts.channel_key_file is not None:
+        cmd += ["--channel-key-file", str(opts.channel_key_file)]
     return cmd
 
 
@@ -120,6 +130,10 @@ def engine_env(opts: ServeOptions, layers: list[int]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in SIDECAR_SECRETS}
     if opts.channel:  # None until a Supervisor gives the instance its own
         env["LIE_DETECTOR_CHANNEL"] = opts.channel
+    if opts.channel_key_file is not None:
+        env["LIE_DETECTOR_CHANNEL_KEY_FILE"] = str(opts.channel_key_file)
+    else:
+        env.pop("LIE_DETECTOR_CHANNEL_KEY_FILE", None)
     env["LIE_DETECTOR_LAYERS"] = ",".join(map(str, layers))
     # Token features only when a loaded probe reads them (else the hook computes none);
     # with no probes given, an explicit LIE_DETECTOR_TOKEN_FEATURES is left as set.
@@ -139,10 +153,13 @@ class Supervisor:
     def __init__(self, opts: ServeOptions, num_layers: int) -> None:
         self.opts = opts
         self._private_dir: Path | None = None
-        if opts.channel is None:
+        if opts.channel is None or opts.channel_key_file is None:
             base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
             self._private_dir = Path(tempfile.mkdtemp(prefix="lie-detector-serve-", dir=base))
+        if opts.channel is None:
             opts.channel = f"ipc://{self._private_dir / 'channel.sock'}"
+        if opts.channel_key_file is None:
+            opts.channel_key_file = write_key(self._private_dir / "channel.key")
         self.layers = capture_layers(opts, num_layers)
         self.vllm: subprocess.Popen | None = None
         self.sidecar: subprocess.Popen | None = None
@@ -172,6 +189,11 @@ class Supervisor:
                 if self.vllm.poll() is not None:
                     logger.error("vLLM exited with status %s", self.vllm.returncode)
                     return self.vllm.returncode or 1
+                if self.sidecar.poll() == EXIT_CONFIG:
+                    logger.error("the sidecar cannot start as configured (its log says why%s); "
+                                 "stopping", f": {self.opts.log_dir}/sidecar.log"
+                                 if self.opts.log_dir else " above")
+                    return EXIT_CONFIG
                 if self.sidecar.poll() is not None:
                     self.sidecar_restarts += 1
                     logger.warning("sidecar exited (%s); restarting (vLLM keeps serving)",

@@ -20,6 +20,7 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from detector.channel.auth import client_options
 from detector.channel.wire import (
     EngineInfo,
     Heartbeat,
@@ -50,6 +51,10 @@ class PendingStep:
         return self.rows.numel() * self.rows.element_size()
 
 
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
 class ChannelPublisher:
     """Bounded, non-blocking, fail-open sender of steps to the sidecar."""
 
@@ -62,8 +67,10 @@ class ChannelPublisher:
         max_bytes: int = 256 << 20,
         heartbeat_s: float = 1.0,
         sndhwm: int = 8,
+        key: bytes | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self._key = key  # the channel key, presented when connecting (``channel.auth``)
         self.engine = engine
         self.max_steps = max_steps
         self.max_bytes = max_bytes
@@ -81,6 +88,7 @@ class ChannelPublisher:
         self.published = 0
         self.dropped = 0
         self._peer_connected = False  # sender thread only
+        self._refusals_logged = False  # sender thread only
         self._poller = zmq.Poller()
         self._thread = threading.Thread(
             target=self._run, name="lie-detector-publisher", daemon=True
@@ -130,8 +138,14 @@ class ChannelPublisher:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        # Connection events tell a slow sidecar (hold the step) from none (drop it).
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        if self._key is not None:
+            client_options(sock, self._key)
+        # Connection events tell a slow sidecar (hold the step) from none (drop it). A peer
+        # counts once its handshake succeeds: a sidecar that refuses the key is none.
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         self._poller.register(sock, zmq.POLLOUT)
         self._poller.register(monitor, zmq.POLLIN)
         try:
@@ -228,9 +242,19 @@ class ChannelPublisher:
                 event = recv_monitor_message(monitor, flags=zmq.NOBLOCK)["event"]
             except zmq.Again:
                 return
-            if event == zmq.EVENT_CONNECTED:
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._peer_connected = True
+                self._refusals_logged = False
                 logger.info("lie-detector: a sidecar connected to %s", self.endpoint)
+            elif event & _HANDSHAKE_FAILED:
+                self._peer_connected = False
+                if not self._refusals_logged:  # ZeroMQ retries every second: say it once
+                    logger.error("lie-detector: the sidecar at %s refused the handshake (%s); "
+                                 "steps are dropped: give both the same channel key "
+                                 "(LIE_DETECTOR_CHANNEL_KEY_FILE)", self.endpoint,
+                                 "wrong channel key" if self._key is not None
+                                 else "it requires a channel key")
+                    self._refusals_logged = True
             elif event == zmq.EVENT_DISCONNECTED:
                 self._peer_connected = False
                 logger.info("lie-detector: the sidecar went away; steps are dropped (counted) "

@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from detector.channel.auth import KeyAuthenticator
 from detector.channel.socket_dir import ipc_path, make_private_dir
 from detector.channel.wire import Message, WireError, decode
 
@@ -24,6 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 MAX_MESSAGE_BYTES = 1 << 30  # ZeroMQ drops larger messages before we allocate them
+# Handshakes a keyed channel refuses: a wrong key (AUTH), or no key at all (PROTOCOL).
+_REFUSALS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 class ChannelError(RuntimeError):
@@ -55,19 +60,27 @@ def _prepare_socket_path(path: Path) -> None:
 class ChannelSubscriber:
     """Receives and decodes steps; malformed messages are counted and skipped."""
 
-    def __init__(self, endpoint: str, *, rcvhwm: int = 64) -> None:
+    def __init__(self, endpoint: str, *, rcvhwm: int = 64, key: bytes | None = None) -> None:
         self.endpoint = endpoint
         self.rejected = 0
+        self.rejected_connections = 0  # handshakes refused: no key, or the wrong one
         self.received = 0
         self._last_reject_log = 0.0
+        self._last_refusal_log = 0.0
         path = ipc_path(endpoint)
         if path is not None:
             _prepare_socket_path(path)
-        self._ctx = zmq.Context.instance()
+        # With a key, a context of its own: its ZAP handler judges this socket only.
+        self._ctx = zmq.Context() if key is not None else zmq.Context.instance()
+        self._auth = KeyAuthenticator(self._ctx, key) if key is not None else None
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self._monitor = None
+        if key is not None:
+            self._sock.setsockopt(zmq.PLAIN_SERVER, 1)
+            self._monitor = self._sock.get_monitor_socket(_REFUSALS)
         self._sock.bind(endpoint)
         self._inode = None
         if path is not None:
@@ -76,26 +89,51 @@ class ChannelSubscriber:
             self._inode = (st.st_ino, st.st_ctime_ns)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
+        if self._monitor is not None:
+            self._poller.register(self._monitor, zmq.POLLIN)
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether only peers holding the channel key are admitted."""
+        return self._auth is not None
 
     def recv(self, timeout_s: float | None = None) -> Message | None:
         """The next valid message, or None when ``timeout_s`` passes without one."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self._poller.poll(None if wait is None else int(wait * 1000)):
+            ready = dict(self._poller.poll(None if wait is None else int(wait * 1000)))
+            if not ready:
                 return None
-            frames = self._sock.recv_multipart(copy=False)
-            try:
-                message = decode([f.buffer for f in frames])
-            except WireError as exc:
-                self._reject(str(exc))
-            except Exception as exc:  # never let a bad message take the sidecar down
-                self._reject(f"undecodable message: {type(exc).__name__}: {exc}")
-            else:
-                self.received += 1
-                return message
+            if self._monitor is not None and self._monitor in ready:
+                self._read_refusals()
+            if self._sock in ready:
+                frames = self._sock.recv_multipart(copy=False)
+                try:
+                    message = decode([f.buffer for f in frames])
+                except WireError as exc:
+                    self._reject(str(exc))
+                except Exception as exc:  # never let a bad message take the sidecar down
+                    self._reject(f"undecodable message: {type(exc).__name__}: {exc}")
+                else:
+                    self.received += 1
+                    return message
             if deadline is not None and time.monotonic() >= deadline:
                 return None
+
+    def _read_refusals(self) -> None:
+        assert self._monitor is not None
+        while True:
+            try:
+                recv_monitor_message(self._monitor, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.rejected_connections += 1
+            now = time.monotonic()
+            if now - self._last_refusal_log > 5:
+                logger.warning("channel: refused a connection without the channel key (%d so "
+                               "far)", self.rejected_connections)
+                self._last_refusal_log = now
 
     def _reject(self, reason: str) -> None:
         self.rejected += 1
@@ -105,7 +143,13 @@ class ChannelSubscriber:
             self._last_reject_log = now
 
     def close(self) -> None:
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
         self._sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.close()
+            self._ctx.term()
         path = ipc_path(self.endpoint)
         # Remove our socket file only: a newer sidecar may have bound the path since.
         try:

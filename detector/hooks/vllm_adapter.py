@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from detector.channel.auth import ChannelKeyError, read_key
 from detector.channel.publisher import ChannelPublisher
 from detector.channel.wire import TORCH_TO_WIRE, EngineInfo, StopRule
 from detector.config import HookSettings, default_layers
@@ -203,6 +204,14 @@ def _after_load_model(runner: Any, settings: HookSettings) -> None:
                      settings.layers, num_layers - 1)
         return
 
+    key = None
+    if settings.channel_key_file:
+        try:
+            key = read_key(settings.channel_key_file)
+        except ChannelKeyError as exc:
+            logger.error("lie-detector: %s; capture is OFF", exc)
+            return
+
     model = runner.get_model()
     method = _attach_capture(runner, model, layers)
     if method is None:
@@ -232,6 +241,7 @@ def _after_load_model(runner: Any, settings: HookSettings) -> None:
         max_steps=settings.queue_steps,
         max_bytes=settings.queue_bytes,
         heartbeat_s=settings.heartbeat_s,
+        key=key,
     )
     cap = _RunnerCapture(StepAssembler(publisher), method, layers)
     cap.token_features = settings.token_feature_list

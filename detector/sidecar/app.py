@@ -52,6 +52,9 @@ class SidecarSettings(BaseSettings):
                                       protected_namespaces=())
 
     channel: str = Field(default_factory=default_channel)
+    # With a key file, only an engine presenting the same key may write to the channel
+    # (``detector.channel.auth``); without one, any process that can reach the socket may.
+    channel_key_file: Path | None = None
     grpc_address: str = "127.0.0.1:50051"
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(9464, ge=0, le=65535)
@@ -214,7 +217,11 @@ class Sidecar:
                 self.registry.load(path)
             except ProbeArtifactError as exc:
                 logger.error("probe %s refused: %s", path, exc)
-        self.subscriber = ChannelSubscriber(settings.channel)
+        key = read_key(settings.channel_key_file) if settings.channel_key_file else None
+        self.subscriber = ChannelSubscriber(settings.channel, key=key)
+        if key is None:
+            logger.warning("channel %s has no key (channel_key_file): any process of this "
+                           "user that can reach the socket can write steps", settings.channel)
         decoder = TextDecoder.from_model_dir(settings.model_dir) if settings.model_dir else None
         self.analyzer = Analyzer(decoder, settings.span_kinds)
         self.pipeline = ScoringPipeline(self.subscriber, self.registry, self.store, self.metrics,

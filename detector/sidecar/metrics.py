@@ -22,6 +22,10 @@ class SidecarMetrics:
         self.messages_rejected = Counter(
             "lie_detector_channel_rejected_messages",
             "Channel messages rejected as malformed.", registry=r)
+        self.connections_rejected = Counter(
+            "lie_detector_channel_rejected_connections",
+            "Connections to the channel refused: the peer did not present the channel key.",
+            registry=r)
         self.steps_dropped = Counter(
             "lie_detector_channel_dropped_steps",
             "Engine steps the hook dropped because the channel was full or unconnected.",

@@ -51,6 +51,7 @@ class ScoringPipeline:
         # a stall of the sidecar itself, after which the hook's messages are waiting unread.
         self.silent_s = 0.0
         self._rejected_seen = 0
+        self._refused_seen = 0
         self._hook_state: bool | None = None
         # Called with True/False when the hook is first heard from / falls silent.
         self.on_hook_state: list[Callable[[bool], None]] = []
@@ -217,3 +218,7 @@ class ScoringPipeline:
         if new_rejects > 0:
             self.metrics.messages_rejected.inc(new_rejects)
             self._rejected_seen += new_rejects
+        refused = self.subscriber.rejected_connections - self._refused_seen
+        if refused > 0:
+            self.metrics.connections_rejected.inc(refused)
+            self._refused_seen += refused

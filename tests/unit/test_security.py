@@ -199,13 +199,21 @@ def test_each_serve_gets_a_channel_of_its_own(tmp_path: Path, monkeypatch) -> No
     second = Supervisor(ServeOptions(model_dir=tmp_path), num_layers=30)
     channels = [s.opts.channel for s in (first, second)]
     assert channels[0] != channels[1]
+    assert first.opts.channel_key_file.read_text() != second.opts.channel_key_file.read_text()
     for sup, channel in zip((first, second), channels):
         directory = Path(channel.removeprefix("ipc://")).parent
         assert directory.parent == tmp_path
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
-        assert engine_env(sup.opts, [4])["LIE_DETECTOR_CHANNEL"] == channel
-        assert channel in sidecar_command(sup.opts)
+        env, cmd = engine_env(sup.opts, [4]), sidecar_command(sup.opts)
+        assert env["LIE_DETECTOR_CHANNEL"] == channel and channel in cmd
+        # Its own channel key too, handed to both processes, readable by its owner only.
+        key = sup.opts.channel_key_file
+        assert key is not None and stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert env["LIE_DETECTOR_CHANNEL_KEY_FILE"] == str(key)
+        assert cmd[cmd.index("--channel-key-file") + 1] == str(key)
         sup.shutdown()  # nothing started: only the private directory to remove
         assert not directory.exists()
     explicit = Supervisor(ServeOptions(model_dir=tmp_path, channel="ipc:///x/y.sock"), 30)
     assert explicit.opts.channel == "ipc:///x/y.sock"
+    assert explicit.opts.channel_key_file.is_file()
+    explicit.shutdown()

@@ -63,10 +63,13 @@ class DetectorService(pb_grpc.DetectorServicer):
         wait_s = _budget(context) if request.wait_until_finished else 0.0
         deadline = time.monotonic() + wait_s
         self._await_known(request_id, wait_s, context)
+        # Resolved once: a newer request that takes the id meanwhile is not this one.
+        engine_id = self.store.resolve(request_id) or request_id
+        sharing = len(self.store.sharing(request_id))
         if request.wait_until_finished:
-            self.store.wait(request_id, until_finished=True,
+            self.store.wait(engine_id, until_finished=True,
                             timeout_s=max(0.0, deadline - time.monotonic()))
-        snap = self.store.snapshot(request_id)
+        snap = self.store.snapshot(engine_id)
         if snap is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} is not known "
                           "(never seen, or expired)")
@@ -84,6 +87,7 @@ class DetectorService(pb_grpc.DetectorServicer):
             spans=[_span(v) for v in analysis.verdicts],
             text=analysis.text,
             verdicts=[_verdict(r) for r in analysis.responses],
+            requests_with_id=sharing,
         )
 
     def StreamScores(self, request: pb.StreamScoresRequest, context: grpc.ServicerContext
@@ -103,6 +107,9 @@ class DetectorService(pb_grpc.DetectorServicer):
     def _stream(self, request_id: str, context: grpc.ServicerContext
                 ) -> Iterator[pb.ScoresUpdate]:
         self._await_known(request_id, min(self.appear_wait_s, _budget(context)), context)
+        # The stream follows the request the id names now, even if a newer one takes it.
+        engine_id = self.store.resolve(request_id) or request_id
+        sharing = len(self.store.sharing(request_id))
         sent_tokens = 0
         sent_spans: set[tuple] = set()
         last_update = -float("inf")
@@ -112,7 +119,7 @@ class DetectorService(pb_grpc.DetectorServicer):
             if pause > 0:
                 time.sleep(min(pause, _budget(context)))
             last_update = time.monotonic()
-            snap = self.store.snapshot(request_id)
+            snap = self.store.snapshot(engine_id)
             if snap is None:
                 context.abort(grpc.StatusCode.NOT_FOUND,
                               f"request {request_id!r} expired while streaming")
@@ -137,12 +144,13 @@ class DetectorService(pb_grpc.DetectorServicer):
                     spans=[_span(v) for v in closed],
                     final=done,
                     verdicts=[_verdict(r) for r in analysis.responses] if done else [],
+                    requests_with_id=sharing,
                 )
                 sent_tokens = n
                 sent_spans.update(_span_key(v) for v in closed)
             if done:
                 return
-            self.store.wait(request_id, after_version=record.version,
+            self.store.wait(engine_id, after_version=record.version,
                             timeout_s=min(0.5, _budget(context)))
 
     # ----------------------------------------------------------------- probes

@@ -161,7 +161,10 @@ class RequestStore:
         self.finished_ttl_s = finished_ttl_s
         self.idle_ttl_s = idle_ttl_s
         self._records: OrderedDict[str, RequestRecord] = OrderedDict()
-        self._aliases: dict[str, str] = {}
+        # Every id a client may ask by -> the engine ids known by it, oldest first. An id can
+        # be shared (a reused X-Request-Id, a retry): a lookup returns the newest request.
+        self._aliases: dict[str, list[str]] = {}
+        self.refused_finished = 0  # steps that tried to change an ended request
         self._bytes = 0
         self._last_seq: dict[str, int] = {}
         # Highest step seq recorded per engine (heartbeats do not move it): a step at or
@@ -176,6 +179,7 @@ class RequestStore:
         self.stale = 0
         self.gaps = 0
         self._last_gap_log = 0.0
+        self._last_refusal_log = 0.0
         self._engine_id: str | None = None
         self.columns: ProbeColumns | None = None
         self.evicted = 0
@@ -256,6 +260,12 @@ class RequestStore:
             row_of = {int(r): i for i, r in enumerate(positions_scored)}
             for req in header.requests:
                 rec = self._records.get(req.req_id)
+                if rec is not None and rec.finished and not rec.inferred_end:
+                    # The engine said it ended: what it was is settled. vLLM's ids are unique
+                    # (it adds a random suffix), so only a replay, a forgery or
+                    # VLLM_DISABLE_REQUEST_ID_RANDOMIZATION can get here.
+                    self._refuse_finished(req.req_id, header.seq)
+                    continue
                 if rec is None:
                     rec = RequestRecord(req.req_id, engine, req.num_prompt_tokens)
                     if req.first_position > max(req.num_prompt_tokens - 1, 0):
@@ -268,7 +278,7 @@ class RequestStore:
                                     header.seq, header.dropped_total)
                     self._records[req.req_id] = rec
                     for alias in request_aliases(req.req_id):
-                        self._aliases.setdefault(alias, req.req_id)
+                        self._aliases.setdefault(alias, []).append(req.req_id)
                 else:
                     self._records.move_to_end(req.req_id)
                 before = rec.nbytes
@@ -458,8 +468,19 @@ class RequestStore:
         rec = self._records.pop(req_id)
         self._bytes -= rec.nbytes
         for alias in request_aliases(req_id):
-            if self._aliases.get(alias) == req_id:
-                del self._aliases[alias]
+            ids = self._aliases.get(alias)
+            if ids is not None and req_id in ids:
+                ids.remove(req_id)
+                if not ids:
+                    del self._aliases[alias]
+
+    def _refuse_finished(self, req_id: str, seq: int) -> None:
+        self.refused_finished += 1
+        now = time.monotonic()
+        if now - self._last_refusal_log > 5:
+            logger.warning("step %d names request %s, which already ended: its part of the step "
+                           "is refused (%d so far)", seq, req_id, self.refused_finished)
+            self._last_refusal_log = now
 
     def expire(self) -> None:
         with self._cond:
@@ -476,8 +497,16 @@ class RequestStore:
 
     # ----------------------------------------------------------------- reading
     def _lookup(self, request_id: str) -> str | None:
-        """The record id ``request_id`` names (itself or an alias); the lock is held."""
-        return request_id if request_id in self._records else self._aliases.get(request_id)
+        """The engine id of the newest request known by ``request_id`` (its own engine id,
+        an X-Request-Id or a response id); the lock is held."""
+        ids = self._aliases.get(request_id)
+        return ids[-1] if ids else None
+
+    def sharing(self, request_id: str) -> list[str]:
+        """The engine ids of every request known by ``request_id``, oldest first (more than
+        one: the id was reused, and lookups return the newest)."""
+        with self._cond:
+            return list(self._aliases.get(request_id, ()))
 
     def resolve(self, request_id: str) -> str | None:
         with self._cond:
@@ -515,8 +544,8 @@ class RequestStore:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
         def ready() -> bool:
-            req_id = self._aliases.get(request_id, request_id)
-            rec = self._records.get(req_id)
+            req_id = self._lookup(request_id)
+            rec = self._records.get(req_id) if req_id is not None else None
             if rec is None:
                 return False
             if until_finished:

@@ -245,3 +245,25 @@ def test_health_reports_serving(channel) -> None:
     for service in ("", "liedetector.v1.Detector"):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_reused_request_id_reads_the_newest_request_and_says_so(vllm_server, stub) -> None:
+    """Issue 13, finding 1: the same X-Request-Id sent twice used to return the first
+    request's text and scores, even by the second's own response id."""
+    wait_for_engine(stub)
+    first = complete(vllm_server.base_url, "The capital of France is", max_tokens=6,
+                     request_id="reused-id", ignore_eos=True)
+    one = stub.GetScores(pb.GetScoresRequest(request_id="reused-id", wait_until_finished=True),
+                         timeout=60)
+    second = complete(vllm_server.base_url, "Two plus two equals", max_tokens=6,
+                      request_id="reused-id", ignore_eos=True)
+    for asked in ("reused-id", second["id"]):
+        reply = stub.GetScores(pb.GetScoresRequest(request_id=asked, wait_until_finished=True),
+                               timeout=60)
+        assert reply.text == second["choices"][0]["text"], asked
+        assert [t.token_id for t in reply.tokens] == second["choices"][0]["token_ids"], asked
+        assert reply.requests_with_id == 2, asked
+        assert reply.engine_request_id != one.engine_request_id
+    # The engine id is unique: the first request can still be read by it.
+    again = stub.GetScores(pb.GetScoresRequest(request_id=one.engine_request_id), timeout=30)
+    assert again.text == first["choices"][0]["text"] and again.requests_with_id == 1

@@ -101,7 +101,7 @@ class ResponseVerdict(_message.Message):
     def __init__(self, probe: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., flagged: _Optional[bool] = ..., claims: _Optional[int] = ..., flagged_claims: _Optional[int] = ...) -> None: ...
 
 class ScoresResponse(_message.Message):
-    __slots__ = ("request_id", "engine_request_id", "state", "incomplete_reason", "num_prompt_tokens", "probes", "tokens", "spans", "text", "verdicts")
+    __slots__ = ("request_id", "engine_request_id", "state", "incomplete_reason", "num_prompt_tokens", "probes", "tokens", "spans", "text", "verdicts", "requests_with_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class ScoresResponse(_message.Message):
     SPANS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_WITH_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     engine_request_id: str
     state: RequestState
@@ -122,10 +123,11 @@ class ScoresResponse(_message.Message):
     spans: _containers.RepeatedCompositeFieldContainer[Span]
     text: str
     verdicts: _containers.RepeatedCompositeFieldContainer[ResponseVerdict]
-    def __init__(self, request_id: _Optional[str] = ..., engine_request_id: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., incomplete_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., probes: _Optional[_Iterable[str]] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., text: _Optional[str] = ..., verdicts: _Optional[_Iterable[_Union[ResponseVerdict, _Mapping]]] = ...) -> None: ...
+    requests_with_id: int
+    def __init__(self, request_id: _Optional[str] = ..., engine_request_id: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., incomplete_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., probes: _Optional[_Iterable[str]] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., text: _Optional[str] = ..., verdicts: _Optional[_Iterable[_Union[ResponseVerdict, _Mapping]]] = ..., requests_with_id: _Optional[int] = ...) -> None: ...
 
 class ScoresUpdate(_message.Message):
-    __slots__ = ("request_id", "engine_request_id", "state", "incomplete_reason", "tokens", "spans", "final", "verdicts")
+    __slots__ = ("request_id", "engine_request_id", "state", "incomplete_reason", "tokens", "spans", "final", "verdicts", "requests_with_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +136,7 @@ class ScoresUpdate(_message.Message):
     SPANS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_WITH_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     engine_request_id: str
     state: RequestState
@@ -142,7 +145,8 @@ class ScoresUpdate(_message.Message):
     spans: _containers.RepeatedCompositeFieldContainer[Span]
     final: bool
     verdicts: _containers.RepeatedCompositeFieldContainer[ResponseVerdict]
-    def __init__(self, request_id: _Optional[str] = ..., engine_request_id: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., incomplete_reason: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., final: _Optional[bool] = ..., verdicts: _Optional[_Iterable[_Union[ResponseVerdict, _Mapping]]] = ...) -> None: ...
+    requests_with_id: int
+    def __init__(self, request_id: _Optional[str] = ..., engine_request_id: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., incomplete_reason: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., final: _Optional[bool] = ..., verdicts: _Optional[_Iterable[_Union[ResponseVerdict, _Mapping]]] = ..., requests_with_id: _Optional[int] = ...) -> None: ...
 
 class ListProbesRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,115 @@
+"""Every score belongs to the request the caller means, without vLLM.
+
+vLLM makes its engine ids unique (a random suffix), but the ids clients know a request by
+are not: an ``X-Request-Id`` (and the response id built from it, ``cmpl-<id>``) can be sent
+twice, by a retry or by someone who wants a victim's verdicts to go unseen. The rule: a
+lookup by a shared id returns the newest request, says how many share the id
+(``requests_with_id``) and names the one returned (``engine_request_id``, which is unique
+and can be asked for). A stream follows the request its id named when it started. A
+request the engine has ended is settled: a later step naming it is refused.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import grpc
+import pytest
+from tiny_engine import probe, single_request
+
+from detector.api.liedetector.v1 import detector_pb2 as pb
+from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.sidecar.app import Sidecar, SidecarSettings
+
+FIRST = "cmpl-abc-0-aaaaaaaa"   # vLLM's id for X-Request-Id "abc", first request
+SECOND = "cmpl-abc-0-bbbbbbbb"  # the same X-Request-Id sent again
+PROMPT = [11, 12, 13]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def sidecar(tmp_path):
+    probe_path = probe("p", [1, 3], "producer", 1).save(tmp_path / "p")
+    sc = Sidecar(SidecarSettings(channel=f"ipc://{tmp_path}/ch.sock",
+                                 grpc_address=f"127.0.0.1:{_free_port()}", metrics_port=None,
+                                 probes=[probe_path], shutdown_grace_s=0))
+    sc.start()
+    yield sc
+    sc.stop()
+
+
+@pytest.fixture
+def stub(sidecar):
+    with grpc.insecure_channel(sidecar.settings.grpc_address) as ch:
+        yield pb_grpc.DetectorStub(ch)
+
+
+def _feed(sidecar, steps) -> None:
+    for step in steps:
+        sidecar.pipeline.handle(step)
+
+
+def _renumbered(steps, seq0: int) -> list:
+    """The same steps sent later: engine step numbers continue from ``seq0``."""
+    return [(header.model_copy(update={"seq": seq0 + i}), rows)
+            for i, (header, rows) in enumerate(steps)]
+
+
+def _tokens(reply) -> list[int]:
+    return [t.token_id for t in reply.tokens]
+
+
+def test_a_reused_id_returns_the_newest_request_and_says_it_is_shared(sidecar, stub) -> None:
+    _feed(sidecar, single_request(FIRST, PROMPT, [101, 102, 103]))
+    _feed(sidecar, single_request(SECOND, PROMPT, [201, 202], seq0=3))
+    for asked in ("abc", "cmpl-abc", "cmpl-abc-0"):
+        reply = stub.GetScores(pb.GetScoresRequest(request_id=asked), timeout=10)
+        assert reply.engine_request_id == SECOND, asked
+        assert _tokens(reply) == [201, 202], asked
+        assert reply.requests_with_id == 2, asked
+    for engine_id, tokens in ((FIRST, [101, 102, 103]), (SECOND, [201, 202])):
+        reply = stub.GetScores(pb.GetScoresRequest(request_id=engine_id), timeout=10)
+        assert reply.engine_request_id == engine_id and _tokens(reply) == tokens
+        assert reply.requests_with_id == 1
+
+
+def test_a_stream_follows_the_request_its_id_named_when_it_started(sidecar, stub) -> None:
+    steps = single_request(FIRST, PROMPT, [101, 102, 103, 104])
+    _feed(sidecar, steps[:2])  # the first request is running
+    got: dict = {}
+
+    def read() -> None:
+        updates = list(stub.StreamScores(pb.StreamScoresRequest(request_id="abc"), timeout=60))
+        got["tokens"] = [t.token_id for u in updates for t in u.tokens]
+        got["engine_ids"] = {u.engine_request_id for u in updates}
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.5)
+    _feed(sidecar, single_request(SECOND, PROMPT, [201, 202], seq0=2))  # takes the id
+    _feed(sidecar, _renumbered(steps[2:], seq0=4))  # the first goes on, and ends
+    reader.join(30)
+    assert not reader.is_alive()
+    assert got["engine_ids"] == {FIRST}
+    assert got["tokens"] == [101, 102, 103, 104]
+
+
+def test_a_step_naming_an_ended_request_is_refused(sidecar, stub) -> None:
+    _feed(sidecar, single_request(FIRST, PROMPT, [101, 102, 103]))
+    before = stub.GetScores(pb.GetScoresRequest(request_id=FIRST), timeout=10)
+    # The same request "continued" in a later step, with other tokens.
+    forged = single_request(FIRST, PROMPT, [666, 667, 668], seq0=10)
+    _feed(sidecar, forged)
+    after = stub.GetScores(pb.GetScoresRequest(request_id=FIRST), timeout=10)
+    assert after.state == pb.REQUEST_STATE_FINISHED and not after.incomplete_reason
+    assert _tokens(after) == _tokens(before) == [101, 102, 103]
+    assert [s.probability for t in after.tokens for s in t.scores] == \
+        [s.probability for t in before.tokens for s in t.scores]
+    assert sidecar.store.refused_finished == len(forged)

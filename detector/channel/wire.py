@@ -32,6 +32,7 @@ from pydantic import (
 WIRE_VERSION = 1
 MAX_ROWS_PER_STEP = 1 << 20
 MAX_POSITION = 1 << 24  # far beyond any context length; bounds what a header can make us allocate
+MAX_TOKEN_ID = 1 << 31  # past any vocabulary; a token id is an int32 everywhere downstream
 MAX_LAYERS = 256
 MAX_HIDDEN = 65536
 # Bounds on a request's stop strings (vLLM sets none; a request beyond them is sent without
@@ -72,6 +73,10 @@ class EngineInfo(BaseModel):
     # Per-token features the hook computes for sampled tokens (LIE_DETECTOR_TOKEN_FEATURES,
     # detector.hooks.token_features); empty from older hooks.
     token_features: list[Literal["logprob", "entropy"]] = Field(default_factory=list)
+    # The engine's limits, which bound every message it sends (None from older hooks: the
+    # format's own bounds apply).
+    vocab_size: Annotated[int, Field(gt=0, le=MAX_TOKEN_ID)] | None = None
+    max_model_len: Annotated[int, Field(gt=0, le=MAX_POSITION)] | None = None
 
     @model_validator(mode="after")
     def _layers_valid(self) -> EngineInfo:
@@ -158,6 +163,18 @@ class StepHeader(BaseModel):
             end += r.num_rows
         if end != self.num_rows:
             raise ValueError(f"requests cover {end} rows, header says {self.num_rows}")
+        vocab = self.engine.vocab_size or MAX_TOKEN_ID
+        length = self.engine.max_model_len or MAX_POSITION
+        for r in self.requests:
+            for name in ("input_token_ids", "sampled_token_ids"):
+                ids = getattr(r, name)
+                if ids and not (0 <= min(ids) and max(ids) < vocab):
+                    raise ValueError(f"{name} of {r.req_id!r} outside the vocabulary "
+                                     f"(0..{vocab - 1})")
+            if r.num_prompt_tokens > length or \
+                    r.first_position + r.num_rows + len(r.sampled_token_ids) > length + 1:
+                raise ValueError(f"positions of {r.req_id!r} beyond the engine's context "
+                                 f"length {length}")
         return self
 
 

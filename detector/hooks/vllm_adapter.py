@@ -180,6 +180,15 @@ def _refuse_v2_runner(runner: Any, settings: HookSettings) -> None:
 
 
 # --------------------------------------------------------------------------- attaching
+def _positive(value: Any) -> int | None:
+    """A limit of the engine's config, or None if it does not hold a usable one."""
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
 def _after_load_model(runner: Any, settings: HookSettings) -> None:
     if getattr(runner, _ATTR, None) is not None:
         return  # CPUModelRunner.load_model does not call super(); guard double attach
@@ -234,6 +243,8 @@ def _after_load_model(runner: Any, settings: HookSettings) -> None:
         pid=os.getpid(),
         started_at=time.time(),
         token_features=settings.token_feature_list,
+        vocab_size=_positive(model_config.get_vocab_size()),
+        max_model_len=_positive(model_config.max_model_len),
     )
     publisher = ChannelPublisher(
         settings.channel,

@@ -406,3 +406,37 @@ def test_fuzzed_messages_decode_consistently_or_raise_wire_error() -> None:
         accepted += 1
     # Both branches must actually be exercised for the loop to mean anything.
     assert accepted > 200 and rejected > 1000, (accepted, rejected)
+
+
+# ------------------------------------------------------------------ the engine's own limits
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("input_token_ids", 2**70, ("input_token_ids", "vocabulary")),
+    ("input_token_ids", -1, ("input_token_ids", "vocabulary")),
+    ("sampled_token_ids", 2**31, ("sampled_token_ids", "vocabulary")),
+])
+def test_token_ids_outside_any_vocabulary_are_refused(field: str, value: int,
+                                                       words: tuple[str, ...]) -> None:
+    """A token id of 2**70 used to be accepted; reading that request then failed (UNKNOWN)."""
+    head, payload = valid_frames()
+    head["requests"][0][field][0] = value
+    assert_rejected(frames_from(head, payload), "invalid header", *words)
+
+
+def test_token_ids_past_the_engines_vocabulary_are_refused() -> None:
+    head, payload = valid_frames()
+    head["engine"]["vocab_size"] = 300
+    assert decode(frames_from(head, payload))  # every id below 300: accepted
+    head["requests"][2]["input_token_ids"][0] = 300
+    assert_rejected(frames_from(head, payload), "outside the vocabulary (0..299)")
+
+
+def test_positions_past_the_engines_context_length_are_refused() -> None:
+    """One message claiming a million positions used to grow the sidecar by 1.2 GiB."""
+    head, payload = valid_frames()
+    head["engine"]["max_model_len"] = 64
+    assert decode(frames_from(head, payload))
+    head["requests"][0]["first_position"] = 1_000_000
+    assert_rejected(frames_from(head, payload), "beyond the engine's context length 64")
+    head["requests"][0]["first_position"] = 0
+    head["requests"][0]["num_prompt_tokens"] = 65
+    assert_rejected(frames_from(head, payload), "context length 64")

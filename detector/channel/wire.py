@@ -150,9 +150,9 @@ class StepHeader(BaseModel):
     finished: list[str] = Field(default_factory=list)
     # Time the hook spent inside the engine thread for this step.
     hook_ns: int = 0
-    dropped_total: int = 0
+    dropped_total: Annotated[int, Field(ge=0)] = 0
     # Steps waiting in the hook's queue when this one was sent.
-    queue_depth: int = 0
+    queue_depth: Annotated[int, Field(ge=0)] = 0
 
     @model_validator(mode="after")
     def _rows_partition(self) -> StepHeader:
@@ -185,11 +185,19 @@ class Heartbeat(BaseModel):
     version: Literal[1] = WIRE_VERSION
     engine: EngineInfo
     time_ns: int
-    steps_published: int = 0
-    dropped_total: int = 0
-    queue_depth: int = 0
+    steps_published: Annotated[int, Field(ge=0)] = 0
+    dropped_total: Annotated[int, Field(ge=0)] = 0
+    queue_depth: Annotated[int, Field(ge=0)] = 0
     # The seq the next step will carry: lets the sidecar see a gap without waiting.
-    next_seq: int = 0
+    next_seq: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _drops_have_seqs(self) -> Heartbeat:
+        # Every dropped step had taken a seq below the next one.
+        if self.dropped_total > self.next_seq:
+            raise ValueError(f"dropped_total {self.dropped_total} exceeds the steps so far "
+                             f"({self.next_seq})")
+        return self
 
 
 def encode_step(header: StepHeader, rows: torch.Tensor) -> list[bytes | memoryview]:

@@ -440,3 +440,13 @@ def test_positions_past_the_engines_context_length_are_refused() -> None:
     head["requests"][0]["first_position"] = 0
     head["requests"][0]["num_prompt_tokens"] = 65
     assert_rejected(frames_from(head, payload), "context length 64")
+
+
+def test_a_heartbeat_cannot_claim_more_drops_than_steps() -> None:
+    """A forged heartbeat used to add 2e9 to the dropped-steps counter."""
+    frames = encode_heartbeat(Heartbeat(engine=engine(), time_ns=1, dropped_total=3,
+                                        next_seq=10))
+    assert decode(frames)[0].dropped_total == 3
+    head = json.loads(bytes(frames[0]))
+    head["dropped_total"] = 2_000_000_000
+    assert_rejected([json.dumps(head).encode(), *frames[1:]], "dropped_total")

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,6 +36,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name
 # the overall status, so a sidecar that starts before vLLM is ready without a hook.
 HOOK_HEALTH_NAME = "liedetector.v1.Hook"
 MAX_ID_LENGTH = 512
+# Threads for health checks, reflection and calls that do not wait (GetScores, ListProbes,
+# LoadProbe): never taken by streams or waits.
+QUICK_WORKERS = 16
 
 
 class DetectorService(pb_grpc.DetectorServicer):
@@ -53,13 +57,21 @@ class DetectorService(pb_grpc.DetectorServicer):
         # A stream opened as its request is sent waits (within the client's deadline) this
         # long for the first step: under load a request can sit in vLLM's queue for long.
         self.appear_wait_s = appear_wait_s
-        self._streams = 0
+        self._open = {"streams": 0, "waits": 0}
         self._streams_lock = threading.Lock()
 
     # ----------------------------------------------------------------- scores
     def GetScores(self, request: pb.GetScoresRequest, context: grpc.ServicerContext
                   ) -> pb.ScoresResponse:
         request_id = _check_id(request.request_id, context)
+        if not request.wait_until_finished:
+            return self._get_scores(request, request_id, context)
+        # A call that waits holds a thread like a stream: capped the same way, apart.
+        with self._long_call(context, "waits"):
+            return self._get_scores(request, request_id, context)
+
+    def _get_scores(self, request: pb.GetScoresRequest, request_id: str,
+                    context: grpc.ServicerContext) -> pb.ScoresResponse:
         wait_s = _budget(context) if request.wait_until_finished else 0.0
         deadline = time.monotonic() + wait_s
         self._await_known(request_id, wait_s, context)
@@ -93,16 +105,31 @@ class DetectorService(pb_grpc.DetectorServicer):
     def StreamScores(self, request: pb.StreamScoresRequest, context: grpc.ServicerContext
                      ) -> Iterator[pb.ScoresUpdate]:
         request_id = _check_id(request.request_id, context)
-        with self._streams_lock:
-            if self._streams >= self.max_streams:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"too many open streams (limit {self.max_streams})")
-            self._streams += 1
-        try:
+        with self._long_call(context, "streams"):
             yield from self._stream(request_id, context)
+
+    @contextmanager
+    def _long_call(self, context: grpc.ServicerContext, kind: str) -> Iterator[None]:
+        """A slot for a call that holds its thread: at most ``max_streams`` streams and as
+        many waits, so the server's other threads always answer health checks and quick
+        calls (``build_server`` sizes the pool to match)."""
+        with self._streams_lock:
+            if self._open[kind] >= self.max_streams:
+                what = "open streams" if kind == "streams" else "calls waiting for the end"
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"too many {what} (limit {self.max_streams})")
+            self._open[kind] += 1
+        try:
+            yield
         finally:
             with self._streams_lock:
-                self._streams -= 1
+                self._open[kind] -= 1
+
+    @property
+    def open_calls(self) -> int:
+        """Streams and waits holding a thread now."""
+        with self._streams_lock:
+            return sum(self._open.values())
 
     def _stream(self, request_id: str, context: grpc.ServicerContext
                 ) -> Iterator[pb.ScoresUpdate]:
@@ -332,12 +359,18 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
         return handler._replace(**changes)
 
 
-def build_server(service: DetectorService, address: str, *, max_workers: int = 16,
+def build_server(service: DetectorService, address: str, *, quick_workers: int = QUICK_WORKERS,
                  credentials: grpc.ServerCredentials | None = None
                  ) -> tuple[grpc.Server, health.HealthServicer, int]:
-    """A gRPC server with the detector, the standard health service and reflection."""
+    """A gRPC server with the detector, the standard health service and reflection.
+
+    The sync server ties a thread to each call: the pool has one per long call the service
+    admits (``max_streams`` streams and as many waits) plus ``quick_workers`` that they can
+    never take, so health checks and quick calls are never queued behind streams. Threads
+    start on demand."""
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        futures.ThreadPoolExecutor(max_workers=2 * service.max_streams + quick_workers,
+                                   thread_name_prefix="grpc"),
         options=[("grpc.max_receive_message_length", 1 << 20)],
         interceptors=[MalformedRequestInterceptor()],
     )

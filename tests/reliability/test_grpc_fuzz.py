@@ -114,9 +114,9 @@ def _assert_serving(channel) -> None:
 
 def _streams_released(sidecar, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while sidecar.service._streams and time.monotonic() < deadline:
+    while sidecar.service.open_calls and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sidecar.service._streams == 0, "a stream slot leaked"
+    assert sidecar.service.open_calls == 0, "a stream or wait slot leaked"
 
 
 # ------------------------------------------------------------------ request ids

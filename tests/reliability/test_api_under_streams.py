@@ -1,0 +1,97 @@
+"""Streams never starve the API, without vLLM.
+
+The sync gRPC server ties a thread to each call. With 16 threads, 16 open streams used to
+stop everything else: health checks timed out (Kubernetes would restart the sidecar and
+lose its results) and so did GetScores. The pool now has a thread for every stream and wait
+the service admits, plus threads streams can never take.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tiny_engine import probe, schedule
+
+from detector.api.liedetector.v1 import detector_pb2 as pb
+from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.sidecar.app import Sidecar, SidecarSettings
+
+HOLDERS = 40  # streams and waits on requests that never come, well past the old 16 threads
+
+
+def _until(pred, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def sidecar(tmp_path):
+    probe_path = probe("p", [1, 3], "producer", 1).save(tmp_path / "p")
+    sc = Sidecar(SidecarSettings(channel=f"ipc://{tmp_path}/ch.sock",
+                                 grpc_address=f"127.0.0.1:{_free_port()}", metrics_port=None,
+                                 probes=[probe_path], shutdown_grace_s=0, max_streams=64))
+    sc.start()
+    for message in schedule():  # requests "A" and "B", finished
+        sc.pipeline.handle(message)
+    yield sc
+    sc.stop()
+
+
+def test_health_and_reads_answer_while_streams_and_waits_hold_threads(sidecar) -> None:
+    with grpc.insecure_channel(sidecar.settings.grpc_address) as ch:
+        stub = pb_grpc.DetectorStub(ch)
+        holders = [stub.StreamScores(pb.StreamScoresRequest(request_id=f"never-{i}"),
+                                     timeout=120) for i in range(HOLDERS // 2)]
+        waits = [stub.GetScores.future(pb.GetScoresRequest(request_id=f"later-{i}",
+                                                            wait_until_finished=True),
+                                       timeout=120) for i in range(HOLDERS // 2)]
+        try:
+            # Each holder is in the server's hands once its slot is counted.
+            _until(lambda: sidecar.service.open_calls >= HOLDERS)
+            assert sidecar.service.open_calls == HOLDERS
+            health = health_pb2_grpc.HealthStub(ch)
+            for service in ("", "liedetector.v1.Detector"):
+                reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            reply = stub.GetScores(pb.GetScoresRequest(request_id="A"), timeout=10)
+            assert reply.state == pb.REQUEST_STATE_FINISHED and reply.tokens
+            assert len(stub.ListProbes(pb.ListProbesRequest(), timeout=10).probes) == 1
+        finally:
+            for h in holders:
+                h.cancel()
+            for w in waits:
+                w.cancel()
+
+
+def test_streams_past_the_cap_are_refused_and_waits_have_their_own(sidecar) -> None:
+    with grpc.insecure_channel(sidecar.settings.grpc_address) as ch:
+        stub = pb_grpc.DetectorStub(ch)
+        cap = sidecar.service.max_streams
+        holders = [stub.StreamScores(pb.StreamScoresRequest(request_id=f"never-{i}"),
+                                     timeout=120) for i in range(cap)]
+        try:
+            _until(lambda: sidecar.service.open_calls >= cap)
+            assert sidecar.service.open_calls == cap
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.StreamScores(pb.StreamScoresRequest(request_id="one-more"),
+                                       timeout=10))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "open streams" in err.value.details()
+            # A wait is not a stream: it still gets a slot of its own.
+            reply = stub.GetScores(pb.GetScoresRequest(request_id="A", wait_until_finished=True),
+                                   timeout=10)
+            assert reply.state == pb.REQUEST_STATE_FINISHED
+        finally:
+            for h in holders:
+                h.cancel()

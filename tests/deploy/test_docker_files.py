@@ -151,6 +151,11 @@ def test_compose_wires_the_channel_and_health() -> None:
     for service in (sidecar, vllm):
         assert service["environment"]["LIE_DETECTOR_CHANNEL"] == CHANNEL
         assert "channel:/run/lie-detector" in service["volumes"]
+        # Both hold the channel key, where the secret is mounted.
+        assert service["secrets"] == ["channel-key"]
+        assert service["environment"]["LIE_DETECTOR_CHANNEL_KEY_FILE"] == \
+            "/run/secrets/channel-key"
+    assert "channel-key" in _compose()["secrets"]
     assert vllm["depends_on"]["sidecar"]["condition"] == "service_healthy"
     # The health check runs the script where the sidecar image puts it.
     copied = [r.split() for w, r in _instructions(DOCKER / "sidecar.Dockerfile") if w == "COPY"]

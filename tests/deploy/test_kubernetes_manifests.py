@@ -189,6 +189,21 @@ def test_channel_is_shared_through_an_emptydir(objects: list[dict]) -> None:
         assert mounts[socket_dir] == "channel"
 
 
+def test_both_containers_hold_the_channel_key(objects: list[dict]) -> None:
+    """Only an engine presenting the key may write to the channel; the key is a Secret the
+    operator creates, owner-readable only (the channel refuses a looser file)."""
+    pod = _pod(objects)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    key = volumes["channel-key"]["secret"]
+    assert key["secretName"] == "lie-detector-channel-key" and key["defaultMode"] == 0o400
+    for name in ("lie-detector", "vllm"):
+        container = _container(pod, name)
+        path = _env(container)["LIE_DETECTOR_CHANNEL_KEY_FILE"]
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert path.startswith(mounts["channel-key"]["mountPath"] + "/"), name
+        assert mounts["channel-key"]["readOnly"], name
+
+
 def test_every_mount_and_port_reference_resolves(objects: list[dict]) -> None:
     pod = _pod(objects)
     spec = pod["spec"]

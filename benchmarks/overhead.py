@@ -138,11 +138,12 @@ class Server:
 def start_vllm(groups: ProcessGroups, name: str, model_dir: Path, workdir: Path, channel: str,
                *, plugin: bool, layers: list[int] | None = None, enforce_eager: bool = False,
                python: str | Path | None = None, extra_env: dict[str, str] | None = None,
-               cache_variant: str | None = None) -> Server:
+               cache_variant: str | None = None, vllm_args: list[str] | None = None) -> Server:
     """One vLLM OpenAI server on the embedded model, with the benchmark's common flags.
 
     ``plugin=False`` sets ``LIE_DETECTOR_DISABLE=1``. ``python`` runs the server with another
-    interpreter (the vllm-lens environment); ``extra_env`` is applied last. Each
+    interpreter (the vllm-lens environment); ``extra_env`` is applied last; ``vllm_args``
+    replaces the common ``VLLM_ARGS``. Each
     ``cache_variant`` gets its own compile cache (``VLLM_CACHE_ROOT``).
     """
     from detector.serve import ServeOptions, engine_env, vllm_command
@@ -150,7 +151,8 @@ def start_vllm(groups: ProcessGroups, name: str, model_dir: Path, workdir: Path,
     layers = list(layers or LAYERS)
     port = free_port()
     opts = ServeOptions(model_dir=model_dir, port=port, channel=channel, layers=layers,
-                        max_model_len=MAX_MODEL_LEN, vllm_args=list(VLLM_ARGS),
+                        max_model_len=MAX_MODEL_LEN,
+                        vllm_args=list(VLLM_ARGS if vllm_args is None else vllm_args),
                         enforce_eager=enforce_eager)
     cmd = vllm_command(opts)
     if python is not None:

@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from detector.artifact import ProbeArtifactError, default_probe_dir
+from detector.channel.auth import read_key
 from detector.channel.subscriber import ChannelSubscriber
 from detector.config import default_channel
 from detector.model_identity import identify_model

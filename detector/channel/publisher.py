@@ -21,6 +21,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from detector.channel.auth import client_options
+from detector.channel.socket_dir import ipc_path, private_dir_problem
 from detector.channel.wire import (
     EngineInfo,
     Heartbeat,
@@ -148,6 +149,9 @@ class ChannelPublisher:
             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         self._poller.register(sock, zmq.POLLOUT)
         self._poller.register(monitor, zmq.POLLIN)
+        if not self._wait_for_private_dir():
+            self._close_sockets(sock, monitor)
+            return
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
@@ -185,6 +189,34 @@ class ChannelPublisher:
                 self._closed = True
         finally:
             self._close_sockets(sock, monitor)
+
+    def _wait_for_private_dir(self) -> bool:
+        """Connect only into a directory that is this user's alone: whoever else could
+        enter it could put their own socket there and receive the steps (and the channel
+        key, sent in the handshake). Until it exists and is private, steps are dropped
+        (counted) as with no sidecar. False once closed meanwhile."""
+        path = ipc_path(self.endpoint)
+        if path is None:
+            return True
+        said = None
+        while True:
+            problem = private_dir_problem(path.parent)
+            if problem is None:
+                return True
+            if problem != said:
+                log = logger.info if not path.parent.exists() else logger.error
+                log("lie-detector: not connecting to %s yet: %s; steps are dropped until it "
+                    "is a directory only this user can enter", self.endpoint, problem)
+                said = problem
+            with self._cond:
+                if not self._closed:
+                    self._cond.wait(self.heartbeat_s)
+                if self._closed:
+                    return False
+                while self._queue:
+                    step = self._queue.popleft()
+                    self._queued_bytes -= step.nbytes
+                    self.dropped += 1
 
     @staticmethod
     def _close_sockets(sock: zmq.Socket, monitor: zmq.Socket) -> None:

@@ -166,6 +166,9 @@ def test_hostile_senders_change_nothing_real(keyed_sidecar, caplog) -> None:
                 legit.send_multipart(_mutate(rng, real[i % len(real)]))
             assert _until(lambda: sub.received + sub.rejected >= received0 + MESSAGES), \
                 f"{sub.received + sub.rejected - received0} of {MESSAGES} messages were read"
+            print(f"fuzz: received {sub.received}, rejected {sub.rejected}, refused connections "
+                  f"{sub.rejected_connections}, refused ended-request parts "
+                  f"{sc.store.refused_finished}")
             failures = [r for r in caplog.records if r.levelno >= 40]  # ERROR: an exception
             assert not failures, f"hostile messages raised: {failures[0].getMessage()}"
             assert _reads(stub) == before, "a hostile message changed a finished request"

@@ -8,12 +8,12 @@ the service admits, plus threads streams can never take.
 
 from __future__ import annotations
 
-import socket
 import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import free_port
 from tiny_engine import probe, schedule
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
@@ -29,17 +29,11 @@ def _until(pred, timeout_s: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def sidecar(tmp_path):
     probe_path = probe("p", [1, 3], "producer", 1).save(tmp_path / "p")
     sc = Sidecar(SidecarSettings(channel=f"ipc://{tmp_path}/ch.sock",
-                                 grpc_address=f"127.0.0.1:{_free_port()}", metrics_port=None,
+                                 grpc_address=f"127.0.0.1:{free_port()}", metrics_port=None,
                                  probes=[probe_path], shutdown_grace_s=0, max_streams=64))
     sc.start()
     for message in schedule():  # requests "A" and "B", finished

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import time
 
 import grpc
 import psutil
 import pytest
 import zmq
+from support import free_port
 from tiny_engine import engine, probe, schedule, single_request
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
@@ -32,12 +32,6 @@ from detector.sidecar.app import Sidecar, SidecarSettings
 MESSAGES = int(os.environ.get("LIE_DETECTOR_CHANNEL_FUZZ", "10000"))
 MiB = 1 << 20
 RSS_LIMIT = 256 * MiB
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _push(ctx: zmq.Context, endpoint: str, key: bytes | None) -> zmq.Socket:
@@ -113,7 +107,7 @@ def keyed_sidecar(tmp_path):
     key_file = write_key(tmp_path / "channel.key")
     probe_path = probe("p", [1, 3], "producer", 1).save(tmp_path / "p")
     sc = Sidecar(SidecarSettings(channel=f"ipc://{tmp_path}/ch/s.sock", channel_key_file=key_file,
-                                 grpc_address=f"127.0.0.1:{_free_port()}", metrics_port=None,
+                                 grpc_address=f"127.0.0.1:{free_port()}", metrics_port=None,
                                  probes=[probe_path], shutdown_grace_s=0,
                                  max_store_bytes=64 * MiB))
     sc.start()

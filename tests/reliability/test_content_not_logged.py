@@ -10,12 +10,12 @@ folder check the same of a real sidecar process's log file.)
 from __future__ import annotations
 
 import logging
-import socket
 import time
 
 import grpc
 import pytest
 import zmq
+from support import free_port
 from tiny_engine import engine, probe, single_request
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
@@ -25,12 +25,6 @@ from detector.sidecar.app import Sidecar, SidecarSettings
 
 PROMPT_TEXT = "Quizzical Zebediah Marmaduke-Fennimore whispered the passphrase"
 COMPLETION_TEXT = " Xylophone Cthulhu ptarmigan 7731 Vercingetorix flibbertigibbet"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _leaks(text: str, needles: dict[str, str]) -> list[str]:
@@ -56,7 +50,7 @@ def test_prompt_and_completion_never_reach_the_logs(model_dir, tmp_path, caplog)
         "prompt ids": ", ".join(map(str, prompt[-4:])),
     }
     channel = f"ipc://{tmp_path}/ch.sock"
-    settings = SidecarSettings(channel=channel, grpc_address=f"127.0.0.1:{_free_port()}",
+    settings = SidecarSettings(channel=channel, grpc_address=f"127.0.0.1:{free_port()}",
                                metrics_port=None, model_dir=model_dir, shutdown_grace_s=0)
     caplog.set_level(logging.DEBUG)  # the root logger and everything under it
     sidecar = Sidecar(settings)

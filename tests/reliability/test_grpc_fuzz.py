@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from support import free_port
 from tiny_engine import engine, make_step, probe, schedule
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
@@ -59,18 +59,12 @@ METHODS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory):
     d = tmp_path_factory.mktemp("fuzz")
     probe_path = probe(PROBE_NAME, [1, 3], "producer", 1).save(d / PROBE_NAME)
     settings_ = SidecarSettings(channel=f"ipc://{d}/ch.sock",
-                                grpc_address=f"127.0.0.1:{_free_port()}", metrics_port=None,
+                                grpc_address=f"127.0.0.1:{free_port()}", metrics_port=None,
                                 admin_token=TOKEN, probes=[probe_path], max_streams=8,
                                 shutdown_grace_s=0)
     sc = Sidecar(settings_)

@@ -11,12 +11,12 @@ request the engine has ended is settled: a later step naming it is refused.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import grpc
 import pytest
+from support import free_port
 from tiny_engine import probe, single_request
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
@@ -28,17 +28,11 @@ SECOND = "cmpl-abc-0-bbbbbbbb"  # the same X-Request-Id sent again
 PROMPT = [11, 12, 13]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def sidecar(tmp_path):
     probe_path = probe("p", [1, 3], "producer", 1).save(tmp_path / "p")
     sc = Sidecar(SidecarSettings(channel=f"ipc://{tmp_path}/ch.sock",
-                                 grpc_address=f"127.0.0.1:{_free_port()}", metrics_port=None,
+                                 grpc_address=f"127.0.0.1:{free_port()}", metrics_port=None,
                                  probes=[probe_path], shutdown_grace_s=0))
     sc.start()
     yield sc

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import socket
 import stat
 from pathlib import Path
 
@@ -16,15 +15,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from support import free_port
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.sidecar.app import Sidecar, SidecarSettings, load_settings
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cert(subject: str, issuer_key=None, issuer_name=None, *, ca: bool = False):
@@ -68,7 +62,7 @@ def pki(tmp_path_factory):
 
 def _sidecar(tmp_path: Path, **settings) -> Sidecar:
     s = SidecarSettings(channel=f"ipc://{tmp_path}/ch.sock", probes=[],
-                        grpc_address=f"127.0.0.1:{_free_port()}", metrics_port=None, **settings)
+                        grpc_address=f"127.0.0.1:{free_port()}", metrics_port=None, **settings)
     sidecar = Sidecar(s)
     sidecar.start()
     return sidecar

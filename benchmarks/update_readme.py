@@ -73,6 +73,7 @@ SOURCES: dict[str, Path | Callable[[], str]] = {
     "benchmarks": ROOT / "benchmarks/results/benchmarks.md",
     "soak": _soak,
     "stall": ROOT / "benchmarks/results/stall.md",
+    "watchers": ROOT / "benchmarks/results/watchers.md",
 }
 
 

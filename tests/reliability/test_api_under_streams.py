@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import free_port
-from tiny_engine import probe, schedule
+from tiny_engine import probe, schedule, single_request
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
@@ -89,3 +89,30 @@ def test_streams_past_the_cap_are_refused_and_waits_have_their_own(sidecar) -> N
         finally:
             for h in holders:
                 h.cancel()
+
+
+STALLED_TOKENS = 3000
+
+
+def test_a_stalled_consumer_gets_each_token_once_and_holds_no_more(sidecar) -> None:
+    """A client that stops reading while its request generates 3,000 tokens: updates are
+    built only as gRPC takes them and carry only what was not yet sent, so what the stream
+    holds for it is its request's results, once (not an update queued per step). When it
+    reads again, every token arrives once, in order."""
+    generated = [10 + i % 90 for i in range(STALLED_TOKENS)]
+    steps = single_request("S", [5, 6, 7], generated, seq0=len(schedule()))
+    with grpc.insecure_channel(sidecar.settings.grpc_address) as ch:
+        stub = pb_grpc.DetectorStub(ch)
+        call = stub.StreamScores(pb.StreamScoresRequest(request_id="S"), timeout=300)
+        sidecar.pipeline.handle(steps[0])
+        updates = [next(call)]
+        for step in steps[1:]:  # the client reads nothing meanwhile
+            sidecar.pipeline.handle(step)
+        updates += list(call)
+        whole = stub.GetScores(pb.GetScoresRequest(request_id="S"), timeout=30)
+    assert updates[-1].final and whole.state == pb.REQUEST_STATE_FINISHED
+    streamed = [t for u in updates for t in u.tokens]
+    assert [t.token_id for t in streamed] == generated
+    assert [t.index for t in streamed] == list(range(STALLED_TOKENS))
+    sent = sum(u.ByteSize() for u in updates)
+    assert sent <= 1.5 * whole.ByteSize(), (sent, whole.ByteSize(), len(updates))

@@ -657,6 +657,15 @@ def setup_cli(verbose: bool = False) -> None:
     signal.signal(signal.SIGHUP, _raise_interrupt)
 
 
+def write_results(out: Path, name: str, result: dict[str, Any], table: str) -> None:
+    """``<name>.json`` and ``<name>.md`` in ``out`` (the README's tables are copied from the
+    ``.md``, ``benchmarks.update_readme``), and the table on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{name}.md").write_text(table + "\n")
+    print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_cli(args.verbose)

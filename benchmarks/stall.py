@@ -20,7 +20,6 @@ get there. The vLLM worker's resident memory is sampled every 0.2 s during every
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -200,10 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     oh.setup_cli()
     result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "stall.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "stall.md").write_text(markdown(result) + "\n")
-    print(markdown(result))
+    oh.write_results(args.out, "stall", result, markdown(result))
     return 0
 
 

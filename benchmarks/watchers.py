@@ -20,7 +20,6 @@ health p99 <= 100 ms.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import tempfile
@@ -223,10 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     oh.setup_cli()
     result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "watchers.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "watchers.md").write_text(markdown(result) + "\n")
-    print(markdown(result))
+    oh.write_results(args.out, "watchers", result, markdown(result))
     return 0
 
 

@@ -24,7 +24,7 @@ import httpx
 import psutil
 import pytest
 import zmq
-from support import PROCESS_LOGS, complete, free_port
+from support import PROCESS_LOGS, complete, free_port, wait_until
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
@@ -120,13 +120,6 @@ def _forge(endpoint: str, key: bytes | None) -> None:
         ctx.term()
 
 
-def _until(pred, timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_two_serves_on_one_machine_never_meet(model_dir: Path, tmp_path: Path) -> None:
@@ -159,7 +152,8 @@ def test_two_serves_on_one_machine_never_meet(model_dir: Path, tmp_path: Path) -
         # The second instance's key, and no key, on the first instance's real socket.
         _forge(a["--channel"], key_b.read_bytes())
         _forge(a["--channel"], None)
-        assert _until(lambda: first.metric("lie_detector_channel_rejected_connections_total") >= 2)
+        wait_until(lambda: first.metric("lie_detector_channel_rejected_connections_total") >= 2, 60,
+                   what="both forged connections refused")
         assert first.metric("lie_detector_channel_dropped_steps_total") == dropped
         assert _scores(first.grpc_address, "shared-id").SerializeToString(
             deterministic=True) == before

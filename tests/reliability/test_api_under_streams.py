@@ -8,12 +8,11 @@ the service admits, plus threads streams can never take.
 
 from __future__ import annotations
 
-import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support import free_port
+from support import free_port, wait_until
 from tiny_engine import probe, schedule, single_request
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
@@ -23,10 +22,6 @@ from detector.sidecar.app import Sidecar, SidecarSettings
 HOLDERS = 40  # streams and waits on requests that never come, well past the old 16 threads
 
 
-def _until(pred, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred() and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -52,7 +47,7 @@ def test_health_and_reads_answer_while_streams_and_waits_hold_threads(sidecar) -
                                        timeout=120) for i in range(HOLDERS // 2)]
         try:
             # Each holder is in the server's hands once its slot is counted.
-            _until(lambda: sidecar.service.open_calls >= HOLDERS)
+            wait_until(lambda: sidecar.service.open_calls >= HOLDERS, 20, 0.05)
             assert sidecar.service.open_calls == HOLDERS
             health = health_pb2_grpc.HealthStub(ch)
             for service in ("", "liedetector.v1.Detector"):
@@ -75,7 +70,7 @@ def test_streams_past_the_cap_are_refused_and_waits_have_their_own(sidecar) -> N
         holders = [stub.StreamScores(pb.StreamScoresRequest(request_id=f"never-{i}"),
                                      timeout=120) for i in range(cap)]
         try:
-            _until(lambda: sidecar.service.open_calls >= cap)
+            wait_until(lambda: sidecar.service.open_calls >= cap, 20, 0.05)
             assert sidecar.service.open_calls == cap
             with pytest.raises(grpc.RpcError) as err:
                 list(stub.StreamScores(pb.StreamScoresRequest(request_id="one-more"),

@@ -14,13 +14,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import time
 
 import grpc
 import psutil
 import pytest
 import zmq
-from support import free_port
+from support import free_port, wait_until
 from tiny_engine import engine, probe, schedule, single_request
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
@@ -115,13 +114,6 @@ def keyed_sidecar(tmp_path):
     sc.stop()
 
 
-def _until(pred, timeout_s: float = 120.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_hostile_senders_change_nothing_real(keyed_sidecar, caplog) -> None:
@@ -135,10 +127,10 @@ def test_hostile_senders_change_nothing_real(keyed_sidecar, caplog) -> None:
             legit = _push(ctx, sc.settings.channel, key)
             for frames in real:
                 legit.send_multipart(frames)
-            assert _until(lambda: sub.received >= len(real)), "the real steps never arrived"
-            assert _until(lambda: all(
+            wait_until(lambda: sub.received >= len(real), 120, 0.05, "the real steps")
+            wait_until(lambda: all(
                 stub.GetScores(pb.GetScoresRequest(request_id=r), timeout=10).state
-                == pb.REQUEST_STATE_FINISHED for r in ("A", "B")))
+                == pb.REQUEST_STATE_FINISHED for r in ("A", "B")), 120, 0.05, "A and B finished")
             before = _reads(stub)
             rss0 = psutil.Process().memory_info().rss
 
@@ -151,15 +143,15 @@ def test_hostile_senders_change_nothing_real(keyed_sidecar, caplog) -> None:
                     stranger.send_multipart(_mutate(rng, real[i % len(real)]), flags=zmq.NOBLOCK)
                 except zmq.Again:
                     pass  # no handshake, no pipe: a keyless sender only fills its own buffer
-            assert _until(lambda: sub.rejected_connections > 0)
+            wait_until(lambda: sub.rejected_connections > 0, 120, 0.05, "a refused connection")
             assert sub.received + sub.rejected == received0
 
             # 2. With the key, hostile contents: each one rejected or handled.
             rng = random.Random(11)
             for i in range(MESSAGES):
                 legit.send_multipart(_mutate(rng, real[i % len(real)]))
-            assert _until(lambda: sub.received + sub.rejected >= received0 + MESSAGES), \
-                f"{sub.received + sub.rejected - received0} of {MESSAGES} messages were read"
+            wait_until(lambda: sub.received + sub.rejected >= received0 + MESSAGES, 120, 0.05,
+                       f"all {MESSAGES} keyed messages read")
             print(f"fuzz: received {sub.received}, rejected {sub.rejected}, refused connections "
                   f"{sub.rejected_connections}, refused ended-request parts "
                   f"{sc.store.refused_finished}")

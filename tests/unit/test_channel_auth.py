@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from test_channel import engine, is_heartbeat, is_step, make_step, recv_until
+from test_channel import engine, is_heartbeat, is_step, make_step, recv_until, wait_for
 
 from detector.channel.auth import ChannelKeyError, read_key, write_key
 from detector.channel.publisher import ChannelPublisher
@@ -27,13 +27,6 @@ def key(tmp_path: Path) -> bytes:
     return read_key(write_key(tmp_path / "channel.key"))
 
 
-def _wait(pred, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_an_engine_with_the_key_is_heard(endpoint: str, key: bytes) -> None:
@@ -58,10 +51,10 @@ def test_an_engine_without_the_key_is_refused_and_counted(endpoint: str, key: by
     pub = ChannelPublisher(endpoint, engine(8), heartbeat_s=0.02, key=presented)
     try:
         assert recv_until(sub, lambda m: True, timeout_s=3.0) is None  # nothing gets through
-        assert _wait(lambda: (sub.recv(0.05), sub.rejected_connections)[1] > 0)
+        assert wait_for(lambda: (sub.recv(0.05), sub.rejected_connections)[1] > 0, 10.0)
         assert not pub.sidecar_connected
         pub.offer(make_step(pub, 1, 0.0))
-        assert _wait(lambda: pub.dropped >= 1), "a refused engine drops (and counts) its steps"
+        assert wait_for(lambda: pub.dropped >= 1, 10.0), "a refused engine drops (and counts) its steps"
         assert sub.received == 0
     finally:
         pub.close()
@@ -85,7 +78,7 @@ def test_a_forged_message_from_a_raw_socket_never_arrives(endpoint: str, key: by
                 pass
             time.sleep(0.05)
         assert recv_until(sub, lambda m: True, timeout_s=2.0) is None
-        assert _wait(lambda: (sub.recv(0.05), sub.rejected_connections)[1] > 0)
+        assert wait_for(lambda: (sub.recv(0.05), sub.rejected_connections)[1] > 0, 10.0)
         assert sub.received == 0
     finally:
         push.close(linger=0)

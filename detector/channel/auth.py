@@ -26,6 +26,10 @@ ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 USERNAME = b"lie-detector-engine"
 MIN_KEY_CHARS = 32
 MAX_KEY_BYTES = 255  # PLAIN's limit
+# Monitor events of a handshake a keyed channel refuses: a wrong key (AUTH), no key at all
+# (PROTOCOL), or neither said.
+HANDSHAKE_REFUSED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 class ChannelKeyError(ValueError):

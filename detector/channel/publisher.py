@@ -20,7 +20,7 @@ import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from detector.channel.auth import client_options
+from detector.channel.auth import HANDSHAKE_REFUSED, client_options
 from detector.channel.socket_dir import ipc_path, private_dir_problem
 from detector.channel.wire import (
     EngineInfo,
@@ -50,10 +50,6 @@ class PendingStep:
     @property
     def nbytes(self) -> int:
         return self.rows.numel() * self.rows.element_size()
-
-
-_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 class ChannelPublisher:
@@ -144,9 +140,7 @@ class ChannelPublisher:
         # Connection events tell a slow sidecar (hold the step) from none (drop it). A peer
         # counts once its handshake succeeds: a sidecar that refuses the key is none.
         monitor = sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
-            | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_REFUSED)
         self._poller.register(sock, zmq.POLLOUT)
         self._poller.register(monitor, zmq.POLLIN)
         if not self._wait_for_private_dir():
@@ -278,7 +272,7 @@ class ChannelPublisher:
                 self._peer_connected = True
                 self._refusals_logged = False
                 logger.info("lie-detector: a sidecar connected to %s", self.endpoint)
-            elif event & _HANDSHAKE_FAILED:
+            elif event & HANDSHAKE_REFUSED:
                 self._peer_connected = False
                 if not self._refusals_logged:  # ZeroMQ retries every second: say it once
                     logger.error("lie-detector: the sidecar at %s refused the handshake (%s); "

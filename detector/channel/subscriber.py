@@ -18,17 +18,15 @@ from pathlib import Path
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from detector.channel.auth import KeyAuthenticator
+from detector.channel.auth import HANDSHAKE_REFUSED, KeyAuthenticator
 from detector.channel.socket_dir import ipc_path, make_private_dir
 from detector.channel.wire import Message, WireError, decode
+from detector.log_throttle import LogThrottle
 
 logger = logging.getLogger(__name__)
 
 
 MAX_MESSAGE_BYTES = 1 << 30  # ZeroMQ drops larger messages before we allocate them
-# Handshakes a keyed channel refuses: a wrong key (AUTH), or no key at all (PROTOCOL).
-_REFUSALS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 class ChannelError(RuntimeError):
@@ -65,8 +63,8 @@ class ChannelSubscriber:
         self.rejected = 0
         self.rejected_connections = 0  # handshakes refused: no key, or the wrong one
         self.received = 0
-        self._last_reject_log = 0.0
-        self._last_refusal_log = 0.0
+        self._reject_log = LogThrottle()
+        self._refusal_log = LogThrottle()
         path = ipc_path(endpoint)
         if path is not None:
             _prepare_socket_path(path)
@@ -80,7 +78,7 @@ class ChannelSubscriber:
         self._monitor = None
         if key is not None:
             self._sock.setsockopt(zmq.PLAIN_SERVER, 1)
-            self._monitor = self._sock.get_monitor_socket(_REFUSALS)
+            self._monitor = self._sock.get_monitor_socket(HANDSHAKE_REFUSED)
         self._sock.bind(endpoint)
         self._inode = None
         if path is not None:
@@ -129,18 +127,14 @@ class ChannelSubscriber:
             except zmq.Again:
                 return
             self.rejected_connections += 1
-            now = time.monotonic()
-            if now - self._last_refusal_log > 5:
+            if self._refusal_log.ready():
                 logger.warning("channel: refused a connection without the channel key (%d so "
                                "far)", self.rejected_connections)
-                self._last_refusal_log = now
 
     def _reject(self, reason: str) -> None:
         self.rejected += 1
-        now = time.monotonic()
-        if now - self._last_reject_log > 5:
+        if self._reject_log.ready():
             logger.warning("channel: rejected a message (%d so far): %s", self.rejected, reason)
-            self._last_reject_log = now
 
     def close(self) -> None:
         if self._monitor is not None:

@@ -15,6 +15,7 @@ import torch
 
 from detector.channel.subscriber import ChannelSubscriber
 from detector.channel.wire import Heartbeat, Message, StepHeader
+from detector.log_throttle import LogThrottle
 from detector.sidecar.analysis import Analyzer
 from detector.sidecar.metrics import SidecarMetrics
 from detector.sidecar.registry import ProbeRegistry
@@ -57,7 +58,7 @@ class ScoringPipeline:
         self.on_hook_state: list[Callable[[bool], None]] = []
         self._load_failures_seen = 0
         self._stale_refused = 0
-        self._last_stale_log = 0.0
+        self._stale_log = LogThrottle()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scoring-pipeline", daemon=True)
 
@@ -146,12 +147,10 @@ class ScoringPipeline:
         """A replayed or out-of-order step: counted as a rejected message, logged rarely."""
         self.metrics.messages_rejected.inc()
         self._stale_refused += 1
-        now = time.monotonic()
-        if now - self._last_stale_log > 5:
+        if self._stale_log.ready():
             logger.warning("channel: refused a stale step (seq %d of engine %s arrived out of "
                            "order or twice; %d so far)", header.seq, header.engine.engine_id[:8],
                            self._stale_refused)
-            self._last_stale_log = now
 
     def _account_finished(self, req_id: str) -> None:
         """Span verdicts of a finished request, counted once, for alerting."""

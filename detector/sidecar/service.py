@@ -76,8 +76,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         deadline = time.monotonic() + wait_s
         self._await_known(request_id, wait_s, context)
         # Resolved once: a newer request that takes the id meanwhile is not this one.
-        engine_id = self.store.resolve(request_id) or request_id
-        sharing = len(self.store.sharing(request_id))
+        engine_id, sharing = self.store.resolve_shared(request_id)
         if request.wait_until_finished:
             self.store.wait(engine_id, until_finished=True,
                             timeout_s=max(0.0, deadline - time.monotonic()))
@@ -135,8 +134,7 @@ class DetectorService(pb_grpc.DetectorServicer):
                 ) -> Iterator[pb.ScoresUpdate]:
         self._await_known(request_id, min(self.appear_wait_s, _budget(context)), context)
         # The stream follows the request the id names now, even if a newer one takes it.
-        engine_id = self.store.resolve(request_id) or request_id
-        sharing = len(self.store.sharing(request_id))
+        engine_id, sharing = self.store.resolve_shared(request_id)
         sent_tokens = 0
         sent_spans: set[tuple] = set()
         last_update = -float("inf")

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from detector.channel.wire import RequestRows, StepHeader, StopRule
+from detector.log_throttle import LogThrottle
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +179,8 @@ class RequestStore:
         self._last_step_ns: dict[str, int] = {}
         self.stale = 0
         self.gaps = 0
-        self._last_gap_log = 0.0
-        self._last_refusal_log = 0.0
+        self._gap_log = LogThrottle()
+        self._refusal_log = LogThrottle()
         self._engine_id: str | None = None
         self.columns: ProbeColumns | None = None
         self.evicted = 0
@@ -214,12 +215,10 @@ class RequestStore:
     def _note_gap(self, engine_id: str, first: int, last: int) -> None:
         """Steps that never arrived: counted, and logged at most every 5 s."""
         self.gaps += 1
-        now = time.monotonic()
-        if now - self._last_gap_log > 5:
+        if self._gap_log.ready():
             logger.warning("channel: steps %d..%d of engine %s never arrived (the hook dropped "
                            "them; %d gaps so far); requests running are marked incomplete",
                            first, last, engine_id[:8], self.gaps)
-            self._last_gap_log = now
 
     def is_stale(self, engine_id: str, seq: int) -> bool:
         """A step this store already has, or one older than a step it has (out of order)."""
@@ -476,11 +475,9 @@ class RequestStore:
 
     def _refuse_finished(self, req_id: str, seq: int) -> None:
         self.refused_finished += 1
-        now = time.monotonic()
-        if now - self._last_refusal_log > 5:
+        if self._refusal_log.ready():
             logger.warning("step %d names request %s, which already ended: its part of the step "
                            "is refused (%d so far)", seq, req_id, self.refused_finished)
-            self._last_refusal_log = now
 
     def expire(self) -> None:
         with self._cond:
@@ -502,11 +499,13 @@ class RequestStore:
         ids = self._aliases.get(request_id)
         return ids[-1] if ids else None
 
-    def sharing(self, request_id: str) -> list[str]:
-        """The engine ids of every request known by ``request_id``, oldest first (more than
-        one: the id was reused, and lookups return the newest)."""
+    def resolve_shared(self, request_id: str) -> tuple[str, int]:
+        """The engine id ``request_id`` names now (the newest request known by it; the id
+        itself when none is) and how many requests are known by it (more than one: the id
+        was reused)."""
         with self._cond:
-            return list(self._aliases.get(request_id, ()))
+            return (self._lookup(request_id) or request_id,
+                    len(self._aliases.get(request_id, ())))
 
     def resolve(self, request_id: str) -> str | None:
         with self._cond:

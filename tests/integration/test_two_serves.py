@@ -28,7 +28,7 @@ from support import PROCESS_LOGS, complete, free_port, wait_until
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
-from detector.channel.auth import USERNAME
+from detector.channel.auth import client_options
 from detector.channel.wire import EngineInfo, Heartbeat, encode_heartbeat
 from detector.serve import wait_for_grpc_health, wait_until_healthy
 
@@ -100,8 +100,7 @@ def _forge(endpoint: str, key: bytes | None) -> None:
         sock = ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
         if key is not None:
-            sock.setsockopt(zmq.PLAIN_USERNAME, USERNAME)
-            sock.setsockopt(zmq.PLAIN_PASSWORD, key)
+            client_options(sock, key)
         sock.connect(endpoint)
         beat = Heartbeat(engine=EngineInfo(engine_id="forged", model="x", hidden_size=8,
                                            num_layers=2, layers=[1], dtype="float32",

@@ -24,7 +24,7 @@ from tiny_engine import engine, probe, schedule, single_request
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
-from detector.channel.auth import USERNAME, read_key, write_key
+from detector.channel.auth import client_options, read_key, write_key
 from detector.channel.wire import Heartbeat, encode_heartbeat, encode_step
 from detector.sidecar.app import Sidecar, SidecarSettings
 
@@ -38,8 +38,7 @@ def _push(ctx: zmq.Context, endpoint: str, key: bytes | None) -> zmq.Socket:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 64)
     if key is not None:
-        sock.setsockopt(zmq.PLAIN_USERNAME, USERNAME)
-        sock.setsockopt(zmq.PLAIN_PASSWORD, key)
+        client_options(sock, key)
     sock.connect(endpoint)
     return sock
 

@@ -311,7 +311,8 @@ def check_compatible(
     """Refuse a probe whose model or layers differ from what is served and captured.
 
     A probe applied to another model's residual stream produces confident nonsense, so
-    every mismatch is an error, reported together so one restart fixes them all.
+    every mismatch of the model is an error, reported together; layers are only suggested
+    for the probe's own model, and only layers that model has.
     """
     problems: list[str] = []
     trained = meta.model
@@ -329,17 +330,21 @@ def check_compatible(
             f"it was trained on a {trained.num_layers}-layer model but the served model "
             f"has {served.num_layers} layers"
         )
+    if problems:
+        # Another model's probe: no choice of layers helps, so none is suggested.
+        raise ProbeMismatchError(
+            f"probe {meta.name!r} cannot be used: " + "; ".join(problems)
+            + f"; train a probe for {served.name} (docs/your-model.md)")
     captured = sorted(set(int(k) for k in captured_layers))
     missing = [k for k in meta.layers if k not in captured]
     if missing:
-        wanted = ",".join(str(k) for k in sorted(set(captured) | set(meta.layers)))
-        problems.append(
-            f"it reads layers {meta.layers} but layer(s) {missing} are not captured "
-            f"(captured: {captured}); capture more by starting vLLM with "
-            f"{LAYERS_ENV}={wanted}"
-        )
-    if problems:
-        raise ProbeMismatchError(f"probe {meta.name!r} cannot be used: " + "; ".join(problems))
+        # The model is the probe's own, so every layer the probe reads exists in it.
+        wanted = ",".join(str(k) for k in sorted(set(captured) | set(meta.layers))
+                          if 1 <= k < served.num_layers)
+        raise ProbeMismatchError(
+            f"probe {meta.name!r} cannot be used: it reads layers {meta.layers} but "
+            f"layer(s) {missing} are not captured (captured: {captured}); capture them by "
+            f"starting vLLM with {LAYERS_ENV}={wanted}")
 
 
 def probe_token_features(metas: Sequence[ProbeMetadata]) -> list[str]:

@@ -14,6 +14,11 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from detector.model_identity import ModelIdentity
 
 log = logging.getLogger("detector.cli")
 
@@ -137,7 +142,9 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channel", help="channel endpoint")
     parser.add_argument("--prefix-caching", action="store_true",
                         help="keep vLLM's prefix caching (cached prompt rows are not captured)")
-    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--enforce-eager", action="store_true", default=None,
+                        help="run vLLM without torch.compile (default: only where the model "
+                        "has no aux-hidden-state outputs and capture needs forward hooks)")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--dtype", help="vLLM dtype (default: the one the probes were captured "
                         "in, recorded in their metadata)")
@@ -147,20 +154,26 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from detector.artifact import default_probe_dir
     from detector.config import parse_layers
     from detector.embedded_model import resolve_model
+    from detector.launch_checks import LaunchError, check_layers
     from detector.model_identity import identify_model
-    from detector.serve import ServeOptions, Supervisor
+    from detector.serve import EXIT_CONFIG, ServeOptions, Supervisor
 
     model_dir = resolve_model(args.model)
+    model = identify_model(model_dir)
+    try:
+        probes = _serve_probes(model, [Path(p) for p in args.probe])
+        layers = parse_layers(args.layers)
+        check_layers(layers or [], model)
+    except (LaunchError, ValueError) as exc:  # before vLLM starts, in the terminal
+        print(f"lie-detector serve: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     opts = ServeOptions(
         model_dir=model_dir, host=args.host, port=args.port,
         grpc_address=f"127.0.0.1:{args.grpc_port}", metrics_port=args.metrics_port,
-        probes=[Path(p) for p in args.probe] or [p for p in [default_probe_dir()] if p],
-        layers=parse_layers(args.layers),
+        probes=probes,
+        layers=layers,
         prefix_caching=args.prefix_caching, enforce_eager=args.enforce_eager,
         max_model_len=args.max_model_len, dtype=args.dtype,
         vllm_args=[a for a in args.vllm_args if a != "--"],
@@ -168,7 +181,32 @@ def _serve(args: argparse.Namespace) -> int:
     )
     if args.channel:
         opts.channel = args.channel
-    return Supervisor(opts, identify_model(model_dir).num_layers).run()
+    return Supervisor(opts, model.num_layers).run()
+
+
+def _serve_probes(model: ModelIdentity, given: list[Path]) -> list[Path]:
+    """The probes to serve: every one given must fit the model (else LaunchError, before
+    vLLM starts); with none given, the shipped probe where it fits, else none."""
+    from detector.artifact import ProbeArtifactError, default_probe_dir
+    from detector.launch_checks import LaunchError, probe_misfit
+
+    for path in given:
+        try:
+            why = probe_misfit(path, model)
+        except (ProbeArtifactError, OSError) as exc:
+            raise LaunchError(f"cannot read probe {path}: {exc}") from None
+        if why:
+            raise LaunchError(why)
+    if given:
+        return given
+    shipped = default_probe_dir()
+    if shipped is None:
+        return []
+    if probe_misfit(shipped, model):
+        log.warning("the shipped probe is for the embedded model, not %s: serving with no "
+                    "probe until one is loaded (train one: docs/your-model.md)", model.name)
+        return []
+    return [shipped]
 
 
 def _demo_args(parser: argparse.ArgumentParser) -> None:
@@ -258,48 +296,63 @@ def _capture_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="capture directory (resumed if it exists)")
     parser.add_argument("--model", metavar="DIR", help="model folder (default: the embedded model)")
-    parser.add_argument("--layers", default="4,6,8,10,12,14,16,18,20,22,24,26,28",
-                        help="layers to capture (default every 2nd from 4 to 28)")
-    parser.add_argument("--styles", default="plain,chat", help="prompt styles: plain,chat")
+    parser.add_argument("--layers", help="layers to capture (default: derived from the "
+                        "model, up to 13 spread from an eighth of the way in to two before the "
+                        "top; every 2nd from 4 to 28 on the embedded model)")
+    parser.add_argument("--styles", default="plain,chat", help="prompt styles: plain,chat (chat "
+                        "is skipped, with a note, for a model without a chat template)")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--concurrency", type=int, default=12)
     parser.add_argument("--dtype", help="vLLM --dtype for the server we start (default: vLLM's)")
+    parser.add_argument("--enforce-eager", action="store_true", default=None,
+                        help="start vLLM without torch.compile (default: only where the model "
+                        "has no aux-hidden-state outputs and capture needs forward hooks)")
     parser.add_argument("--base-url", help="use a running vLLM server with the plugin instead "
                         "of starting one (also give --channel)")
     parser.add_argument("--channel", help="that server's LIE_DETECTOR_CHANNEL endpoint (this "
                         "command binds it: stop any sidecar on it first)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                        help="after --, extra arguments for the vLLM server this command starts")
 
 
 def _capture(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from detector.artifact import default_probe_dir
     from detector.config import parse_layers
     from detector.embedded_model import resolve_model
+    from detector.launch_checks import LaunchError
     from probes.capture import CaptureSettings, capture_questions, capture_user_records
 
     _quiet_http_logs()
     model_dir = resolve_model(args.model)
+    vllm_args = [a for a in args.vllm_args if a != "--"]
+    if vllm_args and args.base_url:
+        print("lie-detector capture: vLLM arguments after -- are for the server this command "
+              "starts; with --base-url, give them to that server", file=sys.stderr)
+        return 2
     settings = CaptureSettings(
         layers=parse_layers(args.layers) or [], styles=[s for s in args.styles.split(",") if s],
         max_tokens=args.max_tokens, concurrency=args.concurrency, dtype=args.dtype,
+        enforce_eager=args.enforce_eager, vllm_args=vllm_args,
     )
     common = dict(model_dir=model_dir, settings=settings, base_url=args.base_url,
                   channel=args.channel, progress=not args.no_progress)
-    if args.questions:
-        from probes.datasets.registry import read_questions
+    try:
+        if args.questions:
+            from probes.datasets.registry import read_questions
 
-        summary = capture_questions(read_questions(args.questions), Path(args.out), **common)
-    else:
-        from probes.datasets.user import UserDataError, load_user_jsonl
+            summary = capture_questions(read_questions(args.questions), Path(args.out), **common)
+        else:
+            from probes.datasets.user import UserDataError, load_user_jsonl
 
-        try:
-            records = load_user_jsonl(args.user_data)
-        except UserDataError as exc:
-            print(f"{args.user_data}: {exc}", file=sys.stderr)
-            return 1
-        summary = capture_user_records(records, Path(args.out), **common)
+            try:
+                records = load_user_jsonl(args.user_data)
+            except UserDataError as exc:
+                print(f"{args.user_data}: {exc}", file=sys.stderr)
+                return 1
+            summary = capture_user_records(records, Path(args.out), **common)
+    except LaunchError as exc:  # before vLLM starts, in the terminal
+        print(f"lie-detector capture: {exc}", file=sys.stderr)
+        return 2
     print(summary.describe())
     return 0 if summary.incomplete == 0 else 3
 

@@ -43,7 +43,8 @@ class ServeOptions:
     # to both processes, so only this instance's vLLM can write to its sidecar.
     channel_key_file: Path | None = None
     prefix_caching: bool = False
-    enforce_eager: bool = False
+    # None: eager exactly where the plugin needs forward hooks (``resolve_eager``).
+    enforce_eager: bool | None = None
     max_model_len: int = 2048
     # Probes must score rows of the dtype they were captured in; None: the dtype the
     # probes record (``training.served_dtype``), else vLLM's own choice.
@@ -89,6 +90,15 @@ def capture_layers(opts: ServeOptions, num_layers: int) -> list[int]:
         return sorted(set(opts.layers))
     needed = probe_layers(opts.probes) if opts.probes else []
     return sorted(set(needed) | set(default_layers(num_layers)))
+
+
+def resolve_eager(opts: ServeOptions) -> None:
+    """Decide ``enforce_eager`` where it was left to us: the model's capture method says
+    whether torch.compile would leave the plugin without rows."""
+    if opts.enforce_eager is None:
+        from detector.launch_checks import needs_eager
+
+        opts.enforce_eager = needs_eager(opts.model_dir, opts.vllm_args)
 
 
 def vllm_command(opts: ServeOptions) -> list[str]:
@@ -161,6 +171,7 @@ class Supervisor:
         if opts.channel_key_file is None:
             opts.channel_key_file = write_key(self._private_dir / "channel.key")
         self.layers = capture_layers(opts, num_layers)
+        resolve_eager(opts)
         self.vllm: subprocess.Popen | None = None
         self.sidecar: subprocess.Popen | None = None
         self.sidecar_restarts = 0

@@ -35,6 +35,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from detector.config import candidate_layers
+from detector.launch_checks import LaunchError, check_layers
 from detector.model_identity import ModelIdentity, identify_model
 from probes.datasets.prompts import STOP, PromptRenderer
 from probes.datasets.registry import questions_hash
@@ -47,7 +49,6 @@ from probes.tap import RowCollector
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LAYERS = list(range(4, 29, 2))
 # Reason of an answer left out because no claim span (detector.claims) carries it.
 NO_CLAIM_REASON = "no claim span"
 
@@ -55,7 +56,8 @@ NO_CLAIM_REASON = "no claim span"
 class CaptureSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    layers: list[int] = Field(default_factory=lambda: list(DEFAULT_LAYERS))
+    # Empty: derived from the model (``detector.config.candidate_layers``).
+    layers: list[int] = Field(default_factory=list)
     styles: list[PromptStyle] = Field(default_factory=lambda: ["plain", "chat"])
     max_tokens: int = Field(24, ge=1, le=512)
     concurrency: int = Field(12, ge=1, le=256)
@@ -64,6 +66,10 @@ class CaptureSettings(BaseModel):
     row_timeout_s: float = Field(30.0, gt=0)
     request_timeout_s: float = Field(300.0, gt=0)
     dtype: str | None = None  # vLLM --dtype when we start the server; None = its default
+    # When we start the server: eager mode (None: where the plugin needs forward hooks,
+    # ``detector.launch_checks.needs_eager``) and extra vLLM arguments.
+    enforce_eager: bool | None = None
+    vllm_args: list[str] = Field(default_factory=list)
     max_num_seqs: int = Field(16, ge=1)
     shard_rows: int = Field(4096, ge=1)
 
@@ -108,6 +114,10 @@ class CaptureSummary:
 def question_jobs(questions: Sequence[Question], styles: Sequence[PromptStyle],
                   renderer: PromptRenderer) -> list[Job]:
     jobs = []
+    usable = renderer.usable_styles(styles)
+    if styles and not usable:
+        raise LaunchError(f"this model can do none of the prompt styles {list(styles)}")
+    styles = usable
     for q in questions:
         for style in styles:
             job_id = f"{q.id}|{style}"
@@ -339,6 +349,9 @@ def run_capture(
     identity = identify_model(model_dir, name=model_name)
     if (base_url is None) != (channel is None):
         raise ValueError("give both base_url and channel (an existing server), or neither")
+    if not settings.layers:
+        settings = settings.model_copy(update={"layers": candidate_layers(identity.num_layers)})
+    check_layers(settings.layers, identity)
     start = time.monotonic()
     finished = _already_complete(out_dir, jobs, identity, dataset_hash, settings)
     if finished is not None:
@@ -352,7 +365,9 @@ def run_capture(
         if base_url is None:
             server = start_capture_server(model_dir, layers=settings.layers, log_dir=out_dir,
                                           channel=channel, dtype=settings.dtype,
-                                          max_num_seqs=settings.max_num_seqs)
+                                          max_num_seqs=settings.max_num_seqs,
+                                          enforce_eager=settings.enforce_eager,
+                                          extra_args=settings.vllm_args)
             base_url = server.base_url
         engine = collector.wait_connected(timeout_s=120)
         _check_engine(engine, identity, settings)
@@ -362,7 +377,8 @@ def run_capture(
             capture_method=engine.capture_method, source=source,  # type: ignore[arg-type]
             dataset_hash=dataset_hash,
             settings=settings.model_dump(exclude={"concurrency", "row_timeout_s",
-                                                  "request_timeout_s", "shard_rows"}),
+                                                  "request_timeout_s", "shard_rows",
+                                                  "enforce_eager", "vllm_args"}),
         )
         store = CaptureStore.create_or_resume(out_dir, manifest, shard_rows=settings.shard_rows)
         done = store.done_ids()
@@ -495,6 +511,6 @@ def capture_user_records(records: Sequence[UserRecord], out_dir: str | Path, *, 
                        dataset_hash=digest[:16], settings=settings, **kwargs)
 
 
-__all__ = ["CaptureSettings", "CaptureSummary", "DEFAULT_LAYERS", "NO_CLAIM_REASON",
+__all__ = ["CaptureSettings", "CaptureSummary", "NO_CLAIM_REASON",
            "capture_questions",
            "capture_user_records", "entropy_of", "question_jobs", "run_capture", "user_jobs"]

@@ -16,7 +16,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from detector.serve import ServeOptions, engine_env, vllm_command, wait_until_healthy
+from detector.serve import (
+    ServeOptions,
+    engine_env,
+    resolve_eager,
+    vllm_command,
+    wait_until_healthy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +79,13 @@ def start_capture_server(
     max_num_seqs: int = 16,
     max_model_len: int = 1024,
     extra_args: list[str] | None = None,
+    enforce_eager: bool | None = None,
     timeout_s: float = 600.0,
 ) -> CaptureServer:
-    """Start vLLM with the plugin capturing ``layers`` and wait until it is healthy."""
+    """Start vLLM with the plugin capturing ``layers`` and wait until it is healthy.
+
+    ``enforce_eager`` None: eager exactly where the plugin needs forward hooks, as ``serve``
+    decides it (``detector.launch_checks.needs_eager``)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     args = ["--max-num-seqs", str(max_num_seqs), "--seed", "0"]
@@ -84,7 +94,9 @@ def start_capture_server(
     opts = ServeOptions(
         model_dir=model_dir, port=port, channel=channel or private_channel(), layers=layers,
         max_model_len=max_model_len, dtype=dtype, vllm_args=args + list(extra_args or []),
+        enforce_eager=enforce_eager,
     )
+    resolve_eager(opts)
     env = engine_env(opts, sorted(set(layers)))
     log_path = log_dir / "vllm.log"
     cmd = vllm_command(opts)

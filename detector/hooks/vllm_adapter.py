@@ -295,6 +295,25 @@ def _attach_capture(runner: Any, model: Any, layers: list[int]) -> str | None:
     return "forward_hook"
 
 
+def capture_method_for(architectures: list[str]) -> str:
+    """How the hook will capture a model with these ``config.json`` architectures, decided
+    before vLLM starts so a launcher can choose eager mode where hooks need it.
+
+    ``aux_hidden_states`` when vLLM's class for the architecture implements the EAGLE-3
+    outputs, else ``forward_hook`` (also for an architecture vLLM does not list: it would
+    run through the Transformers backend, which has no aux outputs). Imports vLLM's model
+    registry, which takes seconds: callers cache the answer.
+    """
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_eagle3
+
+    for arch in architectures:
+        cls = ModelRegistry._try_load_model_cls(arch)
+        if cls is not None:
+            return "aux_hidden_states" if supports_eagle3(cls) else "forward_hook"
+    return "forward_hook"
+
+
 def _key_compile_cache(vllm_config: Any, method: str, layers: list[int]) -> None:
     """Make vLLM's compile-cache key depend on what we capture.
 

@@ -14,10 +14,14 @@ chat template (so it needs the tokenizer). Both stop at the end of the line.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from probes.datasets.schema import PromptStyle, Question
+
+logger = logging.getLogger(__name__)
 
 STOP = ["\n"]
 
@@ -53,6 +57,23 @@ class PromptRenderer:
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         return self._tokenizer
+
+    def unsupported(self, style: PromptStyle) -> str | None:
+        """Why this model cannot be prompted in ``style``, or None when it can."""
+        if style == "chat" and not getattr(self.tokenizer, "chat_template", None):
+            return "the model's tokenizer has no chat template"
+        return None
+
+    def usable_styles(self, styles: Sequence[PromptStyle]) -> list[PromptStyle]:
+        """``styles`` less those the model cannot do, each skipped with a one-line note."""
+        usable = []
+        for style in styles:
+            why = self.unsupported(style)
+            if why:
+                logger.warning("skipping the %s prompt style: %s", style, why)
+            else:
+                usable.append(style)
+        return usable
 
     def render(self, question: Question, style: PromptStyle) -> str:
         if style == "plain":

@@ -185,6 +185,19 @@ def test_check_compatible_refuses_wrong_layer_count() -> None:
         check_compatible(make_artifact().metadata, served, [2, 4])
 
 
+def test_a_probe_for_another_model_is_refused_without_suggesting_layers_it_lacks() -> None:
+    """The refusal once told a 3-layer model's user to capture layer 4 (LIE_DETECTOR_LAYERS
+    naming layers the served model does not have); another model's probe needs training,
+    not layers."""
+    small = ModelIdentity(name="small", fingerprint="ffffffffffffffff", hidden_size=H,
+                          num_layers=3)
+    with pytest.raises(ProbeMismatchError) as err:
+        check_compatible(make_artifact().metadata, small, [1, 2])
+    msg = str(err.value)
+    assert "6-layer model but the served model has 3" in msg
+    assert "LIE_DETECTOR_LAYERS" not in msg and "train a probe for small" in msg
+
+
 def test_check_compatible_refuses_uncaptured_layer() -> None:
     with pytest.raises(ProbeMismatchError) as err:
         check_compatible(make_artifact().metadata, MODEL, [1, 2, 3])

@@ -466,45 +466,84 @@ def _evaluate_served(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_default_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", metavar="DIR", help="where the probe and its report go "
-                        "(default: probes/default/smollm2-135m-fabrication)")
+def _train_questions_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", metavar="DIR", help="questions and capture (default: "
                         "$LIE_DETECTOR_CACHE or ~/.cache/vllm-lie-detector, /training/<name>)")
+    parser.add_argument("--topics", help="comma-separated topics (default: all, see `dataset list`)")
     parser.add_argument("--limit-per-topic", type=int, help="subsample topics (quick runs)")
     parser.add_argument("--concurrency", type=int, default=12)
     parser.add_argument("--fresh", action="store_true", help="discard an earlier capture")
+    parser.add_argument("--enforce-eager", action="store_true", default=None,
+                        help="start vLLM without torch.compile (default: only where capture "
+                        "needs forward hooks)")
     _train_common_args(parser)
+    parser.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                        help="after --, extra arguments for the vLLM server the capture starts")
 
 
-def _train_default(args: argparse.Namespace) -> int:
+def _train_probe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="the model folder to train for (`lie-detector model import` makes one)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="where the probe and its report go")
+    parser.add_argument("--name", help="probe name (default: <model folder>-fabrication)")
+    _train_questions_args(parser)
+
+
+def _train_default_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", metavar="DIR", help="where the probe and its report go "
+                        "(default: probes/default/smollm2-135m-fabrication)")
+    _train_questions_args(parser)
+
+
+def _train_questions(args: argparse.Namespace, model_dir: Path, out: Path, name: str) -> int:
+    """Build the built-in dataset, capture the model's answers to it, label and train."""
     import shutil
-    from pathlib import Path
 
-    from detector.embedded_model import ensure_embedded_model
+    from detector.launch_checks import LaunchError
     from probes.capture import CaptureSettings, capture_questions
     from probes.datasets.registry import build_dataset, write_questions
-    from probes.pipeline import DEFAULT_PROBE_DIR, DEFAULT_PROBE_NAME, default_work_dir
-    from probes.pipeline import train_from_capture
+    from probes.pipeline import default_work_dir, train_from_capture
 
     _quiet_http_logs()
-    work = Path(args.work) if args.work else default_work_dir()
+    work = Path(args.work) if args.work else default_work_dir(name)
     if args.fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = ensure_embedded_model(progress=not args.no_progress)
-    questions = build_dataset(limit_per_topic=args.limit_per_topic, seed=args.seed)
+    topics = [t for t in (args.topics or "").split(",") if t] or None
+    questions = build_dataset(topics, limit_per_topic=args.limit_per_topic, seed=args.seed)
     write_questions(questions, work / "questions.jsonl")
     log.info("%d questions -> %s", len(questions), work / "questions.jsonl")
-    summary = capture_questions(questions, work / "capture", model_dir=model_dir,
-                                settings=CaptureSettings(concurrency=args.concurrency),
-                                progress=not args.no_progress)
+    settings = CaptureSettings(concurrency=args.concurrency, enforce_eager=args.enforce_eager,
+                               vllm_args=[a for a in args.vllm_args if a != "--"])
+    try:
+        summary = capture_questions(questions, work / "capture", model_dir=model_dir,
+                                    settings=settings, progress=not args.no_progress)
+    except LaunchError as exc:  # before vLLM starts, in the terminal
+        print(f"lie-detector: {exc}", file=sys.stderr)
+        return 2
     print(summary.describe())
-    result = train_from_capture(work / "capture", Path(args.out or DEFAULT_PROBE_DIR),
-                                config=_train_config(args, DEFAULT_PROBE_NAME),
+    result = train_from_capture(work / "capture", out, config=_train_config(args, name),
                                 progress=not args.no_progress)
     print(result.summary())
     return 0
+
+
+def _train_probe(args: argparse.Namespace) -> int:
+    from detector.embedded_model import resolve_model
+
+    model_dir = resolve_model(args.model)
+    name = args.name or f"{model_dir.name.lower()}-fabrication"
+    return _train_questions(args, model_dir, Path(args.out), name)
+
+
+def _train_default(args: argparse.Namespace) -> int:
+    from detector.embedded_model import ensure_embedded_model
+    from probes.pipeline import DEFAULT_PROBE_DIR, DEFAULT_PROBE_NAME
+
+    model_dir = ensure_embedded_model(progress=not args.no_progress)
+    return _train_questions(args, model_dir, Path(args.out or DEFAULT_PROBE_DIR),
+                            DEFAULT_PROBE_NAME)
 
 
 COMMANDS: dict[str, Command] = {
@@ -569,6 +608,12 @@ COMMANDS: dict[str, Command] = {
         "log-prob baselines and verdict rates (benchmarks/heldout.py)",
         handler=_evaluate_served,
         add_arguments=_evaluate_served_args,
+    ),
+    "train-probe": Command(
+        help="train a fabrication probe for any model folder: build the built-in dataset, "
+        "capture the model's answers through vLLM, label them and train (docs/your-model.md)",
+        handler=_train_probe,
+        add_arguments=_train_probe_args,
     ),
     "train-default": Command(
         help="build the built-in dataset, capture it and train the embedded model's default probe",

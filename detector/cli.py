@@ -278,6 +278,7 @@ def _capture(args: argparse.Namespace) -> int:
     from detector.config import parse_layers
     from detector.embedded_model import resolve_model
     from probes.capture import CaptureSettings, capture_questions, capture_user_records
+    from probes.tap import CaptureOffError
 
     _quiet_http_logs()
     model_dir = resolve_model(args.model)
@@ -287,19 +288,23 @@ def _capture(args: argparse.Namespace) -> int:
     )
     common = dict(model_dir=model_dir, settings=settings, base_url=args.base_url,
                   channel=args.channel, progress=not args.no_progress)
-    if args.questions:
-        from probes.datasets.registry import read_questions
+    try:
+        if args.questions:
+            from probes.datasets.registry import read_questions
 
-        summary = capture_questions(read_questions(args.questions), Path(args.out), **common)
-    else:
-        from probes.datasets.user import UserDataError, load_user_jsonl
+            summary = capture_questions(read_questions(args.questions), Path(args.out), **common)
+        else:
+            from probes.datasets.user import UserDataError, load_user_jsonl
 
-        try:
-            records = load_user_jsonl(args.user_data)
-        except UserDataError as exc:
-            print(f"{args.user_data}: {exc}", file=sys.stderr)
-            return 1
-        summary = capture_user_records(records, Path(args.out), **common)
+            try:
+                records = load_user_jsonl(args.user_data)
+            except UserDataError as exc:
+                print(f"{args.user_data}: {exc}", file=sys.stderr)
+                return 1
+            summary = capture_user_records(records, Path(args.out), **common)
+    except CaptureOffError as exc:
+        print(f"lie-detector capture: {exc}", file=sys.stderr)
+        return 1
     print(summary.describe())
     return 0 if summary.incomplete == 0 else 3
 

@@ -348,11 +348,15 @@ def _attach(runner: Any, settings: HookSettings) -> None:
         heartbeat_s=settings.heartbeat_s,
         key=key,
     )
-    cap = _RunnerCapture(StepAssembler(publisher), method, layers)
-    cap.token_features = settings.token_feature_list
-    if method == "forward_hook":
-        _install_forward_hooks(model, layers, cap)
-    setattr(runner, _ATTR, cap)
+    try:
+        cap = _RunnerCapture(StepAssembler(publisher), method, layers)
+        cap.token_features = settings.token_feature_list
+        if method == "forward_hook":
+            _install_forward_hooks(model, layers, cap)
+        setattr(runner, _ATTR, cap)
+    except BaseException:
+        publisher.close()  # its heartbeats would say capture is on
+        raise
     logger.info(
         "lie-detector: capturing layers %s of %s via %s (%s, hidden %d) -> %s",
         layers, engine.model, method, dtype, hidden, settings.channel,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -191,3 +192,65 @@ def test_a_silent_engine_that_was_off_is_reported_as_gone(endpoint, tmp_path) ->
         assert probe.inactive_reason == f"capture is OFF in vLLM (pid 4242): {REASON}"
     finally:
         sidecar.subscriber.close()
+
+
+# ------------------------------------------------------------------ the plugin's report
+def fake_runner(num_layers: int = 30) -> SimpleNamespace:
+    text = SimpleNamespace(num_hidden_layers=num_layers, hidden_size=576)
+    return SimpleNamespace(model_config=SimpleNamespace(
+        served_model_name="tiny", model="/models/tiny", hf_text_config=text))
+
+
+def test_the_plugin_reports_why_with_what_it_knows_of_the_engine(endpoint, key_file) -> None:
+    from detector.config import HookSettings
+    from detector.hooks import vllm_adapter
+
+    sub = ChannelSubscriber(endpoint, key=read_key(key_file))
+    settings = HookSettings(channel=endpoint, channel_key_file=str(key_file), heartbeat_s=0.05)
+    runner = fake_runner()
+    try:
+        vllm_adapter._report_off(runner, settings, "boom:\n  Traceback \x1b[2J here")
+        message = recv_until(sub, is_status, timeout_s=10.0)
+        assert message is not None
+        status = message[0]
+        assert status.reason == "boom: Traceback [2J here"  # one printable line
+        assert (status.model, status.model_path, status.num_layers, status.hidden_size,
+                status.pid) == ("tiny", "/models/tiny", 30, 576, os.getpid())
+        # Reported once per runner: a second load_model hook does nothing.
+        before = len(vllm_adapter._off_publishers)
+        vllm_adapter._after_load_model(runner, settings)
+        assert len(vllm_adapter._off_publishers) == before
+    finally:
+        while vllm_adapter._off_publishers:
+            vllm_adapter._off_publishers.pop().close()
+        sub.close()
+
+
+def test_a_config_past_the_wire_bounds_still_sends_the_reason(endpoint) -> None:
+    from detector.config import HookSettings
+    from detector.hooks import vllm_adapter
+
+    sub = ChannelSubscriber(endpoint)
+    try:
+        vllm_adapter._report_off(fake_runner(num_layers=10**6),
+                                 HookSettings(channel=endpoint, heartbeat_s=0.05), "why")
+        message = recv_until(sub, is_status, timeout_s=10.0)
+        assert message is not None and message[0].reason == "why"
+        assert message[0].num_layers is None and message[0].pid == os.getpid()
+    finally:
+        while vllm_adapter._off_publishers:
+            vllm_adapter._off_publishers.pop().close()
+        sub.close()
+
+
+def test_an_unreadable_key_leaves_only_the_log(endpoint, key_file, caplog) -> None:
+    from detector.config import HookSettings
+    from detector.hooks import vllm_adapter
+
+    key_file.chmod(0o644)  # readable by others: refused, so the sidecar cannot be reached
+    settings = HookSettings(channel=endpoint, channel_key_file=str(key_file))
+    vllm_adapter._report_off(fake_runner(), settings, "some reason")
+    assert vllm_adapter._off_publishers == []
+    text = caplog.text
+    assert "capture is OFF, vLLM continues unaffected: some reason" in text
+    assert "cannot tell the sidecar why capture is off" in text and "0644" in text

@@ -321,6 +321,7 @@ def _capture(args: argparse.Namespace) -> int:
     from detector.embedded_model import resolve_model
     from detector.launch_checks import LaunchError
     from probes.capture import CaptureSettings, capture_questions, capture_user_records
+    from probes.tap import CaptureOffError
 
     _quiet_http_logs()
     model_dir = resolve_model(args.model)
@@ -353,6 +354,9 @@ def _capture(args: argparse.Namespace) -> int:
     except LaunchError as exc:  # before vLLM starts, in the terminal
         print(f"lie-detector capture: {exc}", file=sys.stderr)
         return 2
+    except CaptureOffError as exc:  # the plugin's own reason, within seconds of start-up
+        print(f"lie-detector capture: {exc}", file=sys.stderr)
+        return 1
     print(summary.describe())
     return 0 if summary.incomplete == 0 else 3
 
@@ -504,6 +508,7 @@ def _train_questions(args: argparse.Namespace, model_dir: Path, out: Path, name:
     from probes.capture import CaptureSettings, capture_questions
     from probes.datasets.registry import build_dataset, write_questions
     from probes.pipeline import default_work_dir, train_from_capture
+    from probes.tap import CaptureOffError
 
     _quiet_http_logs()
     work = Path(args.work) if args.work else default_work_dir(name)
@@ -522,6 +527,9 @@ def _train_questions(args: argparse.Namespace, model_dir: Path, out: Path, name:
     except LaunchError as exc:  # before vLLM starts, in the terminal
         print(f"lie-detector: {exc}", file=sys.stderr)
         return 2
+    except CaptureOffError as exc:  # the plugin's own reason, within seconds of start-up
+        print(f"lie-detector: {exc}", file=sys.stderr)
+        return 1
     print(summary.describe())
     result = train_from_capture(work / "capture", out, config=_train_config(args, name),
                                 progress=not args.no_progress)

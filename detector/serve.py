@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,8 @@ class Supervisor:
         signal.signal(signal.SIGTERM, lambda *_: self.request_stop())
         signal.signal(signal.SIGINT, lambda *_: self.request_stop())
         self.start()
+        threading.Thread(target=report_capture_status, args=(self.opts, self.vllm),
+                         name="capture-status", daemon=True).start()
         try:
             while not self._stop:
                 assert self.vllm is not None and self.sidecar is not None
@@ -241,6 +244,39 @@ class Supervisor:
             proc.wait()
         if self._private_dir is not None:
             shutil.rmtree(self._private_dir, ignore_errors=True)
+
+
+def report_capture_status(opts: ServeOptions, vllm: subprocess.Popen | None,
+                          wait_s: float = 30.0) -> str | None:
+    """Once vLLM is healthy, ask the sidecar (ListProbes) whether the plugin captures, and
+    say in one line if it switched capture off and why; the summary, or None if unknown.
+    Runs beside serving and never stops it."""
+    import grpc
+
+    from detector.api.liedetector.v1 import detector_pb2 as pb
+    from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+
+    host = "127.0.0.1" if opts.host in ("", "0.0.0.0", "::") else opts.host
+    try:
+        wait_until_healthy(f"http://{host}:{opts.port}", vllm, timeout_s=3600)
+        deadline = time.monotonic() + wait_s
+        with grpc.insecure_channel(opts.grpc_address) as channel:
+            stub = pb_grpc.DetectorStub(channel)
+            while time.monotonic() < deadline:
+                try:
+                    status = stub.ListProbes(pb.ListProbesRequest(), timeout=2).capture_status
+                except grpc.RpcError:
+                    status = None  # the sidecar is (re)starting
+                if status is not None and status.state == pb.CAPTURE_STATE_OFF:
+                    logger.error("%s (vLLM serves on; its log has the details)", status.summary)
+                    return status.summary
+                if status is not None and status.state == pb.CAPTURE_STATE_ON:
+                    logger.info("%s", status.summary)
+                    return status.summary
+                time.sleep(0.5)
+    except Exception as exc:  # vLLM never healthy, stopped meanwhile, ...: said elsewhere
+        logger.debug("capture status not checked: %s", exc)
+    return None
 
 
 def wait_until_healthy(base_url: str, proc: subprocess.Popen | None = None,

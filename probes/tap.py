@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from detector.channel.subscriber import ChannelSubscriber
-from detector.channel.wire import EngineInfo, StepHeader
+from detector.channel.wire import CaptureStatus, EngineInfo, StepHeader
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,10 @@ def request_key(engine_id: str) -> str | None:
     """The ``X-Request-Id`` a completions request was sent with, from its engine id."""
     m = _ENGINE_ID.match(engine_id)
     return m.group("key") if m else None
+
+
+class CaptureOffError(RuntimeError):
+    """The plugin in vLLM switched capture off; the message is its one-line reason."""
 
 
 @dataclass
@@ -63,6 +67,8 @@ class RowCollector:
         self.subscriber = ChannelSubscriber(endpoint)
         self.dtype = dtype
         self.engine: EngineInfo | None = None
+        # Set when the plugin says capture is off (it does so in place of heartbeats).
+        self.capture_off: CaptureStatus | None = None
         self.messages = 0
         self.dropped_total = 0
         self.rows_kept = 0
@@ -82,6 +88,12 @@ class RowCollector:
             header, rows = message
             with self._cond:
                 self.messages += 1
+                if isinstance(header, CaptureStatus):
+                    if not header.enabled:
+                        self.capture_off = header
+                    self._cond.notify_all()
+                    continue
+                self.capture_off = None
                 self.engine = header.engine
                 self.dropped_total = header.dropped_total
                 if isinstance(header, StepHeader):
@@ -145,10 +157,13 @@ class RowCollector:
             self._requests.pop(key, None)
 
     def wait_connected(self, timeout_s: float = 60.0) -> EngineInfo:
-        """Block until the engine's hook has sent anything (a heartbeat at the latest)."""
+        """Block until the engine's hook has sent anything (a heartbeat at the latest);
+        ``CaptureOffError`` as soon as it says capture is off instead."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while self.engine is None:
+                if self.capture_off is not None:
+                    raise CaptureOffError(self.capture_off.summary())
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(
@@ -170,4 +185,4 @@ class RowCollector:
         self.close()
 
 
-__all__ = ["CollectedRequest", "RowCollector", "request_key"]
+__all__ = ["CaptureOffError", "CollectedRequest", "RowCollector", "request_key"]

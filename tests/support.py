@@ -19,7 +19,7 @@ import torch
 
 from detector.channel.publisher import PendingStep
 from detector.channel.subscriber import ChannelSubscriber
-from detector.channel.wire import EngineInfo, StepHeader
+from detector.channel.wire import CaptureStatus, EngineInfo, StepHeader
 from detector.serve import (
     ServeOptions,
     engine_env,
@@ -183,6 +183,7 @@ class ChannelTap:
         self.requests: dict[str, CapturedRequest] = defaultdict(CapturedRequest)
         self.steps: list[StepHeader] = []
         self.heartbeats = 0
+        self.capture_off: CaptureStatus | None = None  # the plugin said capture is off
         self.last_dropped_total = 0
         self.seq_gaps = 0  # steps numbered but never received (dropped by the hook)
         self._last_seq: int | None = None
@@ -196,6 +197,9 @@ class ChannelTap:
             if message is None:
                 continue
             header, rows = message
+            if isinstance(header, CaptureStatus):
+                self.capture_off = None if header.enabled else header
+                continue
             self.last_dropped_total = header.dropped_total
             if not isinstance(header, StepHeader):
                 self.heartbeats += 1

@@ -6,6 +6,10 @@ Whatever goes wrong downstream ends as a counted drop, never as a wait in the en
 the queue is full ``offer`` drops, and with no sidecar connected the sender drops. The
 queue is bounded in steps and bytes, ZeroMQ's send queue by its high-water mark, and
 ``IMMEDIATE`` keeps ZeroMQ from queueing for a peer that is not connected.
+
+An engine whose capture is off (from the start, or switched off mid-run) keeps a publisher
+that sends a ``CaptureStatus`` saying why in place of each heartbeat: the sidecar, or
+``lie-detector capture``, hears the reason within a heartbeat of connecting.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from zmq.utils.monitor import recv_monitor_message
 from detector.channel.auth import HANDSHAKE_REFUSED, client_options
 from detector.channel.socket_dir import ipc_path, private_dir_problem
 from detector.channel.wire import (
+    CaptureStatus,
     EngineInfo,
     Heartbeat,
     RequestRows,
     StepHeader,
     encode_heartbeat,
+    encode_status,
     encode_step,
     now_ns,
 )
@@ -58,8 +64,9 @@ class ChannelPublisher:
     def __init__(
         self,
         endpoint: str,
-        engine: EngineInfo,
+        engine: EngineInfo | None,
         *,
+        status: CaptureStatus | None = None,
         max_steps: int = 1024,
         max_bytes: int = 256 << 20,
         heartbeat_s: float = 1.0,
@@ -68,7 +75,11 @@ class ChannelPublisher:
     ) -> None:
         self.endpoint = endpoint
         self._key = key  # the channel key, presented when connecting (``channel.auth``)
+        if engine is None and status is None:
+            raise ValueError("a publisher needs an engine, or the status of one that is off")
         self.engine = engine
+        # Set once capture is off: sent in place of heartbeats, and steps are dropped.
+        self._status = status
         self.max_steps = max_steps
         self.max_bytes = max_bytes
         self.heartbeat_s = heartbeat_s
@@ -110,6 +121,7 @@ class ChannelPublisher:
             self._offered_seq = max(self._offered_seq, step.seq)
             if (
                 self._closed
+                or self._status is not None
                 or len(self._queue) >= self.max_steps
                 or self._queued_bytes + step.nbytes > self.max_bytes
             ):
@@ -119,6 +131,22 @@ class ChannelPublisher:
             self._queued_bytes += step.nbytes
             self._cond.notify()
         return True
+
+    def switch_off(self, status: CaptureStatus) -> None:
+        """Capture is off from now on: drop what is queued and send ``status`` (why) in
+        place of every heartbeat. Never blocks for long."""
+        with self._cond:
+            self._status = status
+            while self._queue:
+                step = self._queue.popleft()
+                self._queued_bytes -= step.nbytes
+                self.dropped += 1
+            self._cond.notify()
+
+    @property
+    def status(self) -> CaptureStatus | None:
+        """The capture-off status being sent, if capture is off."""
+        return self._status
 
     def close(self) -> None:
         with self._cond:
@@ -155,7 +183,10 @@ class ChannelPublisher:
                 self._closed = True
             self._close_sockets(sock, monitor)
             return
-        logger.info("lie-detector: publishing steps to %s", self.endpoint)
+        if self._status is None:
+            logger.info("lie-detector: publishing steps to %s", self.endpoint)
+        else:
+            logger.info("lie-detector: reporting why capture is off to %s", self.endpoint)
         try:
             while True:
                 with self._cond:
@@ -170,11 +201,13 @@ class ChannelPublisher:
                         # Taken with the queue seen empty: a step offered from now on has
                         # a seq at least this, and is sent after this heartbeat.
                         beat_seq = self._offered_seq + 1
+                    status = self._status
                 if step is None:
                     # Idle: catch up on connection events, so the state (and its log line)
                     # follows a sidecar within a heartbeat, not at the next failed send.
                     self._read_connection_events(monitor)
-                    self._send(sock, encode_heartbeat(self._heartbeat(beat_seq)))
+                    self._send(sock, encode_status(status) if status is not None
+                               else encode_heartbeat(self._heartbeat(beat_seq)))
                     continue
                 self._publish(sock, monitor, step)
         except Exception:  # fail-open: the engine must never notice
@@ -294,6 +327,7 @@ class ChannelPublisher:
             return False
 
     def _heartbeat(self, next_seq: int) -> Heartbeat:
+        assert self.engine is not None
         return Heartbeat(
             engine=self.engine,
             time_ns=now_ns(),

@@ -2,9 +2,10 @@
 
 A message is a ZeroMQ multipart message of two frames:
 
-1. a JSON header (``StepHeader`` or ``Heartbeat``, told apart by ``kind``);
+1. a JSON header (``StepHeader``, ``Heartbeat`` or ``CaptureStatus``, told apart by
+   ``kind``);
 2. for a step, the rows: one contiguous C-order buffer of shape
-   ``(len(layers), num_rows, hidden_size)`` in ``dtype``; empty for a heartbeat.
+   ``(len(layers), num_rows, hidden_size)`` in ``dtype``; empty otherwise.
 
 Rows of request ``r`` are ``rows[:, r.row_offset : r.row_offset + r.num_rows]`` and row ``j``
 of that slice is the residual stream at position ``r.first_position + j`` after reading
@@ -39,6 +40,9 @@ MAX_HIDDEN = 65536
 # its stop rule, see detector.hooks.vllm_adapter).
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 256
+# Bounds on a capture status: its reason is shown in one line (logs, ListProbes, the CLI).
+MAX_REASON_CHARS = 1000
+MAX_MODEL_CHARS = 4096
 
 # Wire dtype name -> (torch dtype, bytes per element). bfloat16 has no numpy dtype, so rows
 # travel as raw bytes and are rebuilt with torch.
@@ -200,6 +204,64 @@ class Heartbeat(BaseModel):
         return self
 
 
+def one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` as one printable line of at most ``limit`` characters: what a capture
+    status may carry (an exception's text can hold newlines or terminal escapes)."""
+    cleaned = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
+
+
+def _printable(value: str | None, name: str) -> None:
+    if value is not None and not value.isprintable():
+        raise ValueError(f"{name} must be one printable line")
+
+
+class CaptureStatus(BaseModel):
+    """Whether the plugin captures in this engine, and if not, why.
+
+    An engine whose plugin switched capture off (layers outside the model, an unsupported
+    dtype or runner, capture failing mid-run, ...) sends this in place of heartbeats, so the
+    sidecar and ``lie-detector capture`` can say why within a heartbeat instead of waiting
+    for a hook that never speaks. An engine that captures says so in every message's
+    ``EngineInfo``; ``enabled=True`` here is for completeness. The engine fields are what
+    could be read (an engine may switch off before its config is known)."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    kind: Literal["capture_status"] = "capture_status"
+    version: Literal[1] = WIRE_VERSION
+    enabled: bool
+    reason: Annotated[str, Field(max_length=MAX_REASON_CHARS)] = ""
+    capture_method: Literal["aux_hidden_states", "forward_hook"] | None = None
+    layers: Annotated[list[Annotated[int, Field(ge=1, le=MAX_LAYERS * 4)]],
+                      Field(max_length=MAX_LAYERS)] = Field(default_factory=list)
+    engine_id: Annotated[str, Field(max_length=128)] = ""
+    model: Annotated[str, Field(max_length=MAX_MODEL_CHARS)] = ""
+    model_path: Annotated[str, Field(max_length=MAX_MODEL_CHARS)] | None = None
+    pid: Annotated[int, Field(ge=0, le=1 << 31)] = 0
+    num_layers: Annotated[int, Field(gt=0, le=MAX_LAYERS * 4)] | None = None
+    hidden_size: Annotated[int, Field(gt=0, le=MAX_HIDDEN)] | None = None
+    time_ns: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CaptureStatus:
+        for name in ("reason", "engine_id", "model", "model_path"):
+            _printable(getattr(self, name), name)
+        if self.enabled and (self.capture_method is None or not self.layers):
+            raise ValueError("a capture that is on must say its method and layers")
+        if not self.enabled and not self.reason.strip():
+            raise ValueError("a capture that is off must say why (reason)")
+        return self
+
+    def summary(self) -> str:
+        """One line for people: ``capture is OFF in vLLM (pid N): <reason>``."""
+        where = f"vLLM (pid {self.pid})" if self.pid else "vLLM"
+        if self.enabled:
+            return (f"capture is ON in {where}: layers {self.layers} via "
+                    f"{self.capture_method}")
+        return f"capture is OFF in {where}: {self.reason}"
+
+
 def encode_step(header: StepHeader, rows: torch.Tensor) -> list[bytes | memoryview]:
     """Frames for one step; ``rows`` must be a CPU tensor of the header's shape and dtype."""
     expected = (len(header.engine.layers), header.num_rows, header.engine.hidden_size)
@@ -214,8 +276,14 @@ def encode_heartbeat(beat: Heartbeat) -> list[bytes]:
     return [beat.model_dump_json().encode(), b""]
 
 
-Message = tuple[StepHeader, torch.Tensor] | tuple[Heartbeat, None]
-_HEADER = TypeAdapter(Annotated[StepHeader | Heartbeat, Field(discriminator="kind")])
+def encode_status(status: CaptureStatus) -> list[bytes]:
+    return [status.model_dump_json().encode(), b""]
+
+
+Message = (tuple[StepHeader, torch.Tensor] | tuple[Heartbeat, None]
+           | tuple[CaptureStatus, None])
+_HEADER = TypeAdapter(Annotated[StepHeader | Heartbeat | CaptureStatus,
+                                Field(discriminator="kind")])
 
 
 def decode(frames: list[bytes | memoryview]) -> Message:
@@ -229,7 +297,9 @@ def decode(frames: list[bytes | memoryview]) -> Message:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise WireError(f"invalid header at {where or 'top'}: {first['msg']}") from None
-    if isinstance(header, Heartbeat):
+    if isinstance(header, (Heartbeat, CaptureStatus)):
+        if len(frames[1]):
+            raise WireError(f"{header.kind} carries {len(frames[1])} bytes of rows")
         return header, None
     torch_dtype, itemsize = DTYPES[header.engine.dtype]
     shape = (len(header.engine.layers), header.num_rows, header.engine.hidden_size)

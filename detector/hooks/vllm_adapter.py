@@ -26,6 +26,11 @@ Capture methods:
   refuses to attach otherwise and says which flag to set.
 
 Every entry point is wrapped so that an exception disables capture and lets vLLM go on.
+Whenever capture ends up off (a refusal at load time, or a failure mid-run), the reason is
+said once in vLLM's log and, as a ``CaptureStatus``, over the channel in place of
+heartbeats (``_report_off``), so the sidecar and ``lie-detector capture`` can say it too.
+The one case the channel cannot carry is an unreadable channel key: without it the sidecar
+refuses the connection, so only the log says why.
 """
 
 from __future__ import annotations
@@ -42,7 +47,15 @@ import torch
 
 from detector.channel.auth import ChannelKeyError, read_key
 from detector.channel.publisher import ChannelPublisher
-from detector.channel.wire import TORCH_TO_WIRE, EngineInfo, StopRule
+from detector.channel.wire import (
+    MAX_MODEL_CHARS,
+    TORCH_TO_WIRE,
+    CaptureStatus,
+    EngineInfo,
+    StopRule,
+    now_ns,
+    one_line,
+)
 from detector.config import HookSettings, default_layers
 from detector.hooks.capture import OpenStep, ScheduledRequest, StepAssembler
 from detector.hooks.token_features import (
@@ -54,6 +67,7 @@ from detector.hooks.token_features import (
 logger = logging.getLogger("detector.hooks")
 
 _ATTR = "_lie_detector"  # the runner attribute that holds our state
+_OFF_ATTR = "_lie_detector_off"  # set on a runner whose capture was refused at load time
 GPU_RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
 CPU_RUNNER_MODULE = "vllm.v1.worker.cpu_model_runner"
 V2_RUNNER_MODULE = "vllm.v1.worker.gpu.model_runner"
@@ -73,9 +87,25 @@ class _RunnerCapture:
         self.token_features: list[str] = []
 
     def disable(self, why: str) -> None:
-        if self.enabled:
-            logger.error("lie-detector: capture disabled, vLLM continues unaffected: %s", why)
+        if not self.enabled:
+            return
         self.enabled = False
+        reason = one_line(f"capture failed mid-run: {why}")
+        logger.error("lie-detector: capture is OFF, vLLM continues unaffected: %s", reason)
+        try:
+            publisher = self.assembler.publisher
+            if publisher.engine is not None:
+                publisher.switch_off(_status_of_engine(publisher.engine, reason))
+        except Exception:
+            logger.exception("lie-detector: cannot report why capture is off to the sidecar")
+
+
+class _CaptureOff(Exception):
+    """Capture cannot run in this engine; ``str(exc)`` is the one-line reason."""
+
+
+# Publishers of engines whose capture is off: they report why for the process's life.
+_off_publishers: list[ChannelPublisher] = []
 
 
 # --------------------------------------------------------------------------- patching
@@ -173,10 +203,69 @@ def _wrap_execute_model(cls: type) -> None:
 
 
 def _refuse_v2_runner(runner: Any, settings: HookSettings) -> None:
-    logger.error(
-        "lie-detector: vLLM chose its V2 model runner, which this plugin does not hook yet; "
-        "capture is OFF. Start vLLM with VLLM_USE_V2_MODEL_RUNNER=0 to enable it."
-    )
+    if getattr(runner, _OFF_ATTR, False) or not _publishing_rank():
+        return
+    _report_off(runner, settings, "vLLM chose its V2 model runner, which this plugin does not "
+                "hook yet; start vLLM with VLLM_USE_V2_MODEL_RUNNER=0 to enable capture")
+
+
+def _publishing_rank() -> bool:
+    """Whether this worker is tensor-parallel rank 0, the one that publishes (the residual
+    stream is replicated across TP ranks)."""
+    from vllm.distributed.parallel_state import get_tp_group
+
+    try:
+        return get_tp_group().rank_in_group == 0
+    except Exception:  # no distributed state (a single process): this one publishes
+        return True
+
+
+def _report_off(runner: Any, settings: HookSettings, reason: str) -> None:
+    """Say once why capture is off, in vLLM's log and over the channel (a ``CaptureStatus``
+    sent in place of heartbeats by a publisher of its own). Never raises, never waits."""
+    reason = one_line(reason)
+    logger.error("lie-detector: capture is OFF, vLLM continues unaffected: %s", reason)
+    try:
+        setattr(runner, _OFF_ATTR, True)
+        status = _status_of_runner(runner, reason)
+        key = read_key(settings.channel_key_file) if settings.channel_key_file else None
+        _off_publishers.append(ChannelPublisher(settings.channel, None, status=status,
+                                                heartbeat_s=settings.heartbeat_s, key=key))
+    except ChannelKeyError as exc:
+        logger.error("lie-detector: cannot tell the sidecar why capture is off (%s): only this "
+                     "log says it", exc)
+    except Exception:
+        logger.exception("lie-detector: cannot tell the sidecar why capture is off")
+
+
+def _status_of_runner(runner: Any, reason: str) -> CaptureStatus:
+    """A capture-off status with whatever of the engine's identity can be read."""
+    facts: dict[str, Any] = {}
+    try:
+        model_config = runner.model_config
+        facts["model"] = one_line(str(model_config.served_model_name or model_config.model),
+                                  MAX_MODEL_CHARS)
+        facts["model_path"] = one_line(str(model_config.model), MAX_MODEL_CHARS)
+        text_config = model_config.hf_text_config
+        facts["num_layers"] = _positive(text_config.num_hidden_layers)
+        facts["hidden_size"] = _positive(text_config.hidden_size)
+    except Exception:
+        pass  # an engine that fails early may lack any of these
+    base = dict(enabled=False, reason=reason, engine_id=uuid.uuid4().hex, pid=os.getpid(),
+                time_ns=now_ns())
+    try:
+        return CaptureStatus(**base, **facts)
+    except ValueError:  # a value past the wire's bounds: the reason still travels
+        return CaptureStatus(**base)
+
+
+def _status_of_engine(engine: EngineInfo, reason: str) -> CaptureStatus:
+    return CaptureStatus(enabled=False, reason=reason, engine_id=engine.engine_id,
+                         model=one_line(engine.model, MAX_MODEL_CHARS),
+                         model_path=(one_line(engine.model_path, MAX_MODEL_CHARS)
+                                     if engine.model_path else None),
+                         pid=engine.pid, num_layers=engine.num_layers,
+                         hidden_size=engine.hidden_size, time_ns=now_ns())
 
 
 # --------------------------------------------------------------------------- attaching
@@ -190,18 +279,27 @@ def _positive(value: Any) -> int | None:
 
 
 def _after_load_model(runner: Any, settings: HookSettings) -> None:
-    if getattr(runner, _ATTR, None) is not None:
+    if getattr(runner, _ATTR, None) is not None or getattr(runner, _OFF_ATTR, False):
         return  # CPUModelRunner.load_model does not call super(); guard double attach
-    from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+    try:
+        _attach(runner, settings)
+    except _CaptureOff as off:
+        _report_off(runner, settings, str(off))
+    except Exception as exc:
+        logger.exception("lie-detector: failed to attach")
+        _report_off(runner, settings, f"attaching to vLLM failed: {type(exc).__name__}: {exc}")
 
-    if get_tp_group().rank_in_group != 0:
-        return  # the residual stream is replicated across TP ranks: rank 0 publishes
+
+def _attach(runner: Any, settings: HookSettings) -> None:
+    """Attach capture to ``runner``; ``_CaptureOff`` says why it cannot be."""
+    from vllm.distributed.parallel_state import get_pp_group
+
+    if not _publishing_rank():
+        return
     if get_pp_group().world_size > 1:
-        logger.error("lie-detector: pipeline parallelism is not supported; capture is OFF")
-        return
+        raise _CaptureOff("pipeline parallelism is not supported")
     if getattr(runner, "speculative_config", None) is not None:
-        logger.error("lie-detector: speculative decoding is not supported; capture is OFF")
-        return
+        raise _CaptureOff("speculative decoding is not supported")
 
     model_config = runner.model_config
     text_config = model_config.hf_text_config
@@ -209,27 +307,23 @@ def _after_load_model(runner: Any, settings: HookSettings) -> None:
     hidden = int(text_config.hidden_size)
     layers = settings.layer_list or default_layers(num_layers)
     if layers[0] < 1 or layers[-1] >= num_layers:
-        logger.error("lie-detector: LIE_DETECTOR_LAYERS=%s outside 1..%d; capture is OFF",
-                     settings.layers, num_layers - 1)
-        return
+        raise _CaptureOff(f"LIE_DETECTOR_LAYERS={settings.layers} outside 1..{num_layers - 1} "
+                          f"(the model has {num_layers} layers)")
+    dtype = TORCH_TO_WIRE.get(model_config.dtype)
+    if dtype is None:
+        raise _CaptureOff(f"dtype {model_config.dtype} not supported (supported: "
+                          f"{', '.join(TORCH_TO_WIRE.values())})")
 
     key = None
     if settings.channel_key_file:
         try:
             key = read_key(settings.channel_key_file)
         except ChannelKeyError as exc:
-            logger.error("lie-detector: %s; capture is OFF", exc)
-            return
+            raise _CaptureOff(str(exc)) from None
 
     model = runner.get_model()
     method = _attach_capture(runner, model, layers)
-    if method is None:
-        return
     _key_compile_cache(runner.vllm_config, method, layers)
-    dtype = TORCH_TO_WIRE.get(model_config.dtype)
-    if dtype is None:
-        logger.error("lie-detector: dtype %s not supported; capture is OFF", model_config.dtype)
-        return
     engine = EngineInfo(
         engine_id=uuid.uuid4().hex,
         model=str(model_config.served_model_name or model_config.model),
@@ -254,24 +348,28 @@ def _after_load_model(runner: Any, settings: HookSettings) -> None:
         heartbeat_s=settings.heartbeat_s,
         key=key,
     )
-    cap = _RunnerCapture(StepAssembler(publisher), method, layers)
-    cap.token_features = settings.token_feature_list
-    if method == "forward_hook":
-        _install_forward_hooks(model, layers, cap)
-    setattr(runner, _ATTR, cap)
+    try:
+        cap = _RunnerCapture(StepAssembler(publisher), method, layers)
+        cap.token_features = settings.token_feature_list
+        if method == "forward_hook":
+            _install_forward_hooks(model, layers, cap)
+        setattr(runner, _ATTR, cap)
+    except BaseException:
+        publisher.close()  # its heartbeats would say capture is on
+        raise
     logger.info(
         "lie-detector: capturing layers %s of %s via %s (%s, hidden %d) -> %s",
         layers, engine.model, method, dtype, hidden, settings.channel,
     )
 
 
-def _attach_capture(runner: Any, model: Any, layers: list[int]) -> str | None:
+def _attach_capture(runner: Any, model: Any, layers: list[int]) -> str:
+    """The capture method now attached to ``model``; ``_CaptureOff`` if none can be."""
     from vllm.config import CompilationMode
     from vllm.model_executor.models.interfaces import supports_eagle3
 
     if runner.use_aux_hidden_state_outputs:
-        logger.error("lie-detector: aux hidden states are already in use; capture is OFF")
-        return None
+        raise _CaptureOff("aux hidden states are already in use (by speculative decoding?)")
     if supports_eagle3(model):
         model.set_aux_hidden_state_layers(tuple(layers))
         runner.use_aux_hidden_state_outputs = True
@@ -281,16 +379,11 @@ def _attach_capture(runner: Any, model: Any, layers: list[int]) -> str | None:
         and runner.vllm_config.compilation_config.mode == CompilationMode.NONE
     )
     if not eager:
-        logger.error(
-            "lie-detector: %s has no aux-hidden-state outputs, so capture needs forward "
-            "hooks, which are only correct in eager mode; capture is OFF. Start vLLM with "
-            "--enforce-eager to enable it.", type(model).__name__,
-        )
-        return None
+        raise _CaptureOff(
+            f"{type(model).__name__} has no aux-hidden-state outputs, so capture needs forward "
+            "hooks, which are only correct in eager mode: start vLLM with --enforce-eager")
     if _decoder_layers(model) is None:
-        logger.error("lie-detector: cannot find decoder layers in %s; capture is OFF",
-                     type(model).__name__)
-        return None
+        raise _CaptureOff(f"cannot find decoder layers in {type(model).__name__}")
     logger.warning("lie-detector: using forward hooks (eager mode required and in use)")
     return "forward_hook"
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from detector.channel.subscriber import ChannelSubscriber
-from detector.channel.wire import Heartbeat, Message, StepHeader
+from detector.channel.wire import CaptureStatus, Heartbeat, Message, StepHeader
 from detector.log_throttle import LogThrottle
 from detector.sidecar.analysis import Analyzer
 from detector.sidecar.metrics import SidecarMetrics
@@ -98,6 +98,9 @@ class ScoringPipeline:
 
     def handle(self, message: Message) -> None:
         header, rows = message
+        if isinstance(header, CaptureStatus):
+            self._capture_status(header)
+            return
         self.heard = True
         self.silent_s = 0.0
         self.registry.attach_engine(header.engine)
@@ -135,6 +138,18 @@ class ScoringPipeline:
         self.metrics.score_delay_seconds.observe(max(0.0, (time.time_ns() - header.time_ns) / 1e9))
         for req_id in header.finished:
             self._account_finished(req_id)
+
+    def _capture_status(self, status: CaptureStatus) -> None:
+        """An engine's plugin says whether it captures. One that captures says so in every
+        step and heartbeat too, so only "off" changes anything: no rows will come, so the
+        hook counts as not connected, and requests of an engine that captured before end."""
+        if status.enabled:
+            return
+        self.heard = False
+        previous = self.registry.capture_off(status)
+        if previous is not None:
+            self._ended(self.store.end_running(
+                previous.engine_id, reason=f"capture was switched off in vLLM: {status.reason}"))
 
     def _ended(self, req_ids: list[str]) -> None:
         if req_ids:
@@ -207,6 +222,7 @@ class ScoringPipeline:
             idle = self.store.engine_quiet_s(engine.engine_id) > self.engine_idle_s
             self._ended(self.store.end_running(engine.engine_id, quiet_s=self.engine_idle_s,
                                                only_incomplete=not idle))
+        self.registry.expire_capture_off(self.hook_timeout_s)
         active = self.registry.active()
         self.metrics.probes_active.set(len(active.columns.names) if active else 0)
         new_failures = self.registry.load_failures - self._load_failures_seen

@@ -3,13 +3,16 @@
 Probes can be loaded and unloaded while vLLM runs. A probe that does not fit the served
 model (other fingerprint, hidden size or layer count) is refused; one whose layers the
 engine does not capture is kept but inactive, with the reason, until an engine that
-captures them connects.
+captures them connects. An engine whose plugin switched capture off says why (a
+``CaptureStatus``); until an engine that captures is heard from, that reason is every
+probe's inactive reason.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,7 @@ from detector.artifact import (
     check_compatible,
     load_probe,
 )
-from detector.channel.wire import EngineInfo
+from detector.channel.wire import CaptureStatus, EngineInfo
 from detector.model_identity import ModelIdentity
 from detector.sidecar.scorer import FusedProbeScorer, default_device
 from detector.sidecar.streams import ProbeColumns, columns_for
@@ -32,6 +35,28 @@ logger = logging.getLogger(__name__)
 
 NO_ENGINE_YET = ("no vLLM engine heard from yet: the probe scores once the in-engine hook "
                  "connects to this sidecar's channel")
+
+
+@dataclass(frozen=True, slots=True)
+class HeardCapture:
+    """What the sidecar last heard about capture: an engine that captures (``engine``), or
+    one that switched capture off (``off``); neither until an engine is heard from."""
+
+    engine: EngineInfo | None = None
+    off: CaptureStatus | None = None
+    heard_at: float = 0.0  # time.monotonic() of the status, for an engine that is off
+    stale: bool = False  # an engine that is off, not heard from within the hook timeout
+
+    def summary(self) -> str:
+        """One line for people; empty while nothing was heard."""
+        if self.off is not None:
+            if self.stale:
+                return f"no vLLM engine heard from since one said: {self.off.summary()}"
+            return self.off.summary()
+        if self.engine is not None:
+            return (f"capture is ON in vLLM (pid {self.engine.pid}): layers "
+                    f"{self.engine.layers} via {self.engine.capture_method}")
+        return ""
 
 
 @dataclass(slots=True)
@@ -57,6 +82,9 @@ class ProbeRegistry:
         self.device = device or default_device()
         self._probes: dict[str, LoadedProbe] = {}
         self._engine: EngineInfo | None = None
+        self._off: CaptureStatus | None = None  # the last engine heard from switched capture off
+        self._off_heard_at = 0.0
+        self._off_stale = False
         self._active: ActiveScorer | None = None
         self._lock = threading.Lock()
         self.load_failures = 0
@@ -123,9 +151,42 @@ class ProbeRegistry:
             return
         with self._lock:
             self._engine = engine
+            self._off = None
             logger.info("engine %s connected: %s, layers %s, %s via %s", engine.engine_id[:8],
                         engine.model, engine.layers, engine.dtype, engine.capture_method)
             self._rebuild()
+
+    def capture_off(self, status: CaptureStatus) -> EngineInfo | None:
+        """An engine says capture is off (repeated every heartbeat): its reason becomes every
+        probe's inactive reason, and the engine that captured before, if any, is detached
+        (returned, so its running requests can be ended)."""
+        with self._lock:
+            previous = self._engine
+            known = self._off is not None and not self._off_stale and (
+                self._off.engine_id, self._off.reason) == (status.engine_id, status.reason)
+            self._off, self._off_heard_at, self._off_stale = status, time.monotonic(), False
+            if known and previous is None:
+                return None
+            self._engine = None
+            logger.error("%s", status.summary())
+            self._rebuild()
+        return previous
+
+    def expire_capture_off(self, timeout_s: float) -> None:
+        """An engine that said capture is off and then fell silent (vLLM stopped): say so."""
+        with self._lock:
+            if (self._off is None or self._off_stale
+                    or time.monotonic() - self._off_heard_at < timeout_s):
+                return
+            self._off_stale = True
+            logger.warning("the vLLM engine that reported capture OFF (pid %d) fell silent",
+                           self._off.pid)
+            self._rebuild()
+
+    def capture(self) -> HeardCapture:
+        """What was last heard about capture."""
+        with self._lock:
+            return HeardCapture(self._engine, self._off, self._off_heard_at, self._off_stale)
 
     @property
     def engine(self) -> EngineInfo | None:
@@ -149,8 +210,12 @@ class ProbeRegistry:
         if engine is None:
             # Nothing scores until the hook is heard from: ListProbes must not report a
             # probe as active while every step would still be dropped.
+            reason = NO_ENGINE_YET
+            if self._off is not None:
+                reason = HeardCapture(None, self._off, self._off_heard_at,
+                                      self._off_stale).summary()
             for loaded in self._probes.values():
-                loaded.inactive_reason = NO_ENGINE_YET
+                loaded.inactive_reason = reason
             self._active = None
             self._notify()
             return

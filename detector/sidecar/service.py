@@ -24,7 +24,7 @@ from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.artifact import ProbeArtifactError, ProbeMismatchError
 from detector.claims import ResponseVerdict, sentences
 from detector.sidecar.analysis import Analyzer, RequestAnalysis
-from detector.sidecar.registry import LoadedProbe, ProbeRegistry
+from detector.sidecar.registry import HeardCapture, LoadedProbe, ProbeRegistry
 from detector.sidecar.security import AdminGuard, is_loopback
 from detector.sidecar.spans import SpanVerdict
 from detector.sidecar.streams import ProbeColumns, RequestRecord, RequestStore
@@ -82,8 +82,7 @@ class DetectorService(pb_grpc.DetectorServicer):
                             timeout_s=max(0.0, deadline - time.monotonic()))
         snap = self.store.snapshot(engine_id)
         if snap is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} is not known "
-                          "(never seen, or expired)")
+            context.abort(grpc.StatusCode.NOT_FOUND, self._unknown(request_id))
         columns = self.store.columns
         analysis = self.analyzer.analyse(*snap, columns)
         record = analysis.record
@@ -181,7 +180,8 @@ class DetectorService(pb_grpc.DetectorServicer):
     # ----------------------------------------------------------------- probes
     def ListProbes(self, request: pb.ListProbesRequest, context: grpc.ServicerContext
                    ) -> pb.ListProbesResponse:
-        return pb.ListProbesResponse(probes=[_probe_info(p) for p in self.registry.probes()])
+        return pb.ListProbesResponse(probes=[_probe_info(p) for p in self.registry.probes()],
+                                     capture_status=_capture_status(self.registry.capture()))
 
     def LoadProbe(self, request: pb.LoadProbeRequest, context: grpc.ServicerContext
                   ) -> pb.ProbeInfo:
@@ -208,13 +208,20 @@ class DetectorService(pb_grpc.DetectorServicer):
         return pb.UnloadProbeResponse(unloaded=True)
 
     # ----------------------------------------------------------------- helpers
+    def _unknown(self, request_id: str) -> str:
+        """NOT_FOUND's message; it says why nothing is captured when capture is off."""
+        message = f"request {request_id!r} is not known (never seen, or expired)"
+        capture = self.registry.capture()
+        if capture.off is not None:
+            message += f"; {capture.summary()}"
+        return message
+
     def _await_known(self, request_id: str, wait_s: float, context: grpc.ServicerContext) -> None:
         deadline = time.monotonic() + wait_s
         # Slices of a quarter second: a client that went away frees its thread soon.
         while not self.store.wait_known(request_id, min(0.25, deadline - time.monotonic())):
             if time.monotonic() >= deadline or not context.is_active():
-                context.abort(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} is not known "
-                              "(never seen, or expired)")
+                context.abort(grpc.StatusCode.NOT_FOUND, self._unknown(request_id))
 
 
 def _tokens(analysis: RequestAnalysis, start: int, end: int, columns: ProbeColumns | None
@@ -280,6 +287,20 @@ def _check_id(request_id: str, context: grpc.ServicerContext) -> str:
 def _budget(context: grpc.ServicerContext) -> float:
     remaining = context.time_remaining()
     return 60.0 if remaining is None else max(0.0, remaining - 0.05)
+
+
+def _capture_status(capture: HeardCapture) -> pb.CaptureStatus:
+    if capture.off is not None:
+        off = capture.off
+        return pb.CaptureStatus(state=pb.CAPTURE_STATE_OFF, summary=capture.summary(),
+                                reason=off.reason, model=off.model, pid=off.pid,
+                                seconds_since_heard=time.monotonic() - capture.heard_at)
+    if capture.engine is not None:
+        engine = capture.engine
+        return pb.CaptureStatus(state=pb.CAPTURE_STATE_ON, summary=capture.summary(),
+                                model=engine.model, pid=engine.pid, layers=engine.layers,
+                                capture_method=engine.capture_method)
+    return pb.CaptureStatus(state=pb.CAPTURE_STATE_UNSPECIFIED)
 
 
 def _probe_info(loaded: LoadedProbe) -> pb.ProbeInfo:

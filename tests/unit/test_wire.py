@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from detector.channel.wire import (
+    MAX_REASON_CHARS,
     MAX_ROWS_PER_STEP,
     DTYPES,
+    CaptureStatus,
     EngineInfo,
     Heartbeat,
     RequestRows,
@@ -18,7 +20,9 @@ from detector.channel.wire import (
     WireError,
     decode,
     encode_heartbeat,
+    encode_status,
     encode_step,
+    one_line,
 )
 
 LAYERS = [2, 5, 7]
@@ -335,6 +339,11 @@ def _assert_consistent(message) -> None:
     if isinstance(header, Heartbeat):
         assert rows is None
         return
+    if isinstance(header, CaptureStatus):
+        assert rows is None
+        assert header.enabled or header.reason.strip()
+        assert header.reason.isprintable() and len(header.reason) <= MAX_REASON_CHARS
+        return
     assert isinstance(header, StepHeader)
     eng = header.engine
     assert rows.dtype == DTYPES[eng.dtype][0]
@@ -393,6 +402,8 @@ def test_fuzzed_messages_decode_consistently_or_raise_wire_error() -> None:
         seeds.append((bytes(frames[0]), bytes(frames[1])))
     beat = encode_heartbeat(Heartbeat(engine=engine(), time_ns=5, next_seq=2))
     seeds.append((beat[0], beat[1]))
+    status = encode_status(off_status())
+    seeds.append((status[0], status[1]))
     accepted = rejected = 0
     for _ in range(4000):
         head, payload = rng.choice(seeds)
@@ -450,3 +461,64 @@ def test_a_heartbeat_cannot_claim_more_drops_than_steps() -> None:
     head = json.loads(bytes(frames[0]))
     head["dropped_total"] = 2_000_000_000
     assert_rejected([json.dumps(head).encode(), *frames[1:]], "dropped_total")
+
+
+# ------------------------------------------------------------------ capture status
+def off_status(**overrides) -> CaptureStatus:
+    fields = dict(enabled=False, reason="LIE_DETECTOR_LAYERS=999 outside 1..29",
+                  engine_id="e1", model="tiny", model_path="/models/tiny", pid=4321,
+                  num_layers=30, hidden_size=576, time_ns=10**18)
+    fields.update(overrides)
+    return CaptureStatus(**fields)
+
+
+def status_frames(**changes) -> list[bytes]:
+    head = json.loads(encode_status(off_status())[0])
+    head.update(changes)
+    return [json.dumps(head).encode(), b""]
+
+
+def test_capture_status_round_trip() -> None:
+    for status in (off_status(), off_status(num_layers=None, hidden_size=None, model_path=None),
+                   CaptureStatus(enabled=True, capture_method="aux_hidden_states",
+                                 layers=[8, 15], pid=7, model="m")):
+        got, rows = decode(encode_status(status))
+        assert got == status and rows is None
+    assert off_status().summary() == ("capture is OFF in vLLM (pid 4321): "
+                                      "LIE_DETECTOR_LAYERS=999 outside 1..29")
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"reason": ""}, ("why",)),
+    ({"reason": "   "}, ("why",)),
+    ({"reason": "x" * (MAX_REASON_CHARS + 1)}, ("reason",)),
+    ({"reason": "two\nlines"}, ("reason", "printable")),
+    ({"reason": "escape \x1b[2J"}, ("reason", "printable")),
+    ({"model": "m" * 5000}, ("model",)),
+    ({"model_path": "evil\r\npath"}, ("model_path",)),
+    ({"pid": -1}, ("pid",)),
+    ({"pid": 2**70}, ("pid",)),
+    ({"num_layers": 0}, ("num_layers",)),
+    ({"hidden_size": 10**9}, ("hidden_size",)),
+    ({"layers": list(range(1, 300))}, ("layers",)),
+    ({"enabled": True}, ("method",)),
+    ({"enabled": "maybe"}, ("enabled",)),
+    ({"version": 2}, ("version",)),
+    ({"capture_method": "telepathy"}, ("capture_method",)),
+])
+def test_hostile_capture_status_is_refused(changes: dict, words: tuple[str, ...]) -> None:
+    assert_rejected(status_frames(**changes), *words)
+
+
+def test_capture_status_with_rows_is_refused() -> None:
+    head = encode_status(off_status())[0]
+    assert_rejected([head, b"\0" * 16], "capture_status", "bytes")
+    assert_rejected([head], "frames")
+
+
+def test_one_line_makes_any_text_a_valid_reason() -> None:
+    text = "boom\n  Traceback:\t\x1b[31mred\x00" + "y" * 5000
+    line = one_line(text)
+    assert line.isprintable() and len(line) == MAX_REASON_CHARS
+    assert line.startswith("boom Traceback: [31mred y")
+    off_status(reason=line)  # accepted

@@ -13,10 +13,19 @@ class RequestState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REQUEST_STATE_RUNNING: _ClassVar[RequestState]
     REQUEST_STATE_FINISHED: _ClassVar[RequestState]
     REQUEST_STATE_INCOMPLETE: _ClassVar[RequestState]
+
+class CaptureState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CAPTURE_STATE_UNSPECIFIED: _ClassVar[CaptureState]
+    CAPTURE_STATE_ON: _ClassVar[CaptureState]
+    CAPTURE_STATE_OFF: _ClassVar[CaptureState]
 REQUEST_STATE_UNSPECIFIED: RequestState
 REQUEST_STATE_RUNNING: RequestState
 REQUEST_STATE_FINISHED: RequestState
 REQUEST_STATE_INCOMPLETE: RequestState
+CAPTURE_STATE_UNSPECIFIED: CaptureState
+CAPTURE_STATE_ON: CaptureState
+CAPTURE_STATE_OFF: CaptureState
 
 class GetScoresRequest(_message.Message):
     __slots__ = ("request_id", "wait_until_finished")
@@ -179,10 +188,32 @@ class ProbeInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., layers: _Optional[_Iterable[int]] = ..., score_position: _Optional[str] = ..., aggregation: _Optional[str] = ..., calibration: _Optional[str] = ..., threshold: _Optional[float] = ..., model_name: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., path: _Optional[str] = ..., inactive_reason: _Optional[str] = ..., token_features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListProbesResponse(_message.Message):
-    __slots__ = ("probes",)
+    __slots__ = ("probes", "capture_status")
     PROBES_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_STATUS_FIELD_NUMBER: _ClassVar[int]
     probes: _containers.RepeatedCompositeFieldContainer[ProbeInfo]
-    def __init__(self, probes: _Optional[_Iterable[_Union[ProbeInfo, _Mapping]]] = ...) -> None: ...
+    capture_status: CaptureStatus
+    def __init__(self, probes: _Optional[_Iterable[_Union[ProbeInfo, _Mapping]]] = ..., capture_status: _Optional[_Union[CaptureStatus, _Mapping]] = ...) -> None: ...
+
+class CaptureStatus(_message.Message):
+    __slots__ = ("state", "summary", "reason", "model", "pid", "layers", "capture_method", "seconds_since_heard")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_METHOD_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_HEARD_FIELD_NUMBER: _ClassVar[int]
+    state: CaptureState
+    summary: str
+    reason: str
+    model: str
+    pid: int
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    capture_method: str
+    seconds_since_heard: float
+    def __init__(self, state: _Optional[_Union[CaptureState, str]] = ..., summary: _Optional[str] = ..., reason: _Optional[str] = ..., model: _Optional[str] = ..., pid: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., capture_method: _Optional[str] = ..., seconds_since_heard: _Optional[float] = ...) -> None: ...
 
 class LoadProbeRequest(_message.Message):
     __slots__ = ("path", "replace")

@@ -1,0 +1,96 @@
+"""Real vLLM with the plugin switched off by an impossible layer: the reason reaches the
+user over the channel, in one line, instead of a timeout that says nothing.
+
+Both tests start vLLM on the embedded model (30 layers) with layer 999 to capture: the
+plugin refuses at model load and says "LIE_DETECTOR_LAYERS=999 outside 1..29".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from support import PROCESS_LOGS, start_sidecar, start_vllm, wait_until
+
+from detector.api.liedetector.v1 import detector_pb2 as pb
+from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.serve import ServeOptions, report_capture_status
+
+pytestmark = pytest.mark.vllm
+
+REASON = "LIE_DETECTOR_LAYERS=999 outside 1..29"
+GENERIC_TIMEOUT = "no message from the plugin"
+
+
+def test_capture_cli_says_why_capture_is_off(model_dir: Path, tmp_path: Path) -> None:
+    """`lie-detector capture --layers 999` stops with the plugin's reason in one line (no
+    traceback, non-zero exit), not with the 120 s "no message from the plugin" timeout."""
+    data = tmp_path / "user.jsonl"
+    data.write_text(json.dumps({
+        "id": "r1", "prompt": "Q: What is the capital of France?\nA:", "completion": " Paris",
+        "spans": [{"start": 1, "end": 6, "label": "retrieval"}]}) + "\n")
+    out = tmp_path / "capture"
+    PROCESS_LOGS.append(("vLLM (capture)", out / "vllm.log"))
+    cmd = [sys.executable, "-m", "detector.cli", "capture", "--user-data", str(data),
+           "--out", str(out), "--model", str(model_dir), "--layers", "999", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("lie-detector capture: capture is OFF in vLLM (pid "), proc.stderr
+    assert REASON in last
+    assert GENERIC_TIMEOUT not in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def off_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    server = start_vllm(model_dir, tmp_path_factory.mktemp("vllm-layer-999"), layers=[999])
+    yield server
+    server.stop()
+
+
+def test_sidecar_and_serve_say_why_capture_is_off(off_server, model_dir, probe_free_dir,
+                                                  tmp_path) -> None:
+    sidecar = start_sidecar(off_server.channel, tmp_path, probes=[probe_free_dir],
+                            model_dir=model_dir)
+    try:
+        with grpc.insecure_channel(sidecar.grpc_address) as channel:
+            stub = pb_grpc.DetectorStub(channel)
+
+            def status() -> pb.CaptureStatus:
+                return stub.ListProbes(pb.ListProbesRequest(), timeout=5).capture_status
+
+            wait_until(lambda: status().state == pb.CAPTURE_STATE_OFF, 30,
+                       what="capture OFF in ListProbes")
+            reply = stub.ListProbes(pb.ListProbesRequest(), timeout=5)
+            assert REASON in reply.capture_status.reason
+            assert reply.capture_status.summary.startswith("capture is OFF in vLLM (pid ")
+            assert reply.capture_status.pid > 0
+            assert [p.inactive_reason for p in reply.probes] == [reply.capture_status.summary]
+            with pytest.raises(grpc.RpcError) as info:
+                stub.GetScores(pb.GetScoresRequest(request_id="missing"), timeout=5)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            assert REASON in info.value.details()
+        # What `lie-detector serve` says in the terminal once vLLM is healthy.
+        port = int(off_server.base_url.rsplit(":", 1)[1])
+        opts = ServeOptions(model_dir=model_dir, port=port, grpc_address=sidecar.grpc_address)
+        said = report_capture_status(opts, off_server.proc)
+        assert said is not None and said.startswith("capture is OFF in vLLM (pid ")
+        assert REASON in said
+    finally:
+        sidecar.stop()
+    log = sidecar.log_path.read_text(errors="replace")
+    assert log.count(REASON) == 1, "the sidecar logs the reason once"
+
+
+@pytest.fixture
+def probe_free_dir(model_dir: Path, tmp_path: Path) -> Path:
+    from support import synthetic_probe
+
+    return synthetic_probe(model_dir, tmp_path / "probe")

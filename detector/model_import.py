@@ -565,7 +565,7 @@ def check_output(out: Path, reference: _Reference, *, generate: bool = True) -> 
 def _bos_check(tokenizer: Any, reference: _Reference) -> Check:
     output_adds = adds_bos(tokenizer)
     if output_adds == reference.adds_bos:
-        state = f"adds BOS {reference.bos}" if output_adds else "adds no BOS"
+        state = f"add BOS {reference.bos}" if output_adds else "add no BOS"
         return Check(name="bos", status="ok", message=f"source and output both {state}")
     if reference.adds_bos:
         message = (f"BOS lost: the source adds BOS {reference.bos} before every prompt, "

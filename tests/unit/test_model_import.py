@@ -1,8 +1,8 @@
 """`lie-detector model import` on tiny random-weight models (a Llama with SmolLM2's tokenizer).
 
 The models are built here from a config, so the tests need no hub; the tokenizer files come from
-the prepared embedded model. A tiny GGUF is written with ``gguf.GGUFWriter`` to exercise the GGUF
-path, including the BOS flag transformers' GGUF loader drops.
+the prepared embedded model (tests/tiny_models.py). A tiny GGUF is written with ``gguf.GGUFWriter``
+to exercise the GGUF path, including the BOS flag transformers' GGUF loader drops.
 """
 
 from __future__ import annotations
@@ -11,70 +11,28 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from detector import model_import
 from detector.cli import main
-from detector.embedded_model import MARKER_FILE, default_model_dir
+from detector.embedded_model import MARKER_FILE
 from detector.model_identity import identify_model
 from detector.model_import import (
     NO_CHAT_TEMPLATE,
     ImportReport,
     ModelImportError,
     VerificationError,
-    adds_bos,
     import_model,
     verify_model,
 )
-
-HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, VOCAB = 64, 2, 4, 2, 128, 49152
-
-
-def _embedded_tokenizer_dir() -> Path:
-    folder = default_model_dir()
-    if not (folder / MARKER_FILE).is_file():
-        pytest.skip(f"embedded model not prepared at {folder} (run scripts/setup.sh)")
-    return folder
-
-
-def _tiny_llama(seed: int = 0) -> Any:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=HIDDEN, num_hidden_layers=LAYERS, intermediate_size=FFN, num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS, vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1,
-        eos_token_id=2, tie_word_embeddings=False, rms_norm_eps=1e-6,
-    )
-    model = LlamaForCausalLM(config).eval()
-    # The default init (std 0.02) gives near-uniform logits; wider weights give distinct continuations.
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0.0, 0.3)
-    return model
-
-
-def _write_hf_folder(dest: Path, *, bos: bool = True, chat_template: bool = True, seed: int = 0) -> Path:
-    from transformers import AutoTokenizer
-
-    _tiny_llama(seed).save_pretrained(dest, safe_serialization=True)
-    tokenizer = AutoTokenizer.from_pretrained(_embedded_tokenizer_dir())
-    tokenizer.add_bos_token = bos
-    if not chat_template:
-        tokenizer.chat_template = None
-    tokenizer.save_pretrained(dest)
-    assert adds_bos(AutoTokenizer.from_pretrained(dest)) == bos
-    return dest
+from tiny_models import Shape, tiny_llama, write_gguf, write_hf_folder
 
 
 @pytest.fixture(scope="module")
 def hf_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model whose tokenizer adds BOS (like Llama 3), with a chat template."""
-    return _write_hf_folder(tmp_path_factory.mktemp("src") / "tiny-llama")
+    return write_hf_folder(tmp_path_factory.mktemp("src") / "tiny-llama")
 
 
 def _greedy(folder: Path, prompt: str, new_tokens: int = 8) -> list[int]:
@@ -130,10 +88,10 @@ def test_output_generates_the_same_tokens_in_transformers(hf_source: Path, tmp_p
 
 
 def test_changed_source_is_imported_again(tmp_path: Path) -> None:
-    source = _write_hf_folder(tmp_path / "src", seed=1)
+    source = write_hf_folder(tmp_path / "src", seed=1)
     out = tmp_path / "served"
     import_model(source, out, progress=False, verify=False)
-    _tiny_llama(seed=2).save_pretrained(source, safe_serialization=True)
+    tiny_llama(seed=2).save_pretrained(source, safe_serialization=True)
 
     report = import_model(source, out, progress=False, verify=False)
     assert not report.already_imported
@@ -141,7 +99,7 @@ def test_changed_source_is_imported_again(tmp_path: Path) -> None:
 
 
 def test_missing_chat_template_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    source = _write_hf_folder(tmp_path / "no-template", chat_template=False)
+    source = write_hf_folder(tmp_path / "no-template", chat_template=False)
     with caplog.at_level(logging.WARNING, logger="detector.model_import"):
         report = import_model(source, tmp_path / "served", progress=False, verify=False)
 
@@ -196,71 +154,10 @@ def test_bad_sources_are_one_line_errors(tmp_path: Path, case: str) -> None:
 # --- GGUF ----------------------------------------------------------------------------------------
 
 
-def _permute(weights: Any, n_head: int) -> Any:
-    """llama.cpp's layout of q/k rows (convert_hf_to_gguf.py); transformers undoes it on load."""
-    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))
-
-
-def _write_gguf(path: Path, *, add_bos: bool) -> Path:
-    """A float32 GGUF of the tiny Llama with SmolLM2's byte-level BPE vocabulary."""
-    import gguf
-
-    tokenizer_json = json.loads((_embedded_tokenizer_dir() / "tokenizer.json").read_text())
-    vocab = tokenizer_json["model"]["vocab"]
-    tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
-    special = {t["id"] for t in tokenizer_json["added_tokens"] if t["special"]}
-    merges = [" ".join(m) if isinstance(m, list) else m for m in tokenizer_json["model"]["merges"]]
-
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(LAYERS)
-    writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_rope_dimension_count(HIDDEN // HEADS)
-    writer.add_vocab_size(VOCAB)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
-                            for i in range(len(tokens))])
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_add_bos_token(add_bos)
-    writer.add_chat_template((_embedded_tokenizer_dir() / "chat_template.jinja").read_text())
-
-    state = {k: v.float().numpy() for k, v in _tiny_llama(seed=3).state_dict().items()}
-    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
-    for i in range(LAYERS):
-        pre = f"model.layers.{i}."
-        names = {
-            "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-            "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-            "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-        }
-        writer.add_tensor(f"blk.{i}.attn_q.weight", _permute(state[pre + "self_attn.q_proj.weight"], HEADS))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", _permute(state[pre + "self_attn.k_proj.weight"], KV_HEADS))
-        for gguf_name, hf_name in names.items():
-            writer.add_tensor(f"blk.{i}.{gguf_name}.weight", state[f"{pre}{hf_name}.weight"])
-    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
-    writer.add_tensor("output.weight", state["lm_head.weight"])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 @pytest.fixture(scope="module")
 def bos_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A GGUF that says `tokenizer.ggml.add_bos_token = true`, which transformers' loader ignores."""
-    return _write_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf", add_bos=True)
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf", add_bos=True)
 
 
 def test_gguf_imports_with_its_bos_flag(bos_gguf: Path, tmp_path: Path) -> None:
@@ -274,7 +171,7 @@ def test_gguf_imports_with_its_bos_flag(bos_gguf: Path, tmp_path: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer("hi").input_ids[0] == tokenizer.bos_token_id == 1
     config = json.loads((out / "config.json").read_text())
-    assert "quantization_config" not in config and config["hidden_size"] == HIDDEN
+    assert "quantization_config" not in config and config["hidden_size"] == Shape().hidden
     marker = json.loads((out / MARKER_FILE).read_text())
     assert marker["source"]["name"] == "tiny-llama.gguf" and len(marker["source"]["sha256"]) == 64
     assert import_model(bos_gguf, out, progress=False).already_imported
@@ -323,7 +220,7 @@ def test_cli_failed_verification_exits_non_zero(
 
     def copy_then_corrupt(src: Path, out: Path) -> str:
         dtype = real_copy(src, out)
-        _tiny_llama(seed=9).save_pretrained(out, safe_serialization=True)
+        tiny_llama(seed=9).save_pretrained(out, safe_serialization=True)
         return dtype
 
     monkeypatch.setattr(model_import, "copy_hf_folder", copy_then_corrupt)

@@ -112,7 +112,9 @@ def source_kind(source: Path) -> SourceKind:
             raise ModelImportError(f"{source} is not a GGUF file (it does not start with {GGUF_MAGIC!r})")
         return "gguf"
     if not (source / "config.json").is_file():
-        raise ModelImportError(f"{source} is not a Hugging Face model folder: it has no config.json")
+        ggufs = sorted(p.name for p in source.glob("*.gguf"))
+        hint = f" (it holds {', '.join(ggufs)}: pass the file)" if ggufs else ""
+        raise ModelImportError(f"{source} is not a Hugging Face model folder: it has no config.json{hint}")
     if not _weight_files(source) and not _legacy_weight_files(source):
         raise ModelImportError(f"{source} has no weights (*.safetensors or pytorch_model*.bin)")
     if not any((source / name).is_file() for name in _TOKENIZER_FILES):
@@ -324,6 +326,7 @@ def _convert_and_verify(
         bar.set_postfix_str("load GGUF (dequantise)")
         model, tokenizer, encode, checks = load_gguf(source)
         bar.update()
+        bar.set_postfix_str("run source")
         reference = _reference(model, tokenizer, encode, generate=verify)
         bar.set_postfix_str("save safetensors")
         save_dequantised(model, tokenizer, tmp)
@@ -334,6 +337,7 @@ def _convert_and_verify(
         dtype = copy_hf_folder(source, tmp)
         checks = []
         bar.update()
+        bar.set_postfix_str("run source" if verify else "load source tokenizer")
         model = _load_model(source) if verify else None
         tokenizer = _load_tokenizer(source)
         reference = _reference(model, tokenizer, lambda p: tokenizer(p).input_ids, generate=verify)

@@ -98,6 +98,15 @@ def test_changed_source_is_imported_again(tmp_path: Path) -> None:
     assert (out / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
 
 
+def test_half_written_output_is_redone(hf_source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "served"
+    import_model(hf_source, out, progress=False, verify=False)
+    (out / "model.safetensors").unlink()
+
+    report = import_model(hf_source, out, progress=False, verify=False)
+    assert not report.already_imported and (out / "model.safetensors").is_file()
+
+
 def test_missing_chat_template_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     source = write_hf_folder(tmp_path / "no-template", chat_template=False)
     with caplog.at_level(logging.WARNING, logger="detector.model_import"):

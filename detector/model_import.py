@@ -221,7 +221,7 @@ def import_model(
     source = Path(source).expanduser().resolve()
     out = Path(out).expanduser().resolve()
     kind = source_kind(source)
-    if out == source or source in out.parents or (kind == "hf-folder" and out in source.parents):
+    if out == source or source in out.parents or out in source.parents:
         raise ModelImportError(f"the output folder {out} must not contain or be inside the source {source}")
     if marker_matches(out, source):
         return _already_imported(source, out, kind)
@@ -426,7 +426,7 @@ def load_gguf(path: Path) -> tuple[Any, Any, Callable[[str], list[int]], list[Ch
     want_eos = adds_eos(tokenizer) if flags["add_eos"] is None else bool(flags["add_eos"])
     checks: list[Check] = []
     if flags["add_bos"] is None:
-        checks.append(Check(name="bos", status="warning", message=(
+        checks.append(Check(name="bos_flag", status="warning", message=(
             "the GGUF does not say whether to add a BOS token; kept transformers' behaviour "
             f"(adds BOS: {'yes' if want_bos else 'no'})")))
 

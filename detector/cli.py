@@ -65,6 +65,35 @@ def _model_path(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_import_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SOURCE", help="a .gguf file or a Hugging Face model folder")
+    parser.add_argument("--out", metavar="DIR", required=True, help="the folder to write (served by vLLM)")
+    parser.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the greedy-generation comparison (tokenizer checks still run)")
+
+
+def _model_import(args: argparse.Namespace) -> int:
+    from detector.model_import import ModelImportError, VerificationError, import_model
+
+    try:
+        report = import_model(args.source, args.out, progress=not args.no_progress, verify=not args.no_verify)
+    except VerificationError as exc:
+        for check in exc.report.checks:
+            print(f"{check.status:8} {check.name}: {check.message}")
+        log.error("%s", exc)
+        return 1
+    except ModelImportError as exc:
+        log.error("%s", exc)
+        return 2
+    if report.already_imported:
+        print(f"already imported from {report.source}")
+    for check in report.checks:
+        print(f"{check.status:8} {check.name}: {check.message}")
+    print(report.out)
+    return 0
+
+
 # --- sidecar / serve -----------------------------------------------------------------------------
 
 
@@ -572,7 +601,7 @@ COMMANDS: dict[str, Command] = {
         add_arguments=_sidecar_args,
     ),
     "model": Command(
-        help="the embedded default model (SmolLM2-135M-Instruct)",
+        help="models: the embedded default (SmolLM2-135M-Instruct) and imports of others",
         subcommands={
             "prepare": Command(
                 help="convert the packaged GGUF to a transformers folder (idempotent); prints the folder",
@@ -582,6 +611,12 @@ COMMANDS: dict[str, Command] = {
             "path": Command(
                 help="print where the converted model is or would be",
                 handler=_model_path,
+            ),
+            "import": Command(
+                help="turn a GGUF file or a Hugging Face folder into a verified folder vLLM serves "
+                "(idempotent); prints the checks and the folder",
+                handler=_model_import,
+                add_arguments=_model_import_args,
             ),
         },
     ),

@@ -163,6 +163,11 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return html.escape(str(x))
 
 
+def _signed(x: Any) -> str:
+    """A difference with its sign; a dash where it is undefined (NaN, stored as None)."""
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3f}"
+
+
 def _ci_text(boot: Mapping[str, Any] | None) -> str:
     if not boot or boot.get("ci95_low") is None:
         return ""
@@ -243,24 +248,24 @@ def write_html(metrics: Mapping[str, Any], images: Sequence[str], path: Path,
         f"{html.escape(str(m['capture']['served_dtype']))}. Chosen by {_scheme_text(m)}"
         f"{' with topic-balanced weights' if m['config'].get('topic_balance') else ''}: "
         f"layers <b>{best['layers']}</b>, "
-        f"<b>{best['position']}</b> row, C = {best['C']:g} (CV AUROC {best['auroc_mean']:.3f} ± "
-        f"{best['auroc_std']:.3f}); {m['config']['calibration']} calibration, threshold "
+        f"<b>{best['position']}</b> row, C = {best['C']:g} (CV AUROC {_fmt(best['auroc_mean'])} ± "
+        f"{_fmt(best['auroc_std'])}); {m['config']['calibration']} calibration, threshold "
         f"{m['threshold']['value']:.4f} for ≤ {100 * m['config']['target_fpr']:.0f}% "
         f"out-of-fold false positives.</p>")
     if t:
         cls = "ok" if met else "bad"
         parts.append(
             f"<p class='{cls}'>Target (held-out span AUROC ≥ {t['auroc_target']} and ≥ "
-            f"{t['margin_target']} above the best baseline): probe {t['probe_auroc']:.3f}, best "
-            f"baseline {html.escape(t['best_baseline'])} {t['best_baseline_auroc']:.3f} "
-            f"(margin {t['margin']:+.3f}{_ci_text(t.get('margin_bootstrap'))}) → "
+            f"{t['margin_target']} above the best baseline): probe {_fmt(t['probe_auroc'])}, best "
+            f"baseline {html.escape(t['best_baseline'])} {_fmt(t['best_baseline_auroc'])} "
+            f"(margin {_signed(t['margin'])}{_ci_text(t.get('margin_bootstrap'))}) → "
             f"<b>{'met' if met else 'not met'}</b>.</p>")
         r = t.get("real_only")
         if r:
             parts.append(
-                f"<p>Real entities only: probe {r['probe_auroc']:.3f}, best baseline "
-                f"{html.escape(r['best_baseline'])} {r['best_baseline_auroc']:.3f} (margin "
-                f"{r['margin']:+.3f}{_ci_text(r.get('margin_bootstrap'))}).</p>")
+                f"<p>Real entities only: probe {_fmt(r['probe_auroc'])}, best baseline "
+                f"{html.escape(r['best_baseline'])} {_fmt(r['best_baseline_auroc'])} (margin "
+                f"{_signed(r['margin'])}{_ci_text(r.get('margin_bootstrap'))}).</p>")
     held = m["heldout"]
     parts.append(f"<h2>Held-out entities</h2><p><small>{held['split']['n_test_spans']} spans "
                  f"about {held['split']['n_test_groups']} entities never seen in training "

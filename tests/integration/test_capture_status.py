@@ -1,8 +1,9 @@
 """Real vLLM with the plugin switched off by an impossible layer: the reason reaches the
 user over the channel, in one line, instead of a timeout that says nothing.
 
-Both tests start vLLM on the embedded model (30 layers) with layer 999 to capture: the
-plugin refuses at model load and says "LIE_DETECTOR_LAYERS=999 outside 1..29".
+Both tests share one vLLM on the embedded model (30 layers) started with layer 999 to
+capture, as a hand-started server can be: the plugin refuses at model load and says
+"LIE_DETECTOR_LAYERS=999 outside 1..29".
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support import PROCESS_LOGS, start_sidecar, start_vllm, wait_until
+from support import start_sidecar, start_vllm, wait_until
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
@@ -27,17 +28,26 @@ REASON = "LIE_DETECTOR_LAYERS=999 outside 1..29"
 GENERIC_TIMEOUT = "no message from the plugin"
 
 
-def test_capture_cli_says_why_capture_is_off(model_dir: Path, tmp_path: Path) -> None:
-    """`lie-detector capture --layers 999` stops with the plugin's reason in one line (no
-    traceback, non-zero exit), not with the 120 s "no message from the plugin" timeout."""
+@pytest.fixture(scope="module")
+def off_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    server = start_vllm(model_dir, tmp_path_factory.mktemp("vllm-layer-999"), layers=[999])
+    yield server
+    server.stop()
+
+
+def test_capture_cli_says_why_capture_is_off(off_server, model_dir: Path,
+                                             tmp_path: Path) -> None:
+    """`lie-detector capture` against a running vLLM whose plugin is off stops with the
+    plugin's reason in one line (no traceback, non-zero exit), not with the 120 s "no
+    message from the plugin" timeout. (A layer the model lacks given to `capture` itself
+    is refused before any vLLM starts: tests/unit/test_launch_checks.py.)"""
     data = tmp_path / "user.jsonl"
     data.write_text(json.dumps({
         "id": "r1", "prompt": "Q: What is the capital of France?\nA:", "completion": " Paris",
         "spans": [{"start": 1, "end": 6, "label": "retrieval"}]}) + "\n")
-    out = tmp_path / "capture"
-    PROCESS_LOGS.append(("vLLM (capture)", out / "vllm.log"))
     cmd = [sys.executable, "-m", "detector.cli", "capture", "--user-data", str(data),
-           "--out", str(out), "--model", str(model_dir), "--layers", "999", "--no-progress"]
+           "--out", str(tmp_path / "capture"), "--model", str(model_dir),
+           "--base-url", off_server.base_url, "--channel", off_server.channel, "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     assert proc.returncode != 0
@@ -46,13 +56,6 @@ def test_capture_cli_says_why_capture_is_off(model_dir: Path, tmp_path: Path) ->
     assert REASON in last
     assert GENERIC_TIMEOUT not in proc.stderr
     assert "Traceback" not in proc.stderr
-
-
-@pytest.fixture(scope="module")
-def off_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    server = start_vllm(model_dir, tmp_path_factory.mktemp("vllm-layer-999"), layers=[999])
-    yield server
-    server.stop()
 
 
 def test_sidecar_and_serve_say_why_capture_is_off(off_server, model_dir, probe_free_dir,

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from detector.model_identity import ModelIdentity
@@ -318,6 +318,19 @@ def _dataset_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refusals_in_one_line(command: str, run: Callable[[], Any]) -> Any:
+    """``run()``, or the exit status after printing why capture cannot start: refused before
+    vLLM starts (2), or the plugin's own reason, within seconds of start-up (1)."""
+    from detector.launch_checks import LaunchError
+    from probes.tap import CaptureOffError
+
+    try:
+        return run()
+    except (LaunchError, CaptureOffError) as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, LaunchError) else 1
+
+
 def _capture_args(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--questions", metavar="FILE", help="questions JSONL from `dataset build`")
@@ -348,9 +361,7 @@ def _capture_args(parser: argparse.ArgumentParser) -> None:
 def _capture(args: argparse.Namespace) -> int:
     from detector.config import parse_layers
     from detector.embedded_model import resolve_model
-    from detector.launch_checks import LaunchError
     from probes.capture import CaptureSettings, capture_questions, capture_user_records
-    from probes.tap import CaptureOffError
 
     _quiet_http_logs()
     model_dir = resolve_model(args.model)
@@ -366,26 +377,24 @@ def _capture(args: argparse.Namespace) -> int:
     )
     common = dict(model_dir=model_dir, settings=settings, base_url=args.base_url,
                   channel=args.channel, progress=not args.no_progress)
-    try:
-        if args.questions:
-            from probes.datasets.registry import read_questions
+    if args.questions:
+        from probes.datasets.registry import read_questions
 
-            summary = capture_questions(read_questions(args.questions), Path(args.out), **common)
-        else:
-            from probes.datasets.user import UserDataError, load_user_jsonl
+        questions = read_questions(args.questions)
+        summary = _refusals_in_one_line("lie-detector capture", lambda: capture_questions(
+            questions, Path(args.out), **common))
+    else:
+        from probes.datasets.user import UserDataError, load_user_jsonl
 
-            try:
-                records = load_user_jsonl(args.user_data)
-            except UserDataError as exc:
-                print(f"{args.user_data}: {exc}", file=sys.stderr)
-                return 1
-            summary = capture_user_records(records, Path(args.out), **common)
-    except LaunchError as exc:  # before vLLM starts, in the terminal
-        print(f"lie-detector capture: {exc}", file=sys.stderr)
-        return 2
-    except CaptureOffError as exc:  # the plugin's own reason, within seconds of start-up
-        print(f"lie-detector capture: {exc}", file=sys.stderr)
-        return 1
+        try:
+            records = load_user_jsonl(args.user_data)
+        except UserDataError as exc:
+            print(f"{args.user_data}: {exc}", file=sys.stderr)
+            return 1
+        summary = _refusals_in_one_line("lie-detector capture", lambda: capture_user_records(
+            records, Path(args.out), **common))
+    if isinstance(summary, int):
+        return summary
     print(summary.describe())
     return 0 if summary.incomplete == 0 else 3
 
@@ -533,11 +542,9 @@ def _train_questions(args: argparse.Namespace, model_dir: Path, out: Path, name:
     """Build the built-in dataset, capture the model's answers to it, label and train."""
     import shutil
 
-    from detector.launch_checks import LaunchError
     from probes.capture import CaptureSettings, capture_questions
     from probes.datasets.registry import build_dataset, write_questions
     from probes.pipeline import default_work_dir, train_from_capture
-    from probes.tap import CaptureOffError
 
     _quiet_http_logs()
     work = Path(args.work) if args.work else default_work_dir(name)
@@ -550,15 +557,11 @@ def _train_questions(args: argparse.Namespace, model_dir: Path, out: Path, name:
     log.info("%d questions -> %s", len(questions), work / "questions.jsonl")
     settings = CaptureSettings(concurrency=args.concurrency, enforce_eager=args.enforce_eager,
                                vllm_args=[a for a in args.vllm_args if a != "--"])
-    try:
-        summary = capture_questions(questions, work / "capture", model_dir=model_dir,
-                                    settings=settings, progress=not args.no_progress)
-    except LaunchError as exc:  # before vLLM starts, in the terminal
-        print(f"lie-detector: {exc}", file=sys.stderr)
-        return 2
-    except CaptureOffError as exc:  # the plugin's own reason, within seconds of start-up
-        print(f"lie-detector: {exc}", file=sys.stderr)
-        return 1
+    summary = _refusals_in_one_line("lie-detector", lambda: capture_questions(
+        questions, work / "capture", model_dir=model_dir, settings=settings,
+        progress=not args.no_progress))
+    if isinstance(summary, int):
+        return summary
     print(summary.describe())
     result = train_from_capture(work / "capture", out, config=_train_config(args, name),
                                 progress=not args.no_progress)

@@ -68,3 +68,20 @@ def probe_dir(vllm_server: VllmServer, model_dir: Path, tmp_path_factory) -> Pat
 
     out = tmp_path_factory.mktemp("probes") / "word-start"
     return fit_word_start_probe(vllm_server.channel, vllm_server.base_url, model_dir, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_model(arch) -> folder``: a tiny random-weight model of ``arch``
+    (tests/tiny_models.py), built once per session."""
+    from tiny_models import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[str, Path] = {}
+
+    def get(arch) -> Path:
+        if arch.name not in built:
+            built[arch.name] = build_tiny_model(arch, root / f"tiny-{arch.name}")
+        return built[arch.name]
+
+    return get

@@ -48,6 +48,10 @@ from probes.store import CaptureStore
 pytestmark = pytest.mark.vllm
 
 LAYERS = list(range(1, NUM_LAYERS))  # every layer between the embedding and the last
+# The capture server's and the serve's vLLM configurations agree (max-num-seqs, length,
+# dtype), so the serve of a compiled family can reuse the capture server's compiled graph.
+MAX_NUM_SEQS = 8
+MAX_MODEL_LEN = 512
 PROBE_NAME = "tiny-fruit"
 # Float32 on both sides; see test_capture.py for why the bound is relative to the layer's
 # largest activation.
@@ -166,7 +170,8 @@ def captured(arch: TinyArch, tiny_model, workdir: Path) -> Captured:
     data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_records()))
     capture_dir = workdir / "capture"
     server = start_capture_server(model_dir, layers=LAYERS, log_dir=workdir / "capture-server",
-                                  dtype="float32", max_model_len=512, max_num_seqs=8,
+                                  dtype="float32", max_model_len=MAX_MODEL_LEN,
+                                  max_num_seqs=MAX_NUM_SEQS,
                                   extra_args=vllm_mode_args(arch))
     PROCESS_LOGS.append(("capture vLLM", server.log_path))
     try:
@@ -200,8 +205,8 @@ def probe_dir(captured: Captured, workdir: Path) -> Path:
 def served(arch: TinyArch, captured: Captured, probe_dir: Path, workdir: Path) -> Served:
     """``lie-detector serve`` with the trained probe: one completion, its scores over gRPC."""
     serve = ServeProcess(captured.model_dir, workdir / "serve", probes=[probe_dir],
-                         serve_args=["--max-model-len", "512", *vllm_mode_args(arch)],
-                         vllm_args=["--max-num-seqs", "4", "--seed", "0"])
+                         serve_args=["--max-model-len", str(MAX_MODEL_LEN), *vllm_mode_args(arch)],
+                         vllm_args=["--max-num-seqs", str(MAX_NUM_SEQS), "--seed", "0"])
     try:
         serve.wait_ready()
         with grpc.insecure_channel(serve.grpc_address) as channel:

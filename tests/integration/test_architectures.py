@@ -146,7 +146,7 @@ def _collect_rows(tap: ChannelTap, base_url: str) -> tuple[list[dict], list[Capt
 
     def complete_rows() -> bool:
         for job, resp in zip(ROW_JOBS, responses):
-            hits = [c for k, c in tap.requests.items()
+            hits = [c for k, c in list(tap.requests.items())  # the tap thread adds keys
                     if k.startswith(f"cmpl-{job['request_id']}-0-")]
             prompt, generated = token_ids(resp)
             if not hits or hits[0].row_count < len(prompt) + len(generated) - 1:

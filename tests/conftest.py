@@ -68,3 +68,26 @@ def probe_dir(vllm_server: VllmServer, model_dir: Path, tmp_path_factory) -> Pat
 
     out = tmp_path_factory.mktemp("probes") / "word-start"
     return fit_word_start_probe(vllm_server.channel, vllm_server.base_url, model_dir, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_model(arch) -> folder``: a tiny random-weight model of ``arch``
+    (tests/tiny_models.py), built once per session and imported with ``model import`` (its
+    checks must pass) as a user's Hugging Face folder would be."""
+    from tiny_models import build_tiny_model
+
+    from detector.model_import import import_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[str, Path] = {}
+
+    def get(arch) -> Path:
+        if arch.name not in built:
+            source = build_tiny_model(arch, root / f"source-{arch.name}")
+            out = root / f"tiny-{arch.name}"
+            import_model(source, out, progress=False)
+            built[arch.name] = out
+        return built[arch.name]
+
+    return get

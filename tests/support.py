@@ -161,6 +161,30 @@ def complete_many(base_url: str, jobs: list[dict]) -> list[dict]:
         return [f.result() for f in futures]
 
 
+def token_ids(resp: dict) -> tuple[list[int], list[int]]:
+    """(prompt ids, generated ids) of a /v1/completions response sent with return_token_ids."""
+    choice = resp["choices"][0]
+    prompt = resp.get("prompt_token_ids") or choice.get("prompt_token_ids")
+    return list(prompt), list(choice["token_ids"])
+
+
+def hidden_state_errors(hf_model, cap: CapturedRequest, sequence: list[int], layers: list[int],
+                        positions: range | None = None) -> dict[int, tuple[float, float]]:
+    """Per captured layer, (max |captured - transformers|, max |transformers|) over the rows
+    at ``positions`` (default: all) of ``sequence``, the token ids the engine read in
+    order. Layer k is transformers' ``hidden_states[k]``, the residual stream entering
+    decoder layer k."""
+    positions = positions if positions is not None else range(len(sequence))
+    with torch.no_grad():
+        out = hf_model(torch.tensor([sequence]), output_hidden_states=True)
+    errors = {}
+    for li, layer in enumerate(layers):
+        expected = out.hidden_states[layer][0][positions.start:positions.stop]
+        got = torch.stack([cap.rows[p][li] for p in positions]).float()
+        errors[layer] = (float((got - expected).abs().max()), float(expected.abs().max()))
+    return errors
+
+
 @dataclass
 class CapturedRequest:
     """Everything the channel said about one request, by position."""
@@ -429,3 +453,49 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.2, what: str =
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what or predicate}")
         time.sleep(interval_s)
 
+
+
+class ServeProcess:
+    """``lie-detector serve`` as a real process on free ports, its logs under ``workdir``."""
+
+    def __init__(self, model_dir: Path, workdir: Path, *, probes: list[Path],
+                 serve_args: list[str] = (), vllm_args: list[str] = ()) -> None:
+        self.port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / "serve.log"
+        PROCESS_LOGS.append(("serve", self.log))
+        PROCESS_LOGS.append(("serve sidecar", workdir / "logs" / "sidecar.log"))
+        PROCESS_LOGS.append(("serve vLLM", workdir / "logs" / "vllm.log"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LIE_DETECTOR_")}
+        env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+        cmd = [sys.executable, "-m", "detector.cli", "serve", "--model", str(model_dir),
+               "--port", str(self.port), "--grpc-port", str(self.grpc_port),
+               "--metrics-port", str(self.metrics_port), "--log-dir", str(workdir / "logs"),
+               *serve_args]
+        for probe in probes:
+            cmd += ["--probe", str(probe)]
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(cmd + ["--", *vllm_args], env=env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def wait_ready(self, timeout_s: float = 400.0) -> None:
+        wait_until_healthy(self.base_url, self.proc, timeout_s=timeout_s)
+        wait_for_grpc_health(self.grpc_address, self.proc, timeout_s=120)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode

@@ -10,8 +10,14 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
-from support import LAYERS, MAX_BATCHED_TOKENS, ChannelTap, complete_many
+from support import (
+    LAYERS,
+    MAX_BATCHED_TOKENS,
+    ChannelTap,
+    complete_many,
+    hidden_state_errors,
+    token_ids,
+)
 
 pytestmark = pytest.mark.vllm
 
@@ -84,20 +90,14 @@ def _done(tap: ChannelTap, request_id: str, resp: dict) -> bool:
         _, cap = tap.find(f"cmpl-{request_id}-0")
     except AssertionError:
         return False
-    prompt, generated = _ids(resp)
+    prompt, generated = token_ids(resp)
     return (len(cap.sampled) >= len(generated)
             and cap.row_count >= len(prompt) + len(generated) - 1)
 
 
-def _ids(resp: dict) -> tuple[list[int], list[int]]:
-    choice = resp["choices"][0]
-    prompt = resp.get("prompt_token_ids") or choice.get("prompt_token_ids")
-    return list(prompt), list(choice["token_ids"])
-
-
 def test_long_prompt_was_chunked(captured) -> None:
     tap, responses, ids = captured
-    prompt, _ = _ids(responses[3])
+    prompt, _ = token_ids(responses[3])
     assert len(prompt) > MAX_BATCHED_TOKENS
     req_id, _ = tap.find(f"cmpl-{ids[3]}-0")
     firsts = sorted(r.first_position for h in tap.steps for r in h.requests
@@ -114,7 +114,7 @@ def test_requests_shared_engine_steps(captured) -> None:
 def test_rows_account_for_every_token(captured, index: int) -> None:
     """prompt + generated - 1 rows, each once, carrying the token it read."""
     tap, responses, ids = captured
-    prompt, generated = _ids(responses[index])
+    prompt, generated = token_ids(responses[index])
     req_id, cap = tap.find(f"cmpl-{ids[index]}-0")
     expected_rows = len(prompt) + len(generated) - 1
     assert cap.row_count == expected_rows
@@ -129,16 +129,10 @@ def test_rows_account_for_every_token(captured, index: int) -> None:
 @pytest.mark.parametrize("index", range(len(JOBS)))
 def test_rows_equal_transformers_hidden_states(captured, hf_model, index: int) -> None:
     tap, responses, ids = captured
-    prompt, generated = _ids(responses[index])
+    prompt, generated = token_ids(responses[index])
     _, cap = tap.find(f"cmpl-{ids[index]}-0")
     sequence = (prompt + generated)[:-1]
-    with torch.no_grad():
-        out = hf_model(torch.tensor([sequence]), output_hidden_states=True)
-    for li, layer in enumerate(LAYERS):
-        expected = out.hidden_states[layer][0]  # (positions, hidden)
-        got = torch.stack([cap.rows[p][li] for p in range(len(sequence))]).float()
-        scale = expected.abs().max()
-        err = (got - expected).abs().max()
+    for layer, (err, scale) in hidden_state_errors(hf_model, cap, sequence, LAYERS).items():
         # Shown with `pytest -rP`: the measured error behind RELATIVE_TOLERANCE.
         print(f"{JOBS[index]['request_id']} layer {layer}: max abs error {err:.3g}, "
               f"relative {err / scale:.3g}")

@@ -81,6 +81,96 @@ def vllm_mode_args(arch: TinyArch) -> list[str]:
     return ["--enforce-eager"] if arch.aux_hidden_states and arch.name not in COMPILED else []
 
 
+# --------------------------------------------------------------------------- the dataset
+# Records about two kinds of thing; the label says which, so it is learnable from the text
+# (here from the token of the labelled word itself, even with random weights).
+FRUITS = ["apple", "banana", "cherry", "grape"]  # labelled retrieval
+METALS = ["iron", "copper", "silver", "zinc"]  # labelled fabrication
+TEMPLATES = [
+    ("Q: What is on the table?\nA:", " There is a {w} on the table."),
+    ("Q: What did the shop sell today?\nA:", " The shop sold a {w} today."),
+    ("Q: What is in the box?\nA:", " A {w} is in the box."),
+    ("Q: What did you find?\nA:", " I found some {w} in the garden."),
+    ("Q: Name one thing.\nA:", " One thing is {w}."),
+    ("Q: What came in the post?\nA:", " The post brought {w} and a letter."),
+]
+
+
+def synthetic_records() -> list[dict]:
+    """48 records in the user format, half retrieval (fruits), half fabrication (metals)."""
+    records = []
+    for t, (prompt, completion) in enumerate(TEMPLATES):
+        for words, label in ((FRUITS, "retrieval"), (METALS, "fabrication")):
+            for w in words:
+                text = completion.format(w=w)
+                start = text.index(w)
+                records.append({"id": f"{label[:3]}-{w}-{t}", "prompt": prompt,
+                                "completion": text, "topic": "things",
+                                "spans": [{"start": start, "end": start + len(w),
+                                           "label": label}]})
+    return records
+
+
+# --------------------------------------------------------------------------- pipeline steps
+@dataclass
+class Captured:
+    model_dir: Path
+    capture_dir: Path
+    responses: list[dict]
+    rows: list[CapturedRequest]  # one per ROW_JOBS entry
+
+
+@dataclass
+class Served:
+    probe: pb.ProbeInfo
+    response: dict
+    scores: pb.ScoresResponse
+    exit_code: int
+
+
+def _cli(*args: str, log: Path, timeout_s: float) -> None:
+    """Run ``lie-detector ARGS``; its output goes to ``log`` and, on failure, the error."""
+    PROCESS_LOGS.append((f"lie-detector {args[0]}", log))
+    with log.open("wb") as out:
+        proc = subprocess.run([sys.executable, "-m", "detector.cli", *args], stdout=out,
+                              stderr=subprocess.STDOUT, timeout=timeout_s)
+    assert proc.returncode == 0, (f"lie-detector {' '.join(args)} exited {proc.returncode}:\n"
+                                  + log.read_text(errors="replace")[-3000:])
+
+
+def _collect_rows(tap: ChannelTap, base_url: str) -> tuple[list[dict], list[CapturedRequest]]:
+    """Send ROW_JOBS concurrently and wait until every row of each has arrived."""
+    tap.wait_connected(base_url)
+    responses = complete_many(base_url, [{**job, "ignore_eos": True} for job in ROW_JOBS])
+
+    def complete_rows() -> bool:
+        for job, resp in zip(ROW_JOBS, responses):
+            hits = [c for k, c in list(tap.requests.items())  # the tap thread adds keys
+                    if k.startswith(f"cmpl-{job['request_id']}-0-")]
+            prompt, generated = token_ids(resp)
+            if not hits or hits[0].row_count < len(prompt) + len(generated) - 1:
+                return False
+        return True
+
+    try:
+        wait_until(complete_rows, 60, what="every row of the rows check")
+    except AssertionError:
+        raise AssertionError(f"rows incomplete (hook dropped {tap.last_dropped_total} steps, "
+                             f"{tap.seq_gaps} sequence gaps)") from None
+    return responses, [tap.find(f"cmpl-{job['request_id']}-0")[1] for job in ROW_JOBS]
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES, ids=lambda a: a.name)
+def arch(request: pytest.FixtureRequest) -> TinyArch:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def workdir(arch: TinyArch, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp(f"arch-{arch.name}")
+
+
+@pytest.fixture(scope="module")
 def captured(arch: TinyArch, tiny_model, workdir: Path) -> Captured:
     """One vLLM with the plugin: the rows check's requests, then ``lie-detector capture``."""
     model_dir = tiny_model(arch)

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -82,9 +82,9 @@ class ProbeRegistry:
         self.device = device or default_device()
         self._probes: dict[str, LoadedProbe] = {}
         self._engine: EngineInfo | None = None
-        self._off: CaptureStatus | None = None  # the last engine heard from switched capture off
-        self._off_heard_at = 0.0
-        self._off_stale = False
+        # The last engine heard from switched capture off (``off``), when, and whether it
+        # fell silent since; ``engine`` is never set here (it is ``_engine``).
+        self._off = HeardCapture()
         self._active: ActiveScorer | None = None
         self._lock = threading.Lock()
         self.load_failures = 0
@@ -151,7 +151,7 @@ class ProbeRegistry:
             return
         with self._lock:
             self._engine = engine
-            self._off = None
+            self._off = HeardCapture()
             logger.info("engine %s connected: %s, layers %s, %s via %s", engine.engine_id[:8],
                         engine.model, engine.layers, engine.dtype, engine.capture_method)
             self._rebuild()
@@ -162,9 +162,10 @@ class ProbeRegistry:
         (returned, so its running requests can be ended)."""
         with self._lock:
             previous = self._engine
-            known = self._off is not None and not self._off_stale and (
-                self._off.engine_id, self._off.reason) == (status.engine_id, status.reason)
-            self._off, self._off_heard_at, self._off_stale = status, time.monotonic(), False
+            said = self._off.off
+            known = said is not None and not self._off.stale and (
+                said.engine_id, said.reason) == (status.engine_id, status.reason)
+            self._off = HeardCapture(off=status, heard_at=time.monotonic())
             if known and previous is None:
                 return None
             self._engine = None
@@ -175,18 +176,19 @@ class ProbeRegistry:
     def expire_capture_off(self, timeout_s: float) -> None:
         """An engine that said capture is off and then fell silent (vLLM stopped): say so."""
         with self._lock:
-            if (self._off is None or self._off_stale
-                    or time.monotonic() - self._off_heard_at < timeout_s):
+            said = self._off.off
+            if (said is None or self._off.stale
+                    or time.monotonic() - self._off.heard_at < timeout_s):
                 return
-            self._off_stale = True
+            self._off = replace(self._off, stale=True)
             logger.warning("the vLLM engine that reported capture OFF (pid %d) fell silent",
-                           self._off.pid)
+                           said.pid)
             self._rebuild()
 
     def capture(self) -> HeardCapture:
         """What was last heard about capture."""
         with self._lock:
-            return HeardCapture(self._engine, self._off, self._off_heard_at, self._off_stale)
+            return replace(self._off, engine=self._engine)
 
     @property
     def engine(self) -> EngineInfo | None:
@@ -210,10 +212,7 @@ class ProbeRegistry:
         if engine is None:
             # Nothing scores until the hook is heard from: ListProbes must not report a
             # probe as active while every step would still be dropped.
-            reason = NO_ENGINE_YET
-            if self._off is not None:
-                reason = HeardCapture(None, self._off, self._off_heard_at,
-                                      self._off_stale).summary()
+            reason = self._off.summary() or NO_ENGINE_YET
             for loaded in self._probes.values():
                 loaded.inactive_reason = reason
             self._active = None

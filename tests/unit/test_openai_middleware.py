@@ -306,3 +306,19 @@ def test_spans_re_placed_where_texts_differ() -> None:
     mid = Span(**{**claim.__dict__, "char_start": 7, "char_end": 12})
     (placed,), _ = place_spans([mid], text, " " + text)
     assert placed.char_start == 8
+
+
+def test_serve_loads_the_middleware_and_tells_it_the_sidecar(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from detector.serve import MIDDLEWARE, ServeOptions, engine_env, vllm_command
+
+    opts = ServeOptions(model_dir=tmp_path, grpc_address="0.0.0.0:50999")
+    cmd = vllm_command(opts)
+    assert cmd[cmd.index("--middleware") + 1] == MIDDLEWARE
+    assert engine_env(opts, [4])["LIE_DETECTOR_ANNOTATE_GRPC_ADDRESS"] == "127.0.0.1:50999"
+    module, name = MIDDLEWARE.rsplit(".", 1)
+    assert getattr(__import__(module, fromlist=[name]), name) is LieDetectorMiddleware
+    monkeypatch.delenv("LIE_DETECTOR_ANNOTATE_GRPC_ADDRESS", raising=False)
+    off = ServeOptions(model_dir=tmp_path, annotate=False)  # lie-detector serve --no-annotate
+    assert "--middleware" not in vllm_command(off)
+    assert "LIE_DETECTOR_ANNOTATE_GRPC_ADDRESS" not in engine_env(off, [4])

@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     top = max(args.concurrency)
     vllm_args = ["--dtype", "float32", "--max-num-seqs", str(max(16, top)), "--seed", "0"]
     results: dict[str, Any] = {}
+    results_example: dict[str, Any] = {}
     try:
         sidecar = oh.start_sidecar(groups, channel, workdir, probe, model_dir)
         # ServeOptions' default (annotate) adds --middleware, as `lie-detector serve` does.
@@ -103,6 +104,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for annotate in (False, True):
                 run_round(client, server.base_url, server.model, prompts_for(999, 2),
                           args.max_tokens, stream=stream, annotate=annotate)
+        example = httpx.post(f"{server.base_url}/v1/chat/completions", headers=HEADER,
+                             timeout=300, json={
+                                 "model": server.model, "max_tokens": 24, "temperature": 0.0,
+                                 "messages": [{"role": "user",
+                                               "content": "What is the capital of France?"}]})
+        results_example = {"content": example.json()["choices"][0]["message"]["content"],
+                           "lie_detector": example.json().get("lie_detector"),
+                           "headers": {k: v for k, v in example.headers.items()
+                                       if k.startswith("x-lie-detector")}}
         for c in args.concurrency:
             for stream in (False, True):
                 rounds = []
@@ -126,7 +136,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"config": {"concurrency": args.concurrency, "pairs": args.pairs,
                        "max_tokens": args.max_tokens, "layers": layers, "probe": probe.name,
                        "vllm_args": vllm_args},
-            "machine": oh.machine_info(), "source": oh.source_state(), "results": results}
+            "machine": oh.machine_info(), "source": oh.source_state(),
+            "example": results_example, "results": results}
 
 
 def summarise(c: int, stream: bool, rounds: list[dict[str, Any]]) -> dict[str, Any]:

@@ -16,7 +16,14 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-from support import SidecarProcess, VllmServer, _served_model, start_sidecar, start_vllm, wait_for_engine
+from support import (
+    SidecarProcess,
+    VllmServer,
+    _served_model,
+    start_sidecar,
+    start_vllm,
+    wait_for_engine,
+)
 
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.artifact import default_probe_dir

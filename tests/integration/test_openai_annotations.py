@@ -184,6 +184,31 @@ def test_unannotated_requests_are_byte_identical(served: Served, vllm_server_dis
     assert ours.headers.get("content-type") == base.headers.get("content-type")
 
 
+@pytest.mark.parametrize("extra", [
+    # The returned text starts with the prompt: offsets count it too.
+    {"echo": True},
+    # vLLM cuts at the stop string in its API process, after the engine ran past it.
+    {"stop": ["\n", "."]},
+])
+def test_offsets_index_the_returned_text(served: Served, extra: dict) -> None:
+    body = {**body_for(served.server.base_url, "completions"), **extra}
+    resp = httpx.post(served.server.base_url + "/v1/completions", json=body, headers=ANNOTATE,
+                      timeout=300)
+    assert resp.status_code == 200 and resp.headers["x-lie-detector-verdict"] == "ok"
+    data = resp.json()
+    text = data["choices"][0]["text"]
+    if "echo" in extra:
+        assert text.startswith(PROMPT)
+    field = data["lie_detector"]
+    for span in field["spans"]:
+        assert text[span["char_start"]:span["char_end"]] == span["text"]
+    with DetectorClient(served.sidecar.grpc_address) as client:
+        scores = client.get_scores(data["id"])
+    # Every claim of the sidecar's text is placed, none dropped, none invented.
+    assert field["spans_dropped"] == 0
+    assert [s["text"] for s in field["spans"]] == [s.text for s in scores.claims]
+
+
 def test_other_endpoints_and_bad_requests_unchanged(served: Served) -> None:
     resp = httpx.get(served.server.base_url + "/v1/models", headers=ANNOTATE, timeout=30)
     assert resp.status_code == 200 and "x-lie-detector-verdict" not in resp.headers

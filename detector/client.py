@@ -426,13 +426,17 @@ class DetectorClient:
         return probe_from_pb(reply)
 
     def unload_probe(self, name: str, *, timeout: float | None = None) -> bool:
-        """Unload a probe by name (an admin call); True when it was loaded."""
+        """Unload a probe by name (an admin call); True when it was loaded, False when no
+        probe of that name was (the sidecar's NOT_FOUND)."""
         try:
             reply = self._stub.UnloadProbe(pb.UnloadProbeRequest(name=name),
                                            timeout=self._opts.deadline(timeout),
                                            metadata=self._opts.admin_metadata())
         except grpc.RpcError as exc:
-            raise _error(exc, "UnloadProbe") from None
+            error = _error(exc, "UnloadProbe")
+            if error.code == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise error from None
         return bool(reply.unloaded)
 
     def close(self) -> None:
@@ -512,7 +516,10 @@ class AsyncDetectorClient:
                 pb.UnloadProbeRequest(name=name), timeout=self._opts.deadline(timeout),
                 metadata=self._opts.admin_metadata())
         except grpc.RpcError as exc:
-            raise _error(exc, "UnloadProbe") from None
+            error = _error(exc, "UnloadProbe")
+            if error.code == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise error from None
         return bool(reply.unloaded)
 
     async def close(self) -> None:

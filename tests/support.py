@@ -315,29 +315,31 @@ def start_sidecar(channel: str, workdir: Path, *, probes: list[Path], model_dir:
 def wait_for_engine(client, timeout_s: float = 30.0) -> None:
     """The sidecar learns the engine from its heartbeat; until then no probe scores.
     ``client``: a :class:`detector.client.DetectorClient`, the sidecar's address, or a raw
-    ``DetectorStub`` (tests that exercise the wire protocol)."""
-    from detector.client import DetectorClient, probes_from_pb
+    ``DetectorStub`` (tests not moved to the client yet: test_architectures.py)."""
+    from detector.client import DetectorClient, ProbeInfo, probes_from_pb
 
-    if hasattr(client, "ListProbes"):  # a raw stub
-        from detector.api.liedetector.v1 import detector_pb2 as pb
-
-        stub = client
-        client = type("_StubReader", (), {"list_probes": lambda self: probes_from_pb(
-            stub.ListProbes(pb.ListProbesRequest(), timeout=10))})()
     owned = isinstance(client, str)
     client = DetectorClient(client) if owned else client
+
+    def probes() -> tuple[ProbeInfo, ...]:
+        if isinstance(client, DetectorClient):
+            return client.list_probes().probes
+        from detector.api.liedetector.v1 import detector_pb2 as pb
+
+        return probes_from_pb(client.ListProbes(pb.ListProbesRequest(), timeout=10)).probes
+
     deadline = time.monotonic() + timeout_s
-    probes: tuple = ()
+    listed: tuple[ProbeInfo, ...] = ()
     try:
         while time.monotonic() < deadline:
-            probes = client.list_probes().probes
-            if probes and all(p.active for p in probes):
+            listed = probes()
+            if listed and all(p.active for p in listed):
                 return
             time.sleep(0.2)
     finally:
         if owned:
             client.close()
-    raise AssertionError(f"probes never became active: {probes}")
+    raise AssertionError(f"probes never became active: {listed}")
 
 
 TRAIN_PROMPTS = [

@@ -231,3 +231,26 @@ def test_mutual_tls_identity_allows_admin(tmp_path, pki) -> None:
             assert err.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         sidecar.stop()
+
+
+def test_a_stream_is_open_on_the_sidecar_before_the_first_update(tmp_path) -> None:
+    """stream_scores starts the call when called: a stream opened before its request is
+    sent already waits on the sidecar (open_calls counts it) before anything is read; closing
+    the iterator cancels it."""
+    import time
+
+    sidecar = _sidecar(tmp_path)
+    try:
+        with DetectorClient(sidecar.settings.grpc_address) as client:
+            updates = client.stream_scores("not-yet", timeout=30)
+            deadline = time.monotonic() + 10
+            while sidecar.service.open_calls < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sidecar.service.open_calls == 1
+            updates.close()  # type: ignore[attr-defined]
+            deadline = time.monotonic() + 10
+            while sidecar.service.open_calls > 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sidecar.service.open_calls == 0, "closing the stream left the call open"
+    finally:
+        sidecar.stop()

@@ -314,25 +314,16 @@ def start_sidecar(channel: str, workdir: Path, *, probes: list[Path], model_dir:
 
 def wait_for_engine(client, timeout_s: float = 30.0) -> None:
     """The sidecar learns the engine from its heartbeat; until then no probe scores.
-    ``client``: a :class:`detector.client.DetectorClient`, the sidecar's address, or a raw
-    ``DetectorStub`` (tests not moved to the client yet: test_architectures.py)."""
-    from detector.client import DetectorClient, ProbeInfo, probes_from_pb
+    ``client``: a :class:`detector.client.DetectorClient` or the sidecar's address."""
+    from detector.client import DetectorClient, ProbeInfo
 
     owned = isinstance(client, str)
     client = DetectorClient(client) if owned else client
-
-    def probes() -> tuple[ProbeInfo, ...]:
-        if isinstance(client, DetectorClient):
-            return client.list_probes().probes
-        from detector.api.liedetector.v1 import detector_pb2 as pb
-
-        return probes_from_pb(client.ListProbes(pb.ListProbesRequest(), timeout=10)).probes
-
     deadline = time.monotonic() + timeout_s
     listed: tuple[ProbeInfo, ...] = ()
     try:
         while time.monotonic() < deadline:
-            listed = probes()
+            listed = client.list_probes().probes
             if listed and all(p.active for p in listed):
                 return
             time.sleep(0.2)

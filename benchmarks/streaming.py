@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from detector.client import DetectorClient, DetectorError
+
 TOPICS = [
     "the history of the printing press", "how volcanoes form", "the life cycle of a star",
     "the rules of chess", "why the sky is blue", "the water cycle", "how bread is baked",
@@ -87,7 +89,7 @@ class RoundTiming:
 class ScoreStream:
     """A ``StreamScores`` reader on its own thread; timestamps every TokenScore on arrival."""
 
-    def __init__(self, stub: Any, request_id: str, timeout_s: float) -> None:
+    def __init__(self, client: DetectorClient, request_id: str, timeout_s: float) -> None:
         self.request_id = request_id
         self.delays: list[float] = []
         self.unscored: list[float] = []
@@ -95,22 +97,18 @@ class ScoreStream:
         self.received = 0
         self.final = False
         self.error: str | None = None
-        self._stub = stub
+        self._client = client
         self._timeout_s = timeout_s
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        import grpc
-
-        from detector.api.liedetector.v1 import detector_pb2 as pb
-
         try:
-            call = self._stub.StreamScores(pb.StreamScoresRequest(request_id=self.request_id),
-                                           timeout=self._timeout_s)
+            # The call is open once stream_scores returns (before the first update).
+            updates = self._client.stream_scores(self.request_id, timeout=self._timeout_s)
             self._started.set()
-            for update in call:
+            for update in updates:
                 now_ns = time.time_ns()
                 for token in update.tokens:
                     self.received += 1
@@ -122,8 +120,8 @@ class ScoreStream:
                         self.first = d
                 if update.final:
                     self.final = True
-        except grpc.RpcError as exc:
-            self.error = f"{exc.code().name}: {exc.details()}"
+        except DetectorError as exc:
+            self.error = f"{exc.code.name}: {exc.details}"
         except Exception as exc:  # noqa: BLE001 - reported in the results, never hidden
             self.error = repr(exc)
         finally:
@@ -197,15 +195,10 @@ def run_round(client: httpx.Client, base_url: str, model: str, prompts: list[str
     """All prompts at once, streamed; with ``grpc_address``, score streams alongside."""
     ids = [f"{tag}-{uuid.uuid4().hex[:12]}" for _ in prompts]
     streams: list[ScoreStream] = []
-    channel = None
+    detector = None
     if grpc_address is not None:
-        import grpc
-
-        from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
-
-        channel = grpc.insecure_channel(grpc_address)
-        stub = pb_grpc.DetectorStub(channel)
-        streams = [ScoreStream(stub, rid, timeout_s=120 + 2 * max_tokens) for rid in ids]
+        detector = DetectorClient(grpc_address)
+        streams = [ScoreStream(detector, rid, timeout_s=120 + 2 * max_tokens) for rid in ids]
         for s in streams:
             s.wait_started()
     try:
@@ -225,6 +218,6 @@ def run_round(client: httpx.Client, base_url: str, model: str, prompts: list[str
             r.score_stream_final = s.final
             r.score_stream_error = s.error
     finally:
-        if channel is not None:
-            channel.close()
+        if detector is not None:
+            detector.close()
     return RoundTiming(wall, results)

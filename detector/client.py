@@ -330,6 +330,26 @@ def _error(exc: grpc.RpcError, method: str) -> DetectorError:
     return DetectorError(code or grpc.StatusCode.UNKNOWN, details or "", method=method)
 
 
+def _sync_updates(call: Any) -> Iterator[ScoresUpdate]:
+    try:
+        for message in call:
+            yield update_from_pb(message)
+    except grpc.RpcError as exc:
+        raise _error(exc, "StreamScores") from None
+    finally:
+        call.cancel()
+
+
+async def _async_updates(call: Any) -> AsyncIterator[ScoresUpdate]:
+    try:
+        async for message in call:
+            yield update_from_pb(message)
+    except grpc.RpcError as exc:
+        raise _error(exc, "StreamScores") from None
+    finally:
+        call.cancel()
+
+
 # ---- the clients --------------------------------------------------------------------------
 
 class _Options:
@@ -395,16 +415,14 @@ class DetectorClient:
     def stream_scores(self, request_id: str, *,
                       timeout: float | None = None) -> Iterator[ScoresUpdate]:
         """Token scores as they are settled; ends after the update marked ``final``.
-        ``timeout`` bounds the whole stream (None: no bound)."""
+        ``timeout`` bounds the whole stream (None: no bound).
+
+        The call starts here, not at the first ``next()``: a stream opened before its
+        request is sent is open on the sidecar, which waits for the id to appear. Leaving
+        the loop early (``break``, ``close()``) cancels the call."""
         call = self._stub.StreamScores(pb.StreamScoresRequest(request_id=request_id),
                                        timeout=timeout)
-        try:
-            for message in call:
-                yield update_from_pb(message)
-        except grpc.RpcError as exc:
-            raise _error(exc, "StreamScores") from None
-        finally:
-            call.cancel()
+        return _sync_updates(call)
 
     def list_probes(self, *, timeout: float | None = None) -> ProbeList:
         try:
@@ -426,13 +444,17 @@ class DetectorClient:
         return probe_from_pb(reply)
 
     def unload_probe(self, name: str, *, timeout: float | None = None) -> bool:
-        """Unload a probe by name (an admin call); True when it was loaded."""
+        """Unload a probe by name (an admin call); True when it was loaded, False when no
+        probe of that name was (the sidecar's NOT_FOUND)."""
         try:
             reply = self._stub.UnloadProbe(pb.UnloadProbeRequest(name=name),
                                            timeout=self._opts.deadline(timeout),
                                            metadata=self._opts.admin_metadata())
         except grpc.RpcError as exc:
-            raise _error(exc, "UnloadProbe") from None
+            error = _error(exc, "UnloadProbe")
+            if error.code == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise error from None
         return bool(reply.unloaded)
 
     def close(self) -> None:
@@ -476,17 +498,13 @@ class AsyncDetectorClient:
             raise _error(exc, "GetScores") from None
         return scores_from_pb(reply)
 
-    async def stream_scores(self, request_id: str, *,
-                            timeout: float | None = None) -> AsyncIterator[ScoresUpdate]:
+    def stream_scores(self, request_id: str, *,
+                      timeout: float | None = None) -> AsyncIterator[ScoresUpdate]:
+        """``async for update in client.stream_scores(...)``; as the blocking client's, the
+        call starts here (inside the running event loop)."""
         call = self._stub.StreamScores(pb.StreamScoresRequest(request_id=request_id),
                                        timeout=timeout)
-        try:
-            async for message in call:
-                yield update_from_pb(message)
-        except grpc.RpcError as exc:
-            raise _error(exc, "StreamScores") from None
-        finally:
-            call.cancel()
+        return _async_updates(call)
 
     async def list_probes(self, *, timeout: float | None = None) -> ProbeList:
         try:
@@ -512,7 +530,10 @@ class AsyncDetectorClient:
                 pb.UnloadProbeRequest(name=name), timeout=self._opts.deadline(timeout),
                 metadata=self._opts.admin_metadata())
         except grpc.RpcError as exc:
-            raise _error(exc, "UnloadProbe") from None
+            error = _error(exc, "UnloadProbe")
+            if error.code == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise error from None
         return bool(reply.unloaded)
 
     async def close(self) -> None:

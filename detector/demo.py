@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import httpx
 from rich.console import Console
 from rich.live import Live
@@ -26,9 +25,8 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from detector.api.liedetector.v1 import detector_pb2 as pb
-from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.artifact import default_probe_dir
+from detector.client import DetectorClient, RequestState, Span, TokenScore, Verdict
 from detector.serve import ServeOptions, Supervisor, wait_for_grpc_health, wait_until_healthy
 
 logger = logging.getLogger(__name__)
@@ -60,18 +58,18 @@ class Answer:
     question: str
     request_id: str
     text: str = ""
-    tokens: list[pb.TokenScore] = field(default_factory=list)
-    spans: list[pb.Span] = field(default_factory=list)
-    verdicts: list[pb.ResponseVerdict] = field(default_factory=list)
-    state: int = 0
+    tokens: list[TokenScore] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+    state: RequestState = RequestState.UNSPECIFIED
     seconds: float = 0.0
 
     @property
-    def flagged(self) -> list[pb.Span]:
+    def flagged(self) -> list[Span]:
         return [s for s in self.spans if s.flagged]
 
     @property
-    def claims(self) -> list[pb.Span]:
+    def claims(self) -> list[Span]:
         return [s for s in self.spans if s.kind == "claim"]
 
     @property
@@ -90,7 +88,7 @@ class Answer:
         judged = [v for v in self.verdicts if v.claims]
         return any(v.flagged for v in judged) if judged else None
 
-    def token_probability(self, token: pb.TokenScore) -> float | None:
+    def token_probability(self, token: TokenScore) -> float | None:
         return max((s.probability for s in token.scores), default=None)
 
 
@@ -154,13 +152,12 @@ class Demo:
     # ----------------------------------------------------------------- asking
     def ask_all(self) -> list[Answer]:
         answers = []
-        with grpc.insecure_channel(self.opts.grpc_address) as channel:
-            stub = pb_grpc.DetectorStub(channel)
+        with DetectorClient(self.opts.grpc_address) as client:
             for i, question in enumerate(self.questions):
-                answers.append(self.ask(stub, question, f"demo-{int(time.time())}-{i}"))
+                answers.append(self.ask(client, question, f"demo-{int(time.time())}-{i}"))
         return answers
 
-    def ask(self, stub: pb_grpc.DetectorStub, question: str, request_id: str) -> Answer:
+    def ask(self, client: DetectorClient, question: str, request_id: str) -> Answer:
         answer = Answer(question, request_id)
         self.console.print(Text(f"\nQ: {question}", style="bold"))
         started = time.monotonic()
@@ -182,8 +179,7 @@ class Demo:
         worker = threading.Thread(target=generate, daemon=True)
         worker.start()
         with Live(self._render(answer), console=self.console, refresh_per_second=12) as live:
-            for update in stub.StreamScores(pb.StreamScoresRequest(request_id=request_id),
-                                            timeout=300):
+            for update in client.stream_scores(request_id, timeout=300):
                 answer.tokens.extend(update.tokens)
                 answer.spans.extend(update.spans)
                 answer.verdicts.extend(update.verdicts)

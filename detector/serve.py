@@ -270,26 +270,23 @@ def report_capture_status(opts: ServeOptions, vllm: subprocess.Popen | None,
     """Once vLLM is healthy, ask the sidecar (ListProbes) whether the plugin captures, and
     say in one line if it switched capture off and why; the summary, or None if unknown.
     Runs beside serving and never stops it."""
-    import grpc
-
-    from detector.api.liedetector.v1 import detector_pb2 as pb
-    from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+    from detector.client import CaptureState, CaptureStatus, DetectorClient, DetectorError
 
     host = "127.0.0.1" if opts.host in ("", "0.0.0.0", "::") else opts.host
     try:
         wait_until_healthy(f"http://{host}:{opts.port}", vllm, timeout_s=3600)
         deadline = time.monotonic() + wait_s
-        with grpc.insecure_channel(opts.grpc_address) as channel:
-            stub = pb_grpc.DetectorStub(channel)
+        with DetectorClient(opts.grpc_address, timeout=2) as client:
             while time.monotonic() < deadline:
+                status: CaptureStatus | None
                 try:
-                    status = stub.ListProbes(pb.ListProbesRequest(), timeout=2).capture_status
-                except grpc.RpcError:
+                    status = client.list_probes().capture_status
+                except DetectorError:
                     status = None  # the sidecar is (re)starting
-                if status is not None and status.state == pb.CAPTURE_STATE_OFF:
+                if status is not None and status.state is CaptureState.OFF:
                     logger.error("%s (vLLM serves on; its log has the details)", status.summary)
                     return status.summary
-                if status is not None and status.state == pb.CAPTURE_STATE_ON:
+                if status is not None and status.state is CaptureState.ON:
                     logger.info("%s", status.summary)
                     return status.summary
                 time.sleep(0.5)

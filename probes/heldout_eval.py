@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,6 +44,9 @@ from probes import heldout_metrics as hm
 from probes.datasets import heldout as ho
 from probes.datasets.schema import Question
 from probes.heldout_args import STYLES, add_arguments, config_from_args
+
+if TYPE_CHECKING:
+    from detector.client import ProbeInfo, Scores
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +150,7 @@ class Reply:
     tokens: list[str] = field(default_factory=list)
     tops: list[list[float]] = field(default_factory=list)
     finish_reason: str | None = None
-    scores: Any = None  # pb.ScoresResponse
+    scores: Scores | None = None
     error: str | None = None
     seconds: float = 0.0
 
@@ -156,31 +159,25 @@ class Client:
     """OpenAI HTTP + gRPC GetScores, as any client of the product would call them."""
 
     def __init__(self, base_url: str, grpc_address: str, cfg: EvalConfig) -> None:
-        import grpc
         import httpx
 
-        from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+        from detector.client import DetectorClient
 
         self.base_url = base_url.rstrip("/")
         self.cfg = cfg
         self.http = httpx.Client(timeout=cfg.request_timeout_s,
                                  limits=httpx.Limits(max_connections=cfg.concurrency * 2))
-        self.channel = grpc.insecure_channel(grpc_address)
-        self.stub = pb_grpc.DetectorStub(self.channel)
+        self.detector = DetectorClient(grpc_address, timeout=30)
         self.model = self.http.get(f"{self.base_url}/v1/models").json()["data"][0]["id"]
 
     def close(self) -> None:
         self.http.close()
-        self.channel.close()
+        self.detector.close()
 
-    def probes(self) -> list[Any]:
-        from detector.api.liedetector.v1 import detector_pb2 as pb
-
-        return list(self.stub.ListProbes(pb.ListProbesRequest(), timeout=30).probes)
+    def probes(self) -> list[ProbeInfo]:
+        return list(self.detector.list_probes().probes)
 
     def ask(self, job: Job) -> Reply:
-        from detector.api.liedetector.v1 import detector_pb2 as pb
-
         reply = Reply()
         started = time.monotonic()
         headers = {"X-Request-Id": job.request_id}
@@ -221,9 +218,8 @@ class Client:
                 reply.logprobs = [c.get("logprob") for c in content]
                 reply.tops = [[t.get("logprob") for t in c.get("top_logprobs") or []]
                               for c in content]
-            reply.scores = self.stub.GetScores(
-                pb.GetScoresRequest(request_id=job.request_id, wait_until_finished=True),
-                timeout=self.cfg.request_timeout_s)
+            reply.scores = self.detector.get_scores(job.request_id, wait_until_finished=True,
+                                                    timeout=self.cfg.request_timeout_s)
         except Exception as exc:  # one failed request is counted, not fatal
             reply.error = f"{type(exc).__name__}: {exc}"[:500]
             logger.warning("request %s failed: %s", job.request_id, reply.error)
@@ -288,13 +284,12 @@ def _fill(item: Item, span: Any, reply: Reply) -> None:
 
 
 def _base_item(job: Job, reply: Reply, probe: str) -> Item:
-    from detector.api.liedetector.v1 import detector_pb2 as pb
-
     item = Item(job.style, job.topic, job.family, job.entity, job.subject, job.invented,
                 job.request_id, reply.text, label="error", reason=reply.error or "")
     item.openai_tokens = len(reply.logprobs)
     if reply.scores is not None:
-        item.state = pb.RequestState.Name(reply.scores.state)
+        # The wire enum's name, as the results have always said it.
+        item.state = f"REQUEST_STATE_{reply.scores.state.name}"
         item.sidecar_tokens = len(reply.scores.tokens)
         item.text_matches = reply.scores.text == reply.text
         v = _verdict(reply.scores, probe)

@@ -315,18 +315,25 @@ def start_sidecar(channel: str, workdir: Path, *, probes: list[Path], model_dir:
     return SidecarProcess(proc, address, metrics_port, log_path)
 
 
-def wait_for_engine(stub, timeout_s: float = 30.0) -> None:
-    """The sidecar learns the engine from its heartbeat; until then no probe scores."""
-    from detector.api.liedetector.v1 import detector_pb2 as pb
+def wait_for_engine(client, timeout_s: float = 30.0) -> None:
+    """The sidecar learns the engine from its heartbeat; until then no probe scores.
+    ``client``: a :class:`detector.client.DetectorClient` or the sidecar's address."""
+    from detector.client import DetectorClient, ProbeInfo
 
+    owned = isinstance(client, str)
+    client = DetectorClient(client) if owned else client
     deadline = time.monotonic() + timeout_s
-    probes = []
-    while time.monotonic() < deadline:
-        probes = stub.ListProbes(pb.ListProbesRequest()).probes
-        if probes and all(not p.inactive_reason for p in probes):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"probes never became active: {probes}")
+    listed: tuple[ProbeInfo, ...] = ()
+    try:
+        while time.monotonic() < deadline:
+            listed = client.list_probes().probes
+            if listed and all(p.active for p in listed):
+                return
+            time.sleep(0.2)
+    finally:
+        if owned:
+            client.close()
+    raise AssertionError(f"probes never became active: {listed}")
 
 
 TRAIN_PROMPTS = [
@@ -502,3 +509,56 @@ class ServeProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         return self.proc.returncode
+
+
+# --- TLS test certificates ---------------------------------------------------------------------
+
+
+def make_cert(subject: str, issuer_key=None, issuer_name=None, *, ca: bool = False):
+    """(key, cert): a CA, or a leaf for ``subject`` valid for localhost and 127.0.0.1."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(name)
+               .issuer_name(issuer_name or name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=1))
+               .not_valid_after(now + dt.timedelta(hours=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+    cert = builder.sign(issuer_key or key, hashes.SHA256())
+    return key, cert
+
+
+def write_pem(path: Path, key, cert) -> tuple[Path, Path]:
+    """Write ``path``.key and ``path``.crt (PEM); returns (key file, cert file)."""
+    from cryptography.hazmat.primitives import serialization
+
+    key_path, cert_path = path.with_suffix(".key"), path.with_suffix(".crt")
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def make_pki(directory: Path, names) -> dict:
+    """A test CA (``"ca"``: its cert file) and, per name, a (key file, cert file) it signed
+    with that common name (leaves valid for localhost and 127.0.0.1)."""
+    ca_key, ca_cert = make_cert("test-ca", ca=True)
+    files: dict = {"ca": write_pem(directory / "ca", ca_key, ca_cert)[1]}
+    for who in names:
+        key, cert = make_cert(who, ca_key, ca_cert.subject)
+        files[who] = write_pem(directory / who, key, cert)
+    return files

@@ -22,7 +22,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 from support import (
@@ -39,9 +38,8 @@ from support import (
 )
 from tiny_models import ARCHITECTURES, NUM_LAYERS, TinyArch
 
-from detector.api.liedetector.v1 import detector_pb2 as pb
-from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.artifact import load_probe
+from detector.client import DetectorClient, ProbeInfo, RequestState, Scores
 from detector.model_identity import identify_model
 from probes.server import start_capture_server
 from probes.store import CaptureStore
@@ -122,9 +120,9 @@ class Captured:
 
 @dataclass
 class Served:
-    probe: pb.ProbeInfo
+    probe: ProbeInfo
     response: dict
-    scores: pb.ScoresResponse
+    scores: Scores
     exit_code: int
 
 
@@ -217,15 +215,14 @@ def served(arch: TinyArch, captured: Captured, probe_dir: Path, workdir: Path) -
                          vllm_args=["--max-num-seqs", str(MAX_NUM_SEQS), "--seed", "0"])
     try:
         serve.wait_ready()
-        with grpc.insecure_channel(serve.grpc_address) as channel:
-            stub = pb_grpc.DetectorStub(channel)
-            wait_for_engine(stub, timeout_s=60)
-            [probe] = [p for p in stub.ListProbes(pb.ListProbesRequest()).probes
+        with DetectorClient(serve.grpc_address) as client:
+            wait_for_engine(client, timeout_s=60)
+            [probe] = [p for p in client.list_probes().probes
                        if p.name == PROBE_NAME]
             response = complete(serve.base_url, TEMPLATES[0][0], max_tokens=12,
                                 request_id=f"served-{arch.name}", ignore_eos=True)
-            scores = stub.GetScores(pb.GetScoresRequest(request_id=f"served-{arch.name}",
-                                                        wait_until_finished=True), timeout=120)
+            scores = client.get_scores(f"served-{arch.name}", wait_until_finished=True,
+                                       timeout=120)
     finally:
         code = serve.stop()
     return Served(probe, response, scores, code)
@@ -280,7 +277,7 @@ def test_served_probe_scores_generated_tokens(captured: Captured, probe_dir: Pat
     assert served.probe.inactive_reason == ""
     assert served.probe.model_fingerprint == identify_model(captured.model_dir).fingerprint
     scores = served.scores
-    assert scores.state == pb.REQUEST_STATE_FINISHED, scores
+    assert scores.state is RequestState.FINISHED, scores
     assert PROBE_NAME in scores.probes
     _, generated = token_ids(served.response)
     assert [t.token_id for t in scores.tokens] == generated

@@ -18,8 +18,7 @@ import grpc
 import pytest
 from support import start_sidecar, start_vllm, wait_until
 
-from detector.api.liedetector.v1 import detector_pb2 as pb
-from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.client import CaptureState, CaptureStatus, DetectorClient, DetectorError
 from detector.serve import ServeOptions, report_capture_status
 
 pytestmark = pytest.mark.vllm
@@ -65,23 +64,22 @@ def test_sidecar_and_serve_say_why_capture_is_off(off_server, model_dir, probe_f
     sidecar = start_sidecar(off_server.channel, tmp_path, probes=[probe_free_dir],
                             model_dir=model_dir)
     try:
-        with grpc.insecure_channel(sidecar.grpc_address) as channel:
-            stub = pb_grpc.DetectorStub(channel)
+        with DetectorClient(sidecar.grpc_address, timeout=5) as client:
 
-            def status() -> pb.CaptureStatus:
-                return stub.ListProbes(pb.ListProbesRequest(), timeout=5).capture_status
+            def status() -> CaptureStatus:
+                return client.list_probes().capture_status
 
-            wait_until(lambda: status().state == pb.CAPTURE_STATE_OFF, 30,
+            wait_until(lambda: status().state is CaptureState.OFF, 30,
                        what="capture OFF in ListProbes")
-            reply = stub.ListProbes(pb.ListProbesRequest(), timeout=5)
+            reply = client.list_probes()
             assert REASON in reply.capture_status.reason
             assert reply.capture_status.summary.startswith("capture is OFF in vLLM (pid ")
             assert reply.capture_status.pid > 0
             assert [p.inactive_reason for p in reply.probes] == [reply.capture_status.summary]
-            with pytest.raises(grpc.RpcError) as info:
-                stub.GetScores(pb.GetScoresRequest(request_id="missing"), timeout=5)
-            assert info.value.code() == grpc.StatusCode.NOT_FOUND
-            assert REASON in info.value.details()
+            with pytest.raises(DetectorError) as info:
+                client.get_scores("missing")
+            assert info.value.code == grpc.StatusCode.NOT_FOUND
+            assert REASON in info.value.details
         # What `lie-detector serve` says in the terminal once vLLM is healthy.
         port = int(off_server.base_url.rsplit(":", 1)[1])
         opts = ServeOptions(model_dir=model_dir, port=port, grpc_address=sidecar.grpc_address)

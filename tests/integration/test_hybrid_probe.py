@@ -13,7 +13,6 @@ import math
 import time
 from collections import defaultdict
 
-import grpc
 import numpy as np
 import pytest
 import torch
@@ -25,9 +24,8 @@ from support import (
     wait_for_engine,
 )
 
-from detector.api.liedetector.v1 import detector_pb2 as pb
-from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.artifact import ProbeArtifact, ProbeMetadata
+from detector.client import DetectorClient
 from detector.model_identity import identify_model
 from probes.capture import entropy_of
 
@@ -124,18 +122,16 @@ def test_served_hybrid_probe_scores_match_the_formula(server, model_dir, tmp_pat
     sidecar = start_sidecar(server.channel, tmp_path / "sidecar", probes=paths,
                             model_dir=model_dir)
     try:
-        with grpc.insecure_channel(sidecar.grpc_address) as channel:
-            stub = pb_grpc.DetectorStub(channel)
-            wait_for_engine(stub)
-            listed = {p.name: list(p.token_features) for p in
-                      stub.ListProbes(pb.ListProbesRequest()).probes}
+        with DetectorClient(sidecar.grpc_address) as client:
+            wait_for_engine(client)
+            listed = {p.name: list(p.token_features) for p in client.list_probes().probes}
             assert listed["hyb-producer"] == ["logprob"] and listed["pure-own"] == []
             jobs = _jobs("served")
             responses = complete_many(server.base_url, jobs)
             worst = 0.0
             for job, resp in zip(jobs, responses):
-                reply = stub.GetScores(pb.GetScoresRequest(request_id=job["request_id"],
-                                                           wait_until_finished=True), timeout=30)
+                reply = client.get_scores(job["request_id"], wait_until_finished=True,
+                                          timeout=30)
                 api_lp, api_ent = _api_features(resp)
                 names = list(reply.probes)
                 for t in reply.tokens:

@@ -20,6 +20,7 @@ from support import complete, complete_many, scrape_metrics, start_sidecar, wait
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.client import DetectorClient, RequestState
 
 pytestmark = pytest.mark.vllm
 
@@ -45,12 +46,26 @@ def channel(sidecar):
 
 @pytest.fixture(scope="module")
 def stub(channel):
+    """The raw stub, for the tests of the wire itself (statuses of malformed requests,
+    reflection, stream slots); product behaviour is read through ``client``."""
     return pb_grpc.DetectorStub(channel)
 
 
-def test_reflection_only_client_can_list_and_call(channel, vllm_server, stub) -> None:
+@pytest.fixture(scope="module")
+def client(sidecar):
+    with DetectorClient(sidecar.grpc_address) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def admin(sidecar):
+    with DetectorClient(sidecar.grpc_address, admin_token=ADMIN_TOKEN) as c:
+        yield c
+
+
+def test_reflection_only_client_can_list_and_call(channel, vllm_server, client) -> None:
     """A client that knows nothing of this project discovers and calls the service."""
-    wait_for_engine(stub)
+    wait_for_engine(client)
     db = ProtoReflectionDescriptorDatabase(channel)
     services = db.get_services()
     assert "liedetector.v1.Detector" in services
@@ -145,8 +160,9 @@ def test_stream_limit_gives_resource_exhausted(stub) -> None:
         t.join(timeout=10)
 
 
-def test_hot_reload_while_requests_run(vllm_server, stub, probe_dir, tmp_path) -> None:
-    wait_for_engine(stub)
+def test_hot_reload_while_requests_run(vllm_server, client, admin, probe_dir,
+                                       tmp_path) -> None:
+    wait_for_engine(client)
     second = tmp_path / "word-start-b"
     shutil.copytree(probe_dir, second)
     meta = json.loads((second / "probe.json").read_text())
@@ -165,15 +181,14 @@ def test_hot_reload_while_requests_run(vllm_server, stub, probe_dir, tmp_path) -
     worker = threading.Thread(target=run)
     worker.start()
     time.sleep(0.5)
-    info = stub.LoadProbe(pb.LoadProbeRequest(path=str(second)), timeout=10, metadata=ADMIN)
-    assert info.name == "word-start-b" and not info.inactive_reason
+    info = admin.load_probe(second)
+    assert info.name == "word-start-b" and info.active
     worker.join()
     assert len(responses) == 4  # vLLM never noticed
     after = complete(vllm_server.base_url, "The sun rises in the", max_tokens=8,
                      request_id="reload-after")
-    reply = stub.GetScores(pb.GetScoresRequest(request_id="reload-after",
-                                               wait_until_finished=True), timeout=30)
-    assert list(reply.probes) == ["word-start", "word-start-b"]
+    reply = client.get_scores("reload-after", wait_until_finished=True, timeout=30)
+    assert reply.probes == ("word-start", "word-start-b")
     assert [t.token_id for t in reply.tokens] == after["choices"][0]["token_ids"]
     for t in reply.tokens:
         a, b = (s.probability for s in t.scores)
@@ -182,16 +197,15 @@ def test_hot_reload_while_requests_run(vllm_server, stub, probe_dir, tmp_path) -
     # In-flight requests keep every score they had; tokens scored before the load lack
     # only the new probe.
     for job in jobs:
-        r = stub.GetScores(pb.GetScoresRequest(request_id=job["request_id"]), timeout=10)
+        r = client.get_scores(job["request_id"])
         assert all(any(s.probe == "word-start" for s in t.scores) for t in r.tokens)
-    assert stub.UnloadProbe(pb.UnloadProbeRequest(name="word-start-b"), timeout=10,
-                            metadata=ADMIN).unloaded
-    names = [p.name for p in stub.ListProbes(pb.ListProbesRequest()).probes]
+    assert admin.unload_probe("word-start-b")
+    names = [p.name for p in client.list_probes().probes]
     assert names == ["word-start"]
 
 
-def test_stream_sends_spans_and_metrics_move(vllm_server, stub, sidecar) -> None:
-    wait_for_engine(stub)
+def test_stream_sends_spans_and_metrics_move(vllm_server, client, sidecar) -> None:
+    wait_for_engine(client)
     before = scrape_metrics(sidecar.metrics_port)
     result: dict = {}
     worker = threading.Thread(target=lambda: result.update(resp=complete(
@@ -199,13 +213,13 @@ def test_stream_sends_spans_and_metrics_move(vllm_server, stub, sidecar) -> None
         request_id="spans-1", ignore_eos=True)))
     worker.start()
     spans, tokens, final = [], [], None
-    for update in stub.StreamScores(pb.StreamScoresRequest(request_id="spans-1"), timeout=120):
+    for update in client.stream_scores("spans-1", timeout=120):
         spans.extend(update.spans)
         tokens.extend(update.tokens)
         final = update
     worker.join()
     text = result["resp"]["choices"][0]["text"]
-    assert final.final and final.state == pb.REQUEST_STATE_FINISHED
+    assert final.final and final.state is RequestState.FINISHED
     assert "".join(t.text for t in tokens) == text
     assert [t.index for t in tokens] == list(range(len(tokens)))
     keys = [(s.kind, s.char_start, s.char_end, s.probe) for s in spans]
@@ -247,23 +261,21 @@ def test_health_reports_serving(channel) -> None:
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_a_reused_request_id_reads_the_newest_request_and_says_so(vllm_server, stub) -> None:
+def test_a_reused_request_id_reads_the_newest_request_and_says_so(vllm_server, client) -> None:
     """Issue 13, finding 1: the same X-Request-Id sent twice used to return the first
     request's text and scores, even by the second's own response id."""
-    wait_for_engine(stub)
+    wait_for_engine(client)
     first = complete(vllm_server.base_url, "The capital of France is", max_tokens=6,
                      request_id="reused-id", ignore_eos=True)
-    one = stub.GetScores(pb.GetScoresRequest(request_id="reused-id", wait_until_finished=True),
-                         timeout=60)
+    one = client.get_scores("reused-id", wait_until_finished=True, timeout=60)
     second = complete(vllm_server.base_url, "Two plus two equals", max_tokens=6,
                       request_id="reused-id", ignore_eos=True)
     for asked in ("reused-id", second["id"]):
-        reply = stub.GetScores(pb.GetScoresRequest(request_id=asked, wait_until_finished=True),
-                               timeout=60)
+        reply = client.get_scores(asked, wait_until_finished=True, timeout=60)
         assert reply.text == second["choices"][0]["text"], asked
         assert [t.token_id for t in reply.tokens] == second["choices"][0]["token_ids"], asked
         assert reply.requests_with_id == 2, asked
         assert reply.engine_request_id != one.engine_request_id
     # The engine id is unique: the first request can still be read by it.
-    again = stub.GetScores(pb.GetScoresRequest(request_id=one.engine_request_id), timeout=30)
+    again = client.get_scores(one.engine_request_id, timeout=30)
     assert again.text == first["choices"][0]["text"] and again.requests_with_id == 1

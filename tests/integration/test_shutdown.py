@@ -11,8 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import complete, start_sidecar, wait_for_engine
 
-from detector.api.liedetector.v1 import detector_pb2 as pb
-from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.client import DetectorClient
 
 pytestmark = pytest.mark.vllm
 
@@ -26,17 +25,17 @@ def test_sigterm_turns_health_off_and_drains_streams(vllm_server, probe_dir, mod
                             env={"LIE_DETECTOR_SHUTDOWN_GRACE_S": "180",
                                  "LIE_DETECTOR_ENGINE_IDLE_S": "5"})
     try:
-        with grpc.insecure_channel(sidecar.grpc_address) as channel:
-            stub = pb_grpc.DetectorStub(channel)
-            wait_for_engine(stub)
+        # Health has no client method: watched on a raw channel beside the client.
+        with grpc.insecure_channel(sidecar.grpc_address) as channel, \
+                DetectorClient(sidecar.grpc_address) as client:
+            wait_for_engine(client)
             watch = health_pb2_grpc.HealthStub(channel).Watch(
                 health_pb2.HealthCheckRequest(service="liedetector.v1.Detector"), timeout=120)
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
 
             # The stream is opened before the request starts (it waits for the request to
             # appear), and the request is long, so SIGTERM lands while it is running.
-            stream = stub.StreamScores(pb.StreamScoresRequest(request_id="drain-1"),
-                                       timeout=240)
+            stream = client.stream_scores("drain-1", timeout=240)
             result: dict = {}
             worker = threading.Thread(target=lambda: result.update(resp=complete(
                 vllm_server.base_url, "Describe the four seasons.", max_tokens=400,

@@ -19,9 +19,8 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from support import LAYERS, complete, complete_many, start_sidecar, wait_for_engine
 
-from detector.api.liedetector.v1 import detector_pb2 as pb
-from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.artifact import load_probe
+from detector.client import DetectorClient, DetectorError, RequestState
 from detector.sidecar.scorer import FusedProbeScorer
 
 pytestmark = pytest.mark.vllm
@@ -35,9 +34,9 @@ def sidecar(vllm_server, probe_dir, model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stub(sidecar):
-    with grpc.insecure_channel(sidecar.grpc_address) as channel:
-        yield pb_grpc.DetectorStub(channel)
+def client(sidecar):
+    with DetectorClient(sidecar.grpc_address) as c:
+        yield c
 
 
 def _expected_probabilities(hf_model, probe_dir, sequence: list[int]) -> np.ndarray:
@@ -50,8 +49,8 @@ def _expected_probabilities(hf_model, probe_dir, sequence: list[int]) -> np.ndar
     return scorer.probabilities(scorer.logits(rows))[:, 0].numpy()
 
 
-def test_scores_arrive_for_the_right_request(vllm_server, stub, hf_model, probe_dir) -> None:
-    wait_for_engine(stub)
+def test_scores_arrive_for_the_right_request(vllm_server, client, hf_model, probe_dir) -> None:
+    wait_for_engine(client)
     jobs = [{"prompt": p, "max_tokens": n, "request_id": f"score-{i}"} for i, (p, n) in
             enumerate([("The largest planet is", 10), ("Berlin is the capital of", 14),
                        ("Photosynthesis converts light into", 18)])]
@@ -60,11 +59,10 @@ def test_scores_arrive_for_the_right_request(vllm_server, stub, hf_model, probe_
     for job, resp in zip(jobs, responses):
         prompt = resp["choices"][0]["prompt_token_ids"]
         generated = resp["choices"][0]["token_ids"]
-        reply = stub.GetScores(pb.GetScoresRequest(request_id=job["request_id"],
-                                                   wait_until_finished=True), timeout=30)
-        assert reply.state == pb.REQUEST_STATE_FINISHED, reply.incomplete_reason
+        reply = client.get_scores(job["request_id"], wait_until_finished=True, timeout=30)
+        assert reply.state is RequestState.FINISHED, reply.incomplete_reason
         assert [t.token_id for t in reply.tokens] == generated
-        assert list(reply.probes) == ["word-start"]
+        assert reply.probes == ("word-start",)
         assert all(t.scored for t in reply.tokens)  # producer rows exist for every token
         # The producer of generated token g is the row at position len(prompt) + g - 1.
         expected = _expected_probabilities(hf_model, probe_dir, (prompt + generated)[:-1])
@@ -85,24 +83,24 @@ def test_scores_arrive_for_the_right_request(vllm_server, stub, hf_model, probe_
                                    if span.char_start <= c.char_start < span.char_end])
             assert span.score == pytest.approx(member.max(), abs=1e-6)
             assert span.flagged == (span.score >= span.threshold)
-        by_response_id = stub.GetScores(pb.GetScoresRequest(request_id=resp["id"]), timeout=10)
+        by_response_id = client.get_scores(resp["id"])
         assert by_response_id.engine_request_id == reply.engine_request_id
         assert reply.engine_request_id.startswith(f"{resp['id']}-0-")
     assert not np.allclose(seen[0][:5], seen[1][:5])
 
 
-def test_unknown_and_malformed_ids_get_clear_statuses(stub) -> None:
-    with pytest.raises(grpc.RpcError) as err:
-        stub.GetScores(pb.GetScoresRequest(request_id="no-such-request"), timeout=5)
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "no-such-request" in err.value.details()
-    with pytest.raises(grpc.RpcError) as err:
-        stub.GetScores(pb.GetScoresRequest(request_id=""), timeout=5)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+def test_unknown_and_malformed_ids_get_clear_statuses(client) -> None:
+    with pytest.raises(DetectorError) as err:
+        client.get_scores("no-such-request", timeout=5)
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+    assert "no-such-request" in err.value.details
+    with pytest.raises(DetectorError) as err:
+        client.get_scores("", timeout=5)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_stream_delivers_scores_before_generation_ends(vllm_server, stub) -> None:
-    wait_for_engine(stub)
+def test_stream_delivers_scores_before_generation_ends(vllm_server, client) -> None:
+    wait_for_engine(client)
     done_at: dict[str, float] = {}
     result: dict[str, dict] = {}
 
@@ -116,7 +114,7 @@ def test_stream_delivers_scores_before_generation_ends(vllm_server, stub) -> Non
     first_at = None
     tokens: list[int] = []
     final = False
-    for update in stub.StreamScores(pb.StreamScoresRequest(request_id="stream-1"), timeout=120):
+    for update in client.stream_scores("stream-1", timeout=120):
         if first_at is None and update.tokens:
             first_at = time.monotonic()
         tokens.extend(t.token_id for t in update.tokens)

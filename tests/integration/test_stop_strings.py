@@ -10,13 +10,11 @@ from __future__ import annotations
 import threading
 import uuid
 
-import grpc
 import httpx
 import pytest
 from support import _served_model, complete, start_sidecar, wait_for_engine
 
-from detector.api.liedetector.v1 import detector_pb2 as pb
-from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.client import DetectorClient, RequestState
 
 pytestmark = pytest.mark.vllm
 
@@ -29,14 +27,13 @@ FRUITS = "List three fruits, one per line."
 
 
 @pytest.fixture(scope="module")
-def stub(vllm_server, probe_dir, model_dir, tmp_path_factory):
+def client(vllm_server, probe_dir, model_dir, tmp_path_factory):
     proc = start_sidecar(vllm_server.channel, tmp_path_factory.mktemp("stops"),
                          probes=[probe_dir], model_dir=model_dir)
     try:
-        with grpc.insecure_channel(proc.grpc_address) as channel:
-            stub = pb_grpc.DetectorStub(channel)
-            wait_for_engine(stub)
-            yield stub
+        with DetectorClient(proc.grpc_address) as client:
+            wait_for_engine(client)
+            yield client
     finally:
         proc.stop()
 
@@ -62,7 +59,7 @@ def chat(base_url: str, content: str, *, max_tokens: int, request_id: str,
     ("chat", FRUITS, ["\n"], True),
     ("chat", FRUITS, ["\n2."], False),
 ])
-def test_scores_cover_exactly_the_returned_text(vllm_server, stub, api, prompt, stop,
+def test_scores_cover_exactly_the_returned_text(vllm_server, client, api, prompt, stop,
                                                 include) -> None:
     request_id = f"stop-{uuid.uuid4().hex[:12]}"
     call = complete if api == "completions" else chat
@@ -72,7 +69,7 @@ def test_scores_cover_exactly_the_returned_text(vllm_server, stub, api, prompt, 
         include_stop_str_in_output=include)))
     worker.start()
     streamed = []
-    for update in stub.StreamScores(pb.StreamScoresRequest(request_id=request_id), timeout=120):
+    for update in client.stream_scores(request_id, timeout=120):
         streamed.extend(update.tokens)
     worker.join()
     choice = result["resp"]["choices"][0]
@@ -80,9 +77,8 @@ def test_scores_cover_exactly_the_returned_text(vllm_server, stub, api, prompt, 
     # The stop string ended the request (not the end of sequence or the token budget).
     assert choice["finish_reason"] == "stop" and choice["stop_reason"] in stop, choice
 
-    scores = stub.GetScores(pb.GetScoresRequest(request_id=request_id,
-                                                wait_until_finished=True), timeout=60)
-    assert scores.state == pb.REQUEST_STATE_FINISHED
+    scores = client.get_scores(request_id, wait_until_finished=True, timeout=60)
+    assert scores.state is RequestState.FINISHED
     assert scores.text == text
     assert "".join(t.text for t in scores.tokens) == text
     # vLLM also returns the tokens that completed the stop; the sidecar keeps those that

@@ -19,15 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import httpx
 import psutil
 import pytest
 import zmq
 from support import PROCESS_LOGS, complete, free_port, wait_until
 
-from detector.api.liedetector.v1 import detector_pb2 as pb
-from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.client import DetectorClient, RequestState, Scores
 from detector.channel.auth import client_options
 from detector.channel.wire import EngineInfo, Heartbeat, encode_heartbeat
 from detector.serve import wait_for_grpc_health, wait_until_healthy
@@ -87,10 +85,9 @@ class _Serve:
         return self.proc.returncode
 
 
-def _scores(address: str, request_id: str) -> pb.ScoresResponse:
-    with grpc.insecure_channel(address) as ch:
-        return pb_grpc.DetectorStub(ch).GetScores(
-            pb.GetScoresRequest(request_id=request_id, wait_until_finished=True), timeout=120)
+def _scores(address: str, request_id: str) -> Scores:
+    with DetectorClient(address) as client:
+        return client.get_scores(request_id, wait_until_finished=True, timeout=120)
 
 
 def _forge(endpoint: str, key: bytes | None) -> None:
@@ -141,11 +138,11 @@ def test_two_serves_on_one_machine_never_meet(model_dir: Path, tmp_path: Path) -
                                   (second, "Water boils at a temperature of"))}
         held = {s: _scores(s.grpc_address, "shared-id") for s in (first, second)}
         for s in (first, second):
-            assert held[s].state == pb.REQUEST_STATE_FINISHED, held[s]
+            assert held[s].state is RequestState.FINISHED, held[s]
             assert held[s].requests_with_id == 1
             assert held[s].text == sent[s]["choices"][0]["text"]
             assert len(held[s].tokens) == len(sent[s]["choices"][0]["token_ids"])
-        before = held[first].SerializeToString(deterministic=True)
+        before = held[first]
         dropped = first.metric("lie_detector_channel_dropped_steps_total")
 
         # The second instance's key, and no key, on the first instance's real socket.
@@ -154,8 +151,7 @@ def test_two_serves_on_one_machine_never_meet(model_dir: Path, tmp_path: Path) -
         wait_until(lambda: first.metric("lie_detector_channel_rejected_connections_total") >= 2, 60,
                    what="both forged connections refused")
         assert first.metric("lie_detector_channel_dropped_steps_total") == dropped
-        assert _scores(first.grpc_address, "shared-id").SerializeToString(
-            deterministic=True) == before
+        assert _scores(first.grpc_address, "shared-id") == before
 
         for s in (first, second):
             assert s.proc.poll() is None, f"serve exited {s.proc.returncode}"

@@ -19,13 +19,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 from support import PROCESS_LOGS, complete, free_port
 
-from detector.api.liedetector.v1 import detector_pb2 as pb
-from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.artifact import load_probe
+from detector.client import DetectorClient, RequestState
 from detector.model_identity import identify_model
 from detector.serve import wait_for_grpc_health, wait_until_healthy
 
@@ -87,15 +85,13 @@ def test_the_three_documented_commands_take_a_model_to_a_served_probe(model_dir:
         base_url = f"http://127.0.0.1:{port}"
         wait_until_healthy(base_url, proc, timeout_s=600)
         wait_for_grpc_health(f"127.0.0.1:{grpc_port}", proc, timeout_s=120)
-        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            stub = pb_grpc.DetectorStub(channel)
-            probes = stub.ListProbes(pb.ListProbesRequest(), timeout=10).probes
+        with DetectorClient(f"127.0.0.1:{grpc_port}") as client:
+            probes = client.list_probes().probes
             assert [p.name for p in probes] == ["my-model-fabrication"]
             reply = complete(base_url, "Q: What is the capital of Peru?\nA:", max_tokens=8,
                              request_id="your-model-1")
-            scores = stub.GetScores(pb.GetScoresRequest(request_id="your-model-1",
-                                                        wait_until_finished=True), timeout=120)
-        assert scores.state == pb.REQUEST_STATE_FINISHED and scores.text == reply["choices"][0]["text"]
+            scores = client.get_scores("your-model-1", wait_until_finished=True, timeout=120)
+        assert scores.state is RequestState.FINISHED and scores.text == reply["choices"][0]["text"]
         scored = [t for t in scores.tokens if t.scored]
         # Every token with a row; a producer-row probe scores the last one too.
         assert scores.tokens and len(scored) >= len(scores.tokens) - 1

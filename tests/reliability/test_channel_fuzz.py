@@ -15,15 +15,13 @@ import json
 import os
 import random
 
-import grpc
 import psutil
 import pytest
 import zmq
 from support import free_port, wait_until
 from tiny_engine import engine, probe, schedule, single_request
 
-from detector.api.liedetector.v1 import detector_pb2 as pb
-from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.client import DetectorClient, RequestState, Scores
 from detector.channel.auth import client_options, read_key, write_key
 from detector.channel.wire import Heartbeat, encode_heartbeat, encode_step
 from detector.sidecar.app import Sidecar, SidecarSettings
@@ -95,9 +93,8 @@ def _mutate(rng: random.Random, frames: list[bytes]) -> list[bytes]:
     return [json.dumps(head).encode(), payload]
 
 
-def _reads(stub) -> dict[str, bytes]:
-    return {rid: stub.GetScores(pb.GetScoresRequest(request_id=rid), timeout=10)
-            .SerializeToString(deterministic=True) for rid in ("A", "B")}
+def _reads(client: DetectorClient) -> dict[str, Scores]:
+    return {rid: client.get_scores(rid) for rid in ("A", "B")}
 
 
 @pytest.fixture
@@ -121,16 +118,15 @@ def test_hostile_senders_change_nothing_real(keyed_sidecar, caplog) -> None:
     ctx = zmq.Context()
     real = _real_frames()
     try:
-        with grpc.insecure_channel(sc.settings.grpc_address) as ch:
-            stub = pb_grpc.DetectorStub(ch)
+        with DetectorClient(sc.settings.grpc_address) as client:
             legit = _push(ctx, sc.settings.channel, key)
             for frames in real:
                 legit.send_multipart(frames)
             wait_until(lambda: sub.received >= len(real), 120, 0.05, "the real steps")
             wait_until(lambda: all(
-                stub.GetScores(pb.GetScoresRequest(request_id=r), timeout=10).state
-                == pb.REQUEST_STATE_FINISHED for r in ("A", "B")), 120, 0.05, "A and B finished")
-            before = _reads(stub)
+                client.get_scores(r).state is RequestState.FINISHED for r in ("A", "B")), 120, 0.05,
+                "A and B finished")
+            before = _reads(client)
             rss0 = psutil.Process().memory_info().rss
 
             # 1. Without the key: refused at the handshake, nothing ever received.
@@ -156,14 +152,13 @@ def test_hostile_senders_change_nothing_real(keyed_sidecar, caplog) -> None:
                   f"{sc.store.refused_finished}")
             failures = [r for r in caplog.records if r.levelno >= 40]  # ERROR: an exception
             assert not failures, f"hostile messages raised: {failures[0].getMessage()}"
-            assert _reads(stub) == before, "a hostile message changed a finished request"
+            assert _reads(client) == before, "a hostile message changed a finished request"
             # Still scoring: a request from a (restarted) engine is read whole.
             for header, rows in single_request("C", [11, 12, 13], [301, 302, 303],
                                                eng=engine("e2")):
                 legit.send_multipart([bytes(f) for f in encode_step(header, rows)])
-            reply = stub.GetScores(pb.GetScoresRequest(request_id="C", wait_until_finished=True),
-                                   timeout=60)
-            assert reply.state == pb.REQUEST_STATE_FINISHED
+            reply = client.get_scores("C", wait_until_finished=True, timeout=60)
+            assert reply.state is RequestState.FINISHED
             assert [t.token_id for t in reply.tokens] == [301, 302, 303]
             assert all(t.scored for t in reply.tokens)
             grown = psutil.Process().memory_info().rss - rss0

@@ -12,14 +12,12 @@ from __future__ import annotations
 import logging
 import time
 
-import grpc
 import pytest
 import zmq
 from support import free_port
 from tiny_engine import engine, probe, single_request
 
-from detector.api.liedetector.v1 import detector_pb2 as pb
-from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.client import DetectorClient, DetectorError, RequestState
 from detector.channel.wire import Heartbeat, encode_step
 from detector.sidecar.app import Sidecar, SidecarSettings
 
@@ -71,19 +69,17 @@ def test_prompt_and_completion_never_reach_the_logs(model_dir, tmp_path, caplog)
                 push.send_multipart(encode_step(header, rows), copy=False)
             push.send_multipart([b'{"kind": "step", "requests": ' + str(generated).encode(),
                                  b"\x00"])
-            with grpc.insecure_channel(settings.grpc_address) as ch:
-                stub = pb_grpc.DetectorStub(ch)
-                reply = stub.GetScores(pb.GetScoresRequest(request_id="secret",
-                                                           wait_until_finished=True), timeout=30)
-                assert reply.state == pb.REQUEST_STATE_FINISHED, reply.incomplete_reason
+            with DetectorClient(settings.grpc_address) as client:
+                reply = client.get_scores("secret", wait_until_finished=True, timeout=30)
+                assert reply.state is RequestState.FINISHED, reply.incomplete_reason
                 assert [t.token_id for t in reply.tokens] == generated
                 assert reply.text == decoded  # the sidecar did decode the text ...
                 assert all(t.scored for t in reply.tokens)
-                streamed = "".join(t.text for u in stub.StreamScores(
-                    pb.StreamScoresRequest(request_id="secret"), timeout=30) for t in u.tokens)
+                streamed = "".join(t.text for u in client.stream_scores("secret", timeout=30)
+                                   for t in u.tokens)
                 assert streamed == decoded
-                with pytest.raises(grpc.RpcError):
-                    stub.GetScores(pb.GetScoresRequest(request_id="missing"), timeout=5)
+                with pytest.raises(DetectorError):
+                    client.get_scores("missing", timeout=5)
             deadline = time.monotonic() + 10
             while sidecar.subscriber.rejected < 1 and time.monotonic() < deadline:
                 time.sleep(0.05)

@@ -13,7 +13,6 @@ import pickle
 import shutil
 from pathlib import Path
 
-import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2
@@ -23,9 +22,8 @@ from safetensors.torch import save_file
 from support import health_status, scrape_metrics, start_sidecar, synthetic_probe, wait_until
 from tiny_engine import probe
 
-from detector.api.liedetector.v1 import detector_pb2 as pb
-from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.artifact import METADATA_FILE, TENSORS_FILE, ProbeArtifactError, load_probe
+from detector.client import DetectorClient
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow,
@@ -179,8 +177,8 @@ def test_sidecar_with_bad_probes_keeps_serving(model_dir, tmp_path) -> None:
         for service in ("", "liedetector.v1.Detector"):
             assert health_status(sidecar.grpc_address, service) == \
                 health_pb2.HealthCheckResponse.SERVING
-        with grpc.insecure_channel(sidecar.grpc_address) as ch:
-            probes = pb_grpc.DetectorStub(ch).ListProbes(pb.ListProbesRequest(), timeout=10).probes
+        with DetectorClient(sidecar.grpc_address) as client:
+            probes = client.list_probes().probes
         assert [p.name for p in probes] == ["good"]
         # Housekeeping publishes the count once a second.
         wait_until(lambda: scrape_metrics(sidecar.metrics_port).get(

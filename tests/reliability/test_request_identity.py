@@ -14,13 +14,11 @@ from __future__ import annotations
 import threading
 import time
 
-import grpc
 import pytest
 from support import free_port
 from tiny_engine import probe, single_request
 
-from detector.api.liedetector.v1 import detector_pb2 as pb
-from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.client import DetectorClient, RequestState
 from detector.sidecar.app import Sidecar, SidecarSettings
 
 FIRST = "cmpl-abc-0-aaaaaaaa"   # vLLM's id for X-Request-Id "abc", first request
@@ -40,9 +38,9 @@ def sidecar(tmp_path):
 
 
 @pytest.fixture
-def stub(sidecar):
-    with grpc.insecure_channel(sidecar.settings.grpc_address) as ch:
-        yield pb_grpc.DetectorStub(ch)
+def client(sidecar):
+    with DetectorClient(sidecar.settings.grpc_address) as c:
+        yield c
 
 
 def _feed(sidecar, steps) -> None:
@@ -60,27 +58,27 @@ def _tokens(reply) -> list[int]:
     return [t.token_id for t in reply.tokens]
 
 
-def test_a_reused_id_returns_the_newest_request_and_says_it_is_shared(sidecar, stub) -> None:
+def test_a_reused_id_returns_the_newest_request_and_says_it_is_shared(sidecar, client) -> None:
     _feed(sidecar, single_request(FIRST, PROMPT, [101, 102, 103]))
     _feed(sidecar, single_request(SECOND, PROMPT, [201, 202], seq0=3))
     for asked in ("abc", "cmpl-abc", "cmpl-abc-0"):
-        reply = stub.GetScores(pb.GetScoresRequest(request_id=asked), timeout=10)
+        reply = client.get_scores(asked)
         assert reply.engine_request_id == SECOND, asked
         assert _tokens(reply) == [201, 202], asked
         assert reply.requests_with_id == 2, asked
     for engine_id, tokens in ((FIRST, [101, 102, 103]), (SECOND, [201, 202])):
-        reply = stub.GetScores(pb.GetScoresRequest(request_id=engine_id), timeout=10)
+        reply = client.get_scores(engine_id)
         assert reply.engine_request_id == engine_id and _tokens(reply) == tokens
         assert reply.requests_with_id == 1
 
 
-def test_a_stream_follows_the_request_its_id_named_when_it_started(sidecar, stub) -> None:
+def test_a_stream_follows_the_request_its_id_named_when_it_started(sidecar, client) -> None:
     steps = single_request(FIRST, PROMPT, [101, 102, 103, 104])
     _feed(sidecar, steps[:2])  # the first request is running
     got: dict = {}
 
     def read() -> None:
-        updates = list(stub.StreamScores(pb.StreamScoresRequest(request_id="abc"), timeout=60))
+        updates = list(client.stream_scores("abc", timeout=60))
         got["tokens"] = [t.token_id for u in updates for t in u.tokens]
         got["engine_ids"] = {u.engine_request_id for u in updates}
 
@@ -95,14 +93,14 @@ def test_a_stream_follows_the_request_its_id_named_when_it_started(sidecar, stub
     assert got["tokens"] == [101, 102, 103, 104]
 
 
-def test_a_step_naming_an_ended_request_is_refused(sidecar, stub) -> None:
+def test_a_step_naming_an_ended_request_is_refused(sidecar, client) -> None:
     _feed(sidecar, single_request(FIRST, PROMPT, [101, 102, 103]))
-    before = stub.GetScores(pb.GetScoresRequest(request_id=FIRST), timeout=10)
+    before = client.get_scores(FIRST)
     # The same request "continued" in a later step, with other tokens.
     forged = single_request(FIRST, PROMPT, [666, 667, 668], seq0=10)
     _feed(sidecar, forged)
-    after = stub.GetScores(pb.GetScoresRequest(request_id=FIRST), timeout=10)
-    assert after.state == pb.REQUEST_STATE_FINISHED and not after.incomplete_reason
+    after = client.get_scores(FIRST)
+    assert after.state is RequestState.FINISHED and not after.incomplete_reason
     assert _tokens(after) == _tokens(before) == [101, 102, 103]
     assert [s.probability for t in after.tokens for s in t.scores] == \
         [s.probability for t in before.tokens for s in t.scores]

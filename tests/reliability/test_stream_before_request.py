@@ -16,8 +16,7 @@ import pytest
 from support import free_port
 from tiny_engine import GENERATED, probe, schedule
 
-from detector.api.liedetector.v1 import detector_pb2 as pb
-from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.client import DetectorClient, DetectorError
 from detector.sidecar.app import Sidecar, SidecarSettings
 
 # Longer than the fixed 10 s the sidecar used to wait before answering NOT_FOUND.
@@ -37,18 +36,16 @@ def _sidecar(tmp_path, appear_wait_s: float) -> Sidecar:
 def test_stream_waits_for_a_request_that_arrives_late(tmp_path) -> None:
     sc = _sidecar(tmp_path, appear_wait_s=60.0)
     try:
-        with grpc.insecure_channel(sc.settings.grpc_address) as ch:
-            stub = pb_grpc.DetectorStub(ch)
+        with DetectorClient(sc.settings.grpc_address) as client:
             got: dict = {}
 
             def read() -> None:
                 try:
-                    updates = list(stub.StreamScores(pb.StreamScoresRequest(request_id="A"),
-                                                     timeout=120))
+                    updates = list(client.stream_scores("A", timeout=120))
                     got["tokens"] = [t.token_id for u in updates for t in u.tokens]
                     got["final"] = updates[-1].final if updates else False
-                except grpc.RpcError as exc:
-                    got["error"] = f"{exc.code().name}: {exc.details()}"
+                except DetectorError as exc:
+                    got["error"] = str(exc)
 
             reader = threading.Thread(target=read)
             reader.start()
@@ -68,11 +65,10 @@ def test_stream_for_an_id_that_never_appears_ends_not_found(tmp_path) -> None:
     """NOT_FOUND after ``stream_appear_wait_s``, not the client's (longer) deadline."""
     sc = _sidecar(tmp_path, appear_wait_s=0.5)
     try:
-        with grpc.insecure_channel(sc.settings.grpc_address) as ch:
-            stub = pb_grpc.DetectorStub(ch)
-            with pytest.raises(grpc.RpcError) as err:
-                list(stub.StreamScores(pb.StreamScoresRequest(request_id="never"), timeout=120))
-            assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value.details()
-            assert "not known" in err.value.details()
+        with DetectorClient(sc.settings.grpc_address) as client:
+            with pytest.raises(DetectorError) as err:
+                list(client.stream_scores("never", timeout=120))
+            assert err.value.code == grpc.StatusCode.NOT_FOUND, err.value.details
+            assert "not known" in err.value.details
     finally:
         sc.stop()

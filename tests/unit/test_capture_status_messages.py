@@ -16,13 +16,12 @@ import zmq
 from support import free_port, health_status, wait_until
 from test_channel import engine, make_step, recv_until
 
-from detector.api.liedetector.v1 import detector_pb2 as pb
-from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.artifact import ProbeArtifact, ProbeMetadata
 from detector.channel.auth import client_options, read_key, write_key
 from detector.channel.publisher import ChannelPublisher
 from detector.channel.subscriber import ChannelSubscriber
 from detector.channel.wire import CaptureStatus, EngineInfo, Heartbeat, encode_heartbeat
+from detector.client import CaptureState, DetectorClient, DetectorError, ProbeList
 from detector.model_identity import ModelIdentity
 from detector.sidecar.app import Sidecar, SidecarSettings
 from detector.sidecar.registry import NO_ENGINE_YET
@@ -124,30 +123,29 @@ def test_sidecar_says_why_capture_is_off(endpoint, key_file, tmp_path) -> None:
     sidecar.start()
     pub = None
     try:
-        with grpc.insecure_channel(settings.grpc_address) as ch:
-            stub = pb_grpc.DetectorStub(ch)
-            reply = stub.ListProbes(pb.ListProbesRequest(), timeout=5)
-            assert reply.capture_status.state == pb.CAPTURE_STATE_UNSPECIFIED
+        with DetectorClient(settings.grpc_address, timeout=5) as client:
+            reply = client.list_probes()
+            assert reply.capture_status.state is CaptureState.UNSPECIFIED
             assert reply.probes[0].inactive_reason == NO_ENGINE_YET
 
             # The plugin's own publisher, presenting the key, as in vLLM.
             pub = ChannelPublisher(endpoint, None, status=off(), heartbeat_s=0.05,
                                    key=read_key(key_file))
 
-            def listed() -> pb.ListProbesResponse:
-                return stub.ListProbes(pb.ListProbesRequest(), timeout=5)
+            def listed() -> ProbeList:
+                return client.list_probes()
 
-            wait_until(lambda: listed().capture_status.state == pb.CAPTURE_STATE_OFF, 10,
+            wait_until(lambda: listed().capture_status.state is CaptureState.OFF, 10,
                        what="capture OFF in ListProbes")
             reply = listed()
             status = reply.capture_status
             assert status.summary == f"capture is OFF in vLLM (pid 4242): {REASON}"
             assert status.reason == REASON and status.pid == 4242 and status.model == "tiny"
             assert reply.probes[0].inactive_reason == status.summary
-            with pytest.raises(grpc.RpcError) as info:
-                stub.GetScores(pb.GetScoresRequest(request_id="nope"), timeout=5)
-            assert info.value.code() == grpc.StatusCode.NOT_FOUND
-            assert status.summary in info.value.details()
+            with pytest.raises(DetectorError) as info:
+                client.get_scores("nope")
+            assert info.value.code == grpc.StatusCode.NOT_FOUND
+            assert status.summary in info.value.details
             # Nothing is captured, so the hook is not serving.
             assert health_status(settings.grpc_address, HOOK_HEALTH_NAME) == 2  # NOT_SERVING
             pub.close()
@@ -159,12 +157,12 @@ def test_sidecar_says_why_capture_is_off(endpoint, key_file, tmp_path) -> None:
                 def beat() -> bool:
                     sock.send_multipart(encode_heartbeat(
                         Heartbeat(engine=tiny_engine(), time_ns=time.time_ns())))
-                    return listed().capture_status.state == pb.CAPTURE_STATE_ON
+                    return listed().capture_status.state is CaptureState.ON
                 wait_until(beat, 10, what="capture ON in ListProbes")
             finally:
                 sock.close(linger=0)
             reply = listed()
-            assert reply.capture_status.layers == [1, 3]
+            assert reply.capture_status.layers == (1, 3)
             assert reply.probes[0].inactive_reason == ""
     finally:
         if pub is not None:

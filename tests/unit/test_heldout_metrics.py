@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
+from detector.client import Scores, scores_from_pb
 from probes import heldout_metrics as hm
 from probes.datasets.schema import Question, Shot
 from probes.heldout_eval import Job, Reply, label_longform, label_short, plain_prompt
@@ -89,7 +90,8 @@ def test_longform_claims_of_an_invented_country() -> None:
 
 
 def _scores(text: str, spans: list[tuple[int, int, int, int, float]], probe: str = "p",
-            threshold: float = 0.5) -> pb.ScoresResponse:
+            threshold: float = 0.5) -> Scores:
+    """What GetScores returns (through detector.client) for ``text`` with these claims."""
     out = pb.ScoresResponse(text=text, state=pb.REQUEST_STATE_FINISHED)
     flagged = 0
     for cs, ce, ts, te, score in spans:
@@ -100,7 +102,7 @@ def _scores(text: str, spans: list[tuple[int, int, int, int, float]], probe: str
     out.verdicts.append(pb.ResponseVerdict(probe=probe, score=max(s[4] for s in spans),
                                            threshold=threshold, flagged=flagged > 0,
                                            claims=len(spans), flagged_claims=flagged))
-    return out
+    return scores_from_pb(out)
 
 
 def _question() -> Question:

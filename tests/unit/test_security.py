@@ -3,61 +3,21 @@ mutual TLS, and admin calls refused unless a token or an mTLS identity allows th
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import stat
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from support import free_port
+from support import free_port, make_pki
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.sidecar.app import Sidecar, SidecarSettings, load_settings
 
 
-def _cert(subject: str, issuer_key=None, issuer_name=None, *, ca: bool = False):
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = dt.datetime.now(dt.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(name)
-               .issuer_name(issuer_name or name).public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=1))
-               .not_valid_after(now + dt.timedelta(hours=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-    cert = builder.sign(issuer_key or key, hashes.SHA256())
-    return key, cert
-
-
-def _write(path: Path, key, cert) -> tuple[Path, Path]:
-    key_path, cert_path = path.with_suffix(".key"), path.with_suffix(".crt")
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return key_path, cert_path
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pki")
-    ca_key, ca_cert = _cert("test-ca", ca=True)
-    _, ca_crt = _write(d / "ca", ca_key, ca_cert)
-    files = {"ca": ca_crt}
-    for who in ("server", "admin-client", "reader-client"):
-        key, cert = _cert(who, ca_key, ca_cert.subject)
-        files[who] = _write(d / who, key, cert)
-    return files
+    return make_pki(tmp_path_factory.mktemp("pki"), ("server", "admin-client", "reader-client"))
 
 
 def _sidecar(tmp_path: Path, **settings) -> Sidecar:

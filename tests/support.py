@@ -562,3 +562,15 @@ def make_pki(directory: Path, names) -> dict:
         key, cert = make_cert(who, ca_key, ca_cert.subject)
         files[who] = write_pem(directory / who, key, cert)
     return files
+
+
+def start_inprocess_sidecar(tmp_path: Path, **settings):
+    """A sidecar in this process on a loopback port, with no engine and no probe: for the
+    API's own behaviour (TLS, admin calls, statuses). Stop it with ``.stop()``."""
+    from detector.sidecar.app import Sidecar, SidecarSettings
+
+    s = SidecarSettings(channel=f"ipc://{tmp_path}/ch.sock", probes=[],
+                        grpc_address=f"127.0.0.1:{free_port()}", metrics_port=None, **settings)
+    sidecar = Sidecar(s)
+    sidecar.start()
+    return sidecar

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support import free_port, make_pki
+from support import free_port, make_pki, start_inprocess_sidecar
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.client import (
@@ -23,7 +23,6 @@ from detector.client import (
     scores_from_pb,
     update_from_pb,
 )
-from detector.sidecar.app import Sidecar, SidecarSettings
 
 
 def _reply() -> pb.ScoresResponse:
@@ -132,16 +131,8 @@ def pki(tmp_path_factory):
     return make_pki(tmp_path_factory.mktemp("pki"), ("server", "admin-client", "reader-client"))
 
 
-def _sidecar(tmp_path: Path, **settings) -> Sidecar:
-    s = SidecarSettings(channel=f"ipc://{tmp_path}/ch.sock", probes=[],
-                        grpc_address=f"127.0.0.1:{free_port()}", metrics_port=None, **settings)
-    sidecar = Sidecar(s)
-    sidecar.start()
-    return sidecar
-
-
 def test_admin_token_errors(tmp_path) -> None:
-    sidecar = _sidecar(tmp_path, admin_token="s3cret")
+    sidecar = start_inprocess_sidecar(tmp_path, admin_token="s3cret")
     address = sidecar.settings.grpc_address
     try:
         with DetectorClient(address) as client:
@@ -178,7 +169,7 @@ def test_admin_token_errors(tmp_path) -> None:
 
 def test_tls_with_server_name(tmp_path, pki) -> None:
     key, crt = pki["server"]
-    sidecar = _sidecar(tmp_path, tls_cert_file=crt, tls_key_file=key)
+    sidecar = start_inprocess_sidecar(tmp_path, tls_cert_file=crt, tls_key_file=key)
     address = sidecar.settings.grpc_address
     try:
         tls = TLSConfig(root_certificates=pki["ca"], server_name="localhost")
@@ -206,7 +197,7 @@ def test_tls_with_server_name(tmp_path, pki) -> None:
 
 def test_mutual_tls_identity_allows_admin(tmp_path, pki) -> None:
     key, crt = pki["server"]
-    sidecar = _sidecar(tmp_path, tls_cert_file=crt, tls_key_file=key,
+    sidecar = start_inprocess_sidecar(tmp_path, tls_cert_file=crt, tls_key_file=key,
                        tls_client_ca_file=pki["ca"], admin_identities=["admin-client"])
     address = sidecar.settings.grpc_address
 
@@ -239,7 +230,7 @@ def test_a_stream_is_open_on_the_sidecar_before_the_first_update(tmp_path) -> No
     the iterator cancels it."""
     import time
 
-    sidecar = _sidecar(tmp_path)
+    sidecar = start_inprocess_sidecar(tmp_path)
     try:
         with DetectorClient(sidecar.settings.grpc_address) as client:
             updates = client.stream_scores("not-yet", timeout=30)

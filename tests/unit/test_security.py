@@ -9,10 +9,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from support import free_port, make_pki
+from support import make_pki, start_inprocess_sidecar
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
-from detector.sidecar.app import Sidecar, SidecarSettings, load_settings
+from detector.sidecar.app import SidecarSettings, load_settings
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +20,8 @@ def pki(tmp_path_factory):
     return make_pki(tmp_path_factory.mktemp("pki"), ("server", "admin-client", "reader-client"))
 
 
-def _sidecar(tmp_path: Path, **settings) -> Sidecar:
-    s = SidecarSettings(channel=f"ipc://{tmp_path}/ch.sock", probes=[],
-                        grpc_address=f"127.0.0.1:{free_port()}", metrics_port=None, **settings)
-    sidecar = Sidecar(s)
-    sidecar.start()
-    return sidecar
-
-
 def test_channel_socket_is_owner_only_and_grpc_on_loopback(tmp_path) -> None:
-    sidecar = _sidecar(tmp_path)
+    sidecar = start_inprocess_sidecar(tmp_path)
     try:
         mode = stat.S_IMODE((tmp_path / "ch.sock").stat().st_mode)
         assert mode == 0o600
@@ -39,7 +31,7 @@ def test_channel_socket_is_owner_only_and_grpc_on_loopback(tmp_path) -> None:
 
 
 def test_admin_calls_are_off_by_default(tmp_path) -> None:
-    sidecar = _sidecar(tmp_path)
+    sidecar = start_inprocess_sidecar(tmp_path)
     try:
         with grpc.insecure_channel(sidecar.settings.grpc_address) as ch:
             stub = pb_grpc.DetectorStub(ch)
@@ -55,7 +47,7 @@ def test_admin_calls_are_off_by_default(tmp_path) -> None:
 
 
 def test_admin_token(tmp_path) -> None:
-    sidecar = _sidecar(tmp_path, admin_token="s3cret")
+    sidecar = start_inprocess_sidecar(tmp_path, admin_token="s3cret")
     try:
         with grpc.insecure_channel(sidecar.settings.grpc_address) as ch:
             stub = pb_grpc.DetectorStub(ch)
@@ -74,7 +66,7 @@ def test_admin_token(tmp_path) -> None:
 
 def test_tls_refuses_plaintext_clients(tmp_path, pki) -> None:
     key, crt = pki["server"]
-    sidecar = _sidecar(tmp_path, tls_cert_file=crt, tls_key_file=key)
+    sidecar = start_inprocess_sidecar(tmp_path, tls_cert_file=crt, tls_key_file=key)
     try:
         address = sidecar.settings.grpc_address
         creds = grpc.ssl_channel_credentials(root_certificates=pki["ca"].read_bytes())
@@ -90,7 +82,7 @@ def test_tls_refuses_plaintext_clients(tmp_path, pki) -> None:
 
 def test_mutual_tls_identity_allows_admin(tmp_path, pki) -> None:
     key, crt = pki["server"]
-    sidecar = _sidecar(tmp_path, tls_cert_file=crt, tls_key_file=key,
+    sidecar = start_inprocess_sidecar(tmp_path, tls_cert_file=crt, tls_key_file=key,
                        tls_client_ca_file=pki["ca"], admin_identities=["admin-client"])
     address = sidecar.settings.grpc_address
     ca = pki["ca"].read_bytes()

@@ -26,7 +26,7 @@ from probes.train import TrainConfig
 
 pytestmark = pytest.mark.vllm
 
-LAYERS = [8, 15, 22]  # what the session server captures (tests/support.py)
+LAYERS = [8, 15, 22]  # captured by the session server (a subset of tests/support.LAYERS)
 TOPICS = ["country_continent", "state_abbreviation", "invented_country_capital",
           "invented_element_number"]
 

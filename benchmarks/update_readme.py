@@ -74,6 +74,7 @@ SOURCES: dict[str, Path | Callable[[], str]] = {
     "soak": _soak,
     "stall": ROOT / "benchmarks/results/stall.md",
     "watchers": ROOT / "benchmarks/results/watchers.md",
+    "annotation": ROOT / "benchmarks/results/annotation.md",
 }
 
 

@@ -178,6 +178,9 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="vLLM dtype (default: the one the probes were captured "
                         "in, recorded in their metadata)")
     parser.add_argument("--log-dir", help="write each process's output to a file here")
+    parser.add_argument("--no-annotate", dest="annotate", action="store_false",
+                        help="do not load the OpenAI middleware that puts verdicts in responses "
+                        "sent with X-Lie-Detector: annotate")
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER,
                         help="after --, extra arguments for vLLM")
 
@@ -207,6 +210,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len, dtype=args.dtype,
         vllm_args=[a for a in args.vllm_args if a != "--"],
         log_dir=Path(args.log_dir) if args.log_dir else None,
+        annotate=args.annotate,
     )
     if args.channel:
         opts.channel = args.channel

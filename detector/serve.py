@@ -52,6 +52,9 @@ class ServeOptions:
     dtype: str | None = None
     vllm_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None
+    # vLLM's API server loads ``detector.openai_middleware``: a request sent with
+    # ``X-Lie-Detector: annotate`` gets its verdict in its own response.
+    annotate: bool = True
 
 
 def probe_layers(paths: list[Path]) -> list[int]:
@@ -117,6 +120,8 @@ def vllm_command(opts: ServeOptions) -> list[str]:
         cmd.append("--no-enable-prefix-caching")
     if opts.enforce_eager:
         cmd.append("--enforce-eager")
+    if opts.annotate:
+        cmd += ["--middleware", MIDDLEWARE]
     return cmd + opts.vllm_args
 
 
@@ -131,6 +136,18 @@ def sidecar_command(opts: ServeOptions) -> list[str]:
     if opts.channel_key_file is not None:
         cmd += ["--channel-key-file", str(opts.channel_key_file)]
     return cmd
+
+
+MIDDLEWARE = "detector.openai_middleware.LieDetectorMiddleware"
+
+
+def sidecar_dial_address(grpc_address: str) -> str:
+    """Where a local client reaches the sidecar listening on ``grpc_address`` (a wildcard
+    host is dialled on loopback)."""
+    host, sep, port = grpc_address.rpartition(":")
+    if sep and host in ("", "0.0.0.0", "[::]", "::"):
+        return f"127.0.0.1:{port}"
+    return grpc_address
 
 
 # The sidecar's secrets: vLLM and its workers (and whatever they log or spawn) never see them.
@@ -154,6 +171,8 @@ def engine_env(opts: ServeOptions, layers: list[int]) -> dict[str, str]:
             env["LIE_DETECTOR_TOKEN_FEATURES"] = ",".join(features)
         else:
             env.pop("LIE_DETECTOR_TOKEN_FEATURES", None)
+    if opts.annotate:  # the middleware in vLLM's API process asks this instance's sidecar
+        env["LIE_DETECTOR_ANNOTATE_GRPC_ADDRESS"] = sidecar_dial_address(opts.grpc_address)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     return env
 

@@ -102,7 +102,10 @@ def log_tails(since: float, lines: int = 40) -> list[tuple[str, str]]:
 
 def start_vllm(model_dir: Path, workdir: Path, *, disable: bool = False,
                layers: list[int] = LAYERS, env_extra: dict[str, str] | None = None,
-               enforce_eager: bool = False) -> VllmServer:
+               enforce_eager: bool = False, annotate: bool = False) -> VllmServer:
+    """``annotate``: load the OpenAI middleware (detector.openai_middleware), as
+    ``lie-detector serve`` does; its sidecar address goes in ``env_extra``
+    (LIE_DETECTOR_ANNOTATE_GRPC_ADDRESS)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     opts = ServeOptions(
@@ -110,7 +113,7 @@ def start_vllm(model_dir: Path, workdir: Path, *, disable: bool = False,
         # test may be open to others, and the channel refuses that).
         model_dir=model_dir, port=port, channel=f"ipc://{workdir}/channel/channel.sock",
         layers=layers,
-        max_model_len=1024, dtype="float32", enforce_eager=enforce_eager,
+        max_model_len=1024, dtype="float32", enforce_eager=enforce_eager, annotate=annotate,
         vllm_args=["--max-num-batched-tokens", str(MAX_BATCHED_TOKENS),
                    "--max-num-seqs", "16", "--seed", "0"],
     )

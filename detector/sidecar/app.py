@@ -37,6 +37,7 @@ from detector.sidecar.service import (
 )
 from detector.sidecar.spans import SPAN_KINDS
 from detector.sidecar.streams import RequestStore
+from detector.sidecar.telemetry import EvaluationEvents, start_evaluation_events
 from detector.sidecar.text import TextDecoder
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,13 @@ class SidecarSettings(BaseSettings):
     # LoadProbe/UnloadProbe are refused unless one of these allows the caller.
     admin_token: SecretStr | None = None
     admin_identities: list[str] = Field(default_factory=list)
+    # OpenTelemetry gen_ai.evaluation.result events, one per finished request per probe
+    # (detector.sidecar.telemetry). None: on when an OTLP endpoint is configured
+    # (OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_LOGS_ENDPOINT); the exporter reads
+    # the standard OTEL_* variables for everything else.
+    otel_events: bool | None = None
+    # At stop, how long queued events may take to export before they are dropped.
+    otel_shutdown_timeout_s: float = Field(5.0, ge=0)
 
     @model_validator(mode="after")
     def _tls_complete(self) -> SidecarSettings:
@@ -201,6 +209,8 @@ class Sidecar:
 
     def __init__(self, settings: SidecarSettings) -> None:
         self.settings = settings
+        # First: a setting to fix is reported before anything binds a socket.
+        self.events = _evaluation_events(settings)
         served = identify_model(settings.model_dir) if settings.model_dir else None
         device = torch.device(settings.device) if settings.device else None
         torch.set_num_threads(settings.cpu_threads)
@@ -227,7 +237,8 @@ class Sidecar:
         self.analyzer = Analyzer(decoder, settings.span_kinds)
         self.pipeline = ScoringPipeline(self.subscriber, self.registry, self.store, self.metrics,
                                         self.analyzer, hook_timeout_s=settings.hook_timeout_s,
-                                        engine_idle_s=settings.engine_idle_s)
+                                        engine_idle_s=settings.engine_idle_s,
+                                        events=self.events)
         admin = AdminGuard(
             token=settings.admin_token.get_secret_value() if settings.admin_token else None,
             identities=settings.admin_identities)
@@ -269,12 +280,27 @@ class Sidecar:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(self.settings.shutdown_grace_s).wait()
         self.pipeline.stop()
+        if self.events is not None:  # after scoring stopped: nothing is emitted any more
+            self.events.shutdown(self.settings.otel_shutdown_timeout_s)
         self.subscriber.close()
         self._stopped.set()
         logger.info("sidecar stopped")
 
     def wait(self) -> None:
         self._stopped.wait()
+
+
+def _evaluation_events(settings: SidecarSettings) -> EvaluationEvents | None:
+    """OpenTelemetry events if configured. An OTLP protocol with no exporter is a setting to
+    fix; any other failure to set up leaves events off and scoring running (fail open)."""
+    try:
+        return start_evaluation_events(settings.otel_events)
+    except ValueError as exc:
+        raise SettingsError(f"OpenTelemetry: {exc}") from None
+    except Exception:
+        logger.exception("OpenTelemetry: could not set up the OTLP log exporter; "
+                         "evaluation events are off")
+        return None
 
 
 def run_sidecar(settings: SidecarSettings) -> int:

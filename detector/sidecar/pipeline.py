@@ -20,6 +20,7 @@ from detector.sidecar.analysis import Analyzer
 from detector.sidecar.metrics import SidecarMetrics
 from detector.sidecar.registry import ProbeRegistry
 from detector.sidecar.streams import RequestStore, rows_to_score
+from detector.sidecar.telemetry import EvaluationEvents
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +38,15 @@ class ScoringPipeline:
         *,
         hook_timeout_s: float = 10.0,
         engine_idle_s: float = 30.0,
+        events: EvaluationEvents | None = None,
     ) -> None:
         self.subscriber = subscriber
         self.registry = registry
         self.store = store
         self.metrics = metrics
         self.analyzer = analyzer
+        # OpenTelemetry gen_ai.evaluation.result events per finished request (None: off).
+        self.events = events
         self.hook_timeout_s = hook_timeout_s
         # Running requests are taken as ended once the engine has run no step for this long
         # (by the engine's clock: see RequestStore.engine_quiet_s).
@@ -168,7 +172,8 @@ class ScoringPipeline:
                            self._stale_refused)
 
     def _account_finished(self, req_id: str) -> None:
-        """Span verdicts of a finished request, counted once, for alerting."""
+        """Span verdicts of a finished request, counted once, for alerting (and, with
+        OpenTelemetry on, sent once as one evaluation event per probe)."""
         if not self.store.claim_finished(req_id):
             return
         snap = self.store.snapshot(req_id)
@@ -193,6 +198,8 @@ class ScoringPipeline:
         for r in analysis.responses:  # the response verdict: any claim span flagged
             if r.flagged:
                 m.requests_flagged.labels(r.probe).inc()
+        if self.events is not None:  # queued for export; never raises
+            self.events.request_finished(analysis, columns.names, columns.thresholds)
 
     def _housekeeping(self) -> None:
         """Gauges, hook state and request ends."""

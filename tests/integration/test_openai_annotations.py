@@ -1,0 +1,250 @@
+"""Verdicts in the client's own OpenAI response (detector.openai_middleware) through a real
+vLLM server started with ``--middleware`` and a real sidecar serving the shipped probe.
+
+One vLLM server for the module; the plugin-off baseline is the session's shared
+``vllm_server_disabled``. The sidecar is killed by the last test (fail-open), so the
+order of the tests matters: that one stays last."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from support import (
+    SidecarProcess,
+    VllmServer,
+    _served_model,
+    start_sidecar,
+    start_vllm,
+    wait_for_engine,
+)
+
+from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.artifact import default_probe_dir
+from detector.client import DetectorClient
+from detector.openai_middleware import place_spans
+
+pytestmark = pytest.mark.vllm
+
+# The default probe reads layers 16 and 20.
+PROBE_LAYERS = [16, 20]
+# Generous on a shared 2-core machine: the bound only matters when the sidecar is slow.
+BOUND_S = 10.0
+ANNOTATE = {"X-Lie-Detector": "annotate"}
+QUESTION = "What is the capital of France?"
+PROMPT = f"Q: {QUESTION}\nA:"
+MAX_TOKENS = 12
+
+
+@dataclass
+class Served:
+    server: VllmServer
+    sidecar: SidecarProcess
+
+
+@pytest.fixture(scope="module")
+def served(model_dir, tmp_path_factory) -> Served:
+    probe = default_probe_dir()
+    if probe is None:
+        pytest.skip("the shipped probe is not built")
+    workdir = tmp_path_factory.mktemp("annotate")
+    # start_vllm's channel: the sidecar binds it first, so vLLM is told its gRPC address.
+    channel = f"ipc://{workdir}/channel/channel.sock"
+    sidecar = start_sidecar(channel, workdir / "sidecar", probes=[probe], model_dir=model_dir)
+    try:
+        server = start_vllm(model_dir, workdir, layers=PROBE_LAYERS, annotate=True, env_extra={
+            "LIE_DETECTOR_ANNOTATE_GRPC_ADDRESS": sidecar.grpc_address,
+            "LIE_DETECTOR_ANNOTATE_TIMEOUT_S": str(BOUND_S)})
+    except Exception:
+        sidecar.stop()
+        raise
+    try:
+        with grpc.insecure_channel(sidecar.grpc_address) as ch:
+            wait_for_engine(pb_grpc.DetectorStub(ch))
+        yield Served(server, sidecar)
+    finally:
+        server.stop()
+        sidecar.stop()
+
+
+def body_for(base_url: str, api: str, *, stream: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": _served_model(base_url), "max_tokens": MAX_TOKENS,
+                            "temperature": 0.0, "stream": stream}
+    if api == "chat":
+        body["messages"] = [{"role": "user", "content": QUESTION}]
+    else:
+        body["prompt"] = PROMPT
+    return body
+
+
+def path_for(api: str) -> str:
+    return "/v1/chat/completions" if api == "chat" else "/v1/completions"
+
+
+def post(base_url: str, api: str, *, stream: bool = False,
+         headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(base_url + path_for(api), json=body_for(base_url, api, stream=stream),
+                      headers=headers or {}, timeout=300)
+
+
+def returned_text(api: str, choice: dict) -> str:
+    return choice["message"]["content"] if api == "chat" else choice["text"]
+
+
+def sse_events(raw: bytes) -> list[bytes]:
+    assert raw.endswith(b"\n\n"), raw[-200:]
+    return [e for e in raw.split(b"\n\n") if e]
+
+
+def streamed_text(api: str, events: list[dict]) -> str:
+    out = []
+    for event in events:
+        for choice in event.get("choices") or ():
+            piece = choice.get("text") if api == "completions" else (
+                choice.get("delta") or {}).get("content")
+            out.append(piece or "")
+    return "".join(out)
+
+
+def check_field(field: dict, response_id: str, text: str, sidecar: SidecarProcess) -> None:
+    """The field is what the sidecar says of that response, offsets into ``text``."""
+    assert field["status"] == "ok", field
+    assert field["state"] == "FINISHED"
+    with DetectorClient(sidecar.grpc_address) as client:
+        scores = client.get_scores(response_id)
+    assert field["verdicts"] == [
+        {"probe": v.probe, "score": v.score, "threshold": v.threshold, "flagged": v.flagged,
+         "claims": v.claims, "flagged_claims": v.flagged_claims} for v in scores.verdicts]
+    assert field["verdicts"] and field["verdicts"][0]["claims"] >= 1, field
+    placed, dropped = place_spans(scores.claims, scores.text, text)
+    assert field["spans_dropped"] == dropped
+    assert [(s["char_start"], s["char_end"], s["text"], s["probe"], s["score"], s["flagged"])
+            for s in field["spans"]] == [
+        (s.char_start, s.char_end, s.text, s.probe, s.score, s.flagged) for s in placed]
+    assert field["spans"], "a short factual answer has claim spans"
+    for span in field["spans"]:
+        assert text[span["char_start"]:span["char_end"]] == span["text"]
+    if scores.text == text:  # the usual case: the sidecar's offsets as they were
+        assert field["spans_dropped"] == 0
+        assert [(s["char_start"], s["char_end"]) for s in field["spans"]] == [
+            (s.char_start, s.char_end) for s in scores.claims]
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_annotated_response_carries_the_verdict(served: Served, api: str) -> None:
+    resp = post(served.server.base_url, api, headers=ANNOTATE)
+    assert resp.status_code == 200
+    assert resp.headers["x-lie-detector-verdict"] == "ok"
+    assert int(resp.headers["content-length"]) == len(resp.content)
+    data = resp.json()
+    text = returned_text(api, data["choices"][0])
+    check_field(data["lie_detector"], data["id"], text, served.sidecar)
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_annotated_stream_ends_with_the_verdict(served: Served, api: str) -> None:
+    resp = post(served.server.base_url, api, stream=True, headers=ANNOTATE)
+    assert resp.status_code == 200
+    events = sse_events(resp.content)
+    assert events[-1] == b"data: [DONE]"
+    final = json.loads(events[-2].removeprefix(b"data: "))
+    assert list(final) == ["lie_detector"]
+    chunks = [json.loads(e.removeprefix(b"data: ")) for e in events[:-2]]
+    check_field(final["lie_detector"], chunks[0]["id"], streamed_text(api, chunks),
+                served.sidecar)
+
+
+# vLLM gives every response a fresh random id and the time it was made: the only bytes that
+# may differ between two servers answering the same greedy request. Everything else (text,
+# token counts, key order, spacing) must be byte for byte what the plugin-off server sends.
+_ID = re.compile(rb'"id":\s*"[^"]*"')
+_CREATED = re.compile(rb'"created":\s*\d+')
+
+
+def normalised(raw: bytes) -> bytes:
+    return _CREATED.sub(b'"created":0', _ID.sub(b'"id":"X"', raw))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_unannotated_requests_are_byte_identical(served: Served, vllm_server_disabled,
+                                                 api: str, stream: bool) -> None:
+    ours = post(served.server.base_url, api, stream=stream)
+    base = post(vllm_server_disabled.base_url, api, stream=stream)
+    assert ours.status_code == base.status_code == 200
+    assert "x-lie-detector-verdict" not in ours.headers
+    assert b"lie_detector" not in ours.content
+    assert normalised(ours.content) == normalised(base.content)
+    assert ours.headers.get("content-type") == base.headers.get("content-type")
+
+
+@pytest.mark.parametrize("extra", [
+    # The returned text starts with the prompt: offsets count it too.
+    {"echo": True},
+    # vLLM cuts at the stop string in its API process, after the engine ran past it.
+    {"stop": ["\n", "."]},
+])
+def test_offsets_index_the_returned_text(served: Served, extra: dict) -> None:
+    body = {**body_for(served.server.base_url, "completions"), **extra}
+    resp = httpx.post(served.server.base_url + "/v1/completions", json=body, headers=ANNOTATE,
+                      timeout=300)
+    assert resp.status_code == 200 and resp.headers["x-lie-detector-verdict"] == "ok"
+    data = resp.json()
+    text = data["choices"][0]["text"]
+    if "echo" in extra:
+        assert text.startswith(PROMPT)
+    field = data["lie_detector"]
+    for span in field["spans"]:
+        assert text[span["char_start"]:span["char_end"]] == span["text"]
+    with DetectorClient(served.sidecar.grpc_address) as client:
+        scores = client.get_scores(data["id"])
+    # Every claim of the sidecar's text is placed, none dropped, none invented.
+    assert field["spans_dropped"] == 0
+    assert [s["text"] for s in field["spans"]] == [s.text for s in scores.claims]
+
+
+def test_other_endpoints_and_bad_requests_unchanged(served: Served) -> None:
+    resp = httpx.get(served.server.base_url + "/v1/models", headers=ANNOTATE, timeout=30)
+    assert resp.status_code == 200 and "x-lie-detector-verdict" not in resp.headers
+    bad = httpx.post(served.server.base_url + "/v1/completions", headers=ANNOTATE,
+                     json={"model": _served_model(served.server.base_url)}, timeout=30)
+    assert bad.status_code == 400 and "lie_detector" not in bad.text
+    assert bad.headers["x-lie-detector-verdict"] == "unavailable"
+
+
+def test_two_choices_say_unavailable(served: Served) -> None:
+    body = {**body_for(served.server.base_url, "completions"), "n": 2, "temperature": 0.8,
+            "seed": 1}
+    resp = httpx.post(served.server.base_url + "/v1/completions", json=body, headers=ANNOTATE,
+                      timeout=300)
+    assert resp.status_code == 200 and len(resp.json()["choices"]) == 2
+    assert resp.headers["x-lie-detector-verdict"] == "unavailable"
+    assert resp.headers["x-lie-detector-reason"] == "multiple-choices"
+
+
+# Last: the sidecar does not come back.
+def test_sidecar_gone_fails_open(served: Served, vllm_server_disabled) -> None:
+    served.sidecar.kill()
+    for api in ("completions", "chat"):
+        resp = post(served.server.base_url, api, headers=ANNOTATE)
+        assert resp.status_code == 200
+        assert resp.headers["x-lie-detector-verdict"] == "unavailable"
+        assert resp.headers["x-lie-detector-reason"].startswith("sidecar-")
+        assert "lie_detector" not in resp.json()
+        assert int(resp.headers["content-length"]) == len(resp.content)
+        # The normal body: what the plugin-off server answers.
+        base = post(vllm_server_disabled.base_url, api)
+        assert normalised(resp.content) == normalised(base.content)
+
+        streamed = post(served.server.base_url, api, stream=True, headers=ANNOTATE)
+        assert streamed.status_code == 200
+        events = sse_events(streamed.content)
+        assert events[-1] == b"data: [DONE]"
+        field = json.loads(events[-2].removeprefix(b"data: "))["lie_detector"]
+        assert field["status"] == "unavailable" and field["reason"].startswith("sidecar-")

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import grpc
 
 from detector.client import AsyncDetectorClient, DetectorError, Scores, TLSConfig
+from detector.openai_middleware import place_spans
 
 __all__ = ["ACTION_NAME", "COLANG_FLOW", "FLOW_NAME", "ErrorSpan", "RailResult",
            "error_spans", "make_action", "register"]
@@ -72,21 +73,16 @@ class ScoresSource(Protocol):
 
 
 def error_spans(value: str, scores: Scores) -> tuple[ErrorSpan, ...]:
-    """The flagged claim spans placed on ``value``: at the sidecar's offsets when the text there
-    is the span's, else at the first occurrence of the span's text; dropped when absent."""
-    found: list[ErrorSpan] = []
-    for span in scores.flagged_spans:
-        if span.kind != "claim" or not span.text:
-            continue
-        start = span.char_start
-        if value[start:span.char_end] != span.text:
-            start = value.find(span.text)
-            if start < 0:
-                log.warning("flagged span %r is not in the checked text; dropped", span.text)
-                continue
-        reason = f"{span.probe}: score {span.score:.2f} >= threshold {span.threshold:.2f}"
-        found.append(ErrorSpan(start, start + len(span.text), reason))
-    return tuple(found)
+    """The flagged claim spans placed on ``value`` as the OpenAI middleware places them
+    (:func:`detector.openai_middleware.place_spans`): at the sidecar's offsets when the text there
+    is the span's, else at the occurrence of the span's text nearest them; dropped otherwise."""
+    flagged = [s for s in scores.flagged_spans if s.kind == "claim" and s.text]
+    placed, dropped = place_spans(flagged, scores.text, value)
+    if dropped:
+        log.warning("%d flagged span(s) not found in the checked text; dropped", dropped)
+    return tuple(ErrorSpan(s.char_start, s.char_end,
+                           f"{s.probe}: score {s.score:.2f} >= threshold {s.threshold:.2f}")
+                 for s in placed)
 
 
 def make_action(address: str, *, tls: TLSConfig | bool | None = None,

@@ -71,6 +71,14 @@ def test_spans_are_replaced_by_search_or_dropped() -> None:
                              "default: score 0.90 >= threshold 0.50"),)
 
 
+def test_a_repeated_claim_is_placed_at_the_occurrence_nearest_its_offsets() -> None:
+    text = "It was 1898, or so they say; the paper says 1898."
+    second = span("1898", text.rindex("1898"))
+    value = "Answer: " + text
+    got = error_spans(value, scores(second, text=text))
+    assert [(e.start, e.end) for e in got] == [(value.rindex("1898"), len(value) - 1)]
+
+
 def run(action: Any, **context: Any) -> dict[str, Any]:
     return asyncio.run(action(context=context))
 

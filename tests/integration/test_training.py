@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import LAYERS  # what the session server captures: the capture manifest records it
 
 from detector.artifact import check_compatible, load_probe
 from detector.model_identity import identify_model
@@ -26,7 +27,6 @@ from probes.train import TrainConfig
 
 pytestmark = pytest.mark.vllm
 
-LAYERS = [8, 15, 22]  # what the session server captures (tests/support.py)
 TOPICS = ["country_continent", "state_abbreviation", "invented_country_capital",
           "invented_element_number"]
 

@@ -195,10 +195,11 @@ def test_tls_with_server_name(tmp_path, pki) -> None:
         sidecar.stop()
 
 
-def test_mutual_tls_identity_allows_admin(tmp_path, pki) -> None:
+def test_client_with_mutual_tls_identity_may_load_probes(tmp_path, pki) -> None:
     key, crt = pki["server"]
     sidecar = start_inprocess_sidecar(tmp_path, tls_cert_file=crt, tls_key_file=key,
-                       tls_client_ca_file=pki["ca"], admin_identities=["admin-client"])
+                                      tls_client_ca_file=pki["ca"],
+                                      admin_identities=["admin-client"])
     address = sidecar.settings.grpc_address
 
     def tls(who: str | None) -> TLSConfig:

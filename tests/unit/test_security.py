@@ -83,7 +83,8 @@ def test_tls_refuses_plaintext_clients(tmp_path, pki) -> None:
 def test_mutual_tls_identity_allows_admin(tmp_path, pki) -> None:
     key, crt = pki["server"]
     sidecar = start_inprocess_sidecar(tmp_path, tls_cert_file=crt, tls_key_file=key,
-                       tls_client_ca_file=pki["ca"], admin_identities=["admin-client"])
+                                      tls_client_ca_file=pki["ca"],
+                                      admin_identities=["admin-client"])
     address = sidecar.settings.grpc_address
     ca = pki["ca"].read_bytes()
 

@@ -13,7 +13,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import httpx
 import pytest
 from support import (
@@ -25,7 +24,6 @@ from support import (
     wait_for_engine,
 )
 
-from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.artifact import default_probe_dir
 from detector.client import DetectorClient
 from detector.openai_middleware import place_spans
@@ -65,8 +63,7 @@ def served(model_dir, tmp_path_factory) -> Served:
         sidecar.stop()
         raise
     try:
-        with grpc.insecure_channel(sidecar.grpc_address) as ch:
-            wait_for_engine(pb_grpc.DetectorStub(ch))
+        wait_for_engine(sidecar.grpc_address)
         yield Served(server, sidecar)
     finally:
         server.stop()

@@ -59,6 +59,28 @@ def request_aliases(req_id: str) -> list[str]:
     return list(dict.fromkeys(a for a in aliases if a))
 
 
+@dataclass(frozen=True, slots=True)
+class ClientIds:
+    """The ids an API client knows a request by, read from the engine's id."""
+
+    response_id: str
+    x_request_id: str | None
+    prompt_index: int | None
+
+
+def client_ids(engine_id: str) -> ClientIds:
+    """``cmpl-X-0-1a2b3c4d`` -> response ``cmpl-X``, X-Request-Id ``X``, prompt 0;
+    ``chatcmpl-X-1a2b3c4d`` -> ``chatcmpl-X``, ``X`` (vLLM's ids, as in
+    :func:`request_aliases`)."""
+    external = _INTERNAL_SUFFIX.sub("", engine_id)
+    m = _PROMPT_INDEX.match(external)
+    if m:
+        return ClientIds(m.group(1), m.group(1)[len("cmpl-"):], int(m.group(2)))
+    if external.startswith("chatcmpl-") and len(external) > len("chatcmpl-"):
+        return ClientIds(external, external[len("chatcmpl-"):], None)
+    return ClientIds(external, None, None)
+
+
 @dataclass(slots=True)
 class ProbeColumns:
     """The probes a row was scored with (shared by every row scored together)."""

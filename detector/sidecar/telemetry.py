@@ -43,14 +43,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from detector import __version__
 from detector.log_throttle import LogThrottle
+from detector.sidecar.streams import client_ids
 
 if TYPE_CHECKING:
     from detector.claims import ResponseVerdict
@@ -64,32 +63,6 @@ DEFAULT_SERVICE_NAME = "lie-detector-sidecar"
 LABEL_FLAGGED = "flagged"
 LABEL_NOT_FLAGGED = "not_flagged"
 PROTOCOLS = ("grpc", "http/protobuf")
-
-_INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
-_COMPLETION = re.compile(r"^cmpl-(.+)-(\d+)$")
-
-
-@dataclass(frozen=True, slots=True)
-class ClientIds:
-    """The ids an API client knows a request by, read from the engine's id."""
-
-    response_id: str
-    x_request_id: str | None
-    prompt_index: int | None
-
-
-def client_ids(engine_id: str) -> ClientIds:
-    """``cmpl-X-0-1a2b3c4d`` -> response ``cmpl-X``, X-Request-Id ``X``, prompt 0;
-    ``chatcmpl-X-1a2b3c4d`` -> ``chatcmpl-X``, ``X`` (vLLM's ids; see
-    :func:`detector.sidecar.streams.request_aliases`)."""
-    external = _INTERNAL_SUFFIX.sub("", engine_id)
-    m = _COMPLETION.match(external)
-    if m:
-        return ClientIds(f"cmpl-{m.group(1)}", m.group(1), int(m.group(2)))
-    if external.startswith("chatcmpl-") and len(external) > len("chatcmpl-"):
-        return ClientIds(external, external[len("chatcmpl-"):], None)
-    return ClientIds(external, None, None)
-
 
 def evaluation_attributes(analysis: RequestAnalysis, probe: str, threshold: float,
                           verdict: ResponseVerdict | None) -> dict[str, Any]:

@@ -21,10 +21,10 @@ import pytest
 from detector.claims import ResponseVerdict
 from detector.sidecar.analysis import RequestAnalysis
 from detector.sidecar.streams import RequestRecord
+from detector.sidecar.streams import client_ids
 from detector.sidecar.telemetry import (
     EVENT_NAME,
     EvaluationEvents,
-    client_ids,
     events_wanted,
     otlp_log_exporter,
     otlp_protocol,

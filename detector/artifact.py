@@ -52,6 +52,7 @@ from safetensors.torch import save as _st_save
 from detector import __version__
 from detector.hooks.token_features import TOKEN_FEATURES, TOKEN_FEATURES_ENV
 from detector.model_identity import ModelIdentity
+from detector.verdict import VerdictModel
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,9 @@ class ProbeMetadata(BaseModel):
     # Per-token inputs beside the rows (hybrid probe), in the order their weights follow
     # the hidden weights. The engine computes them only when a loaded probe lists them.
     token_features: list[str] = Field(default_factory=list)
+    # Claim verdict fusing the probe with the claim's token probability (detector.verdict):
+    # when set, a claim's score and threshold are the verdict's; tokens keep the probe's.
+    verdict: VerdictModel | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     library_version: str = __version__
     training: dict[str, Any] = Field(default_factory=dict)
@@ -167,6 +171,12 @@ class ProbeMetadata(BaseModel):
         if self.calibration != "platt" and any(has_platt):
             raise ValueError(f"platt_a/platt_b are set but calibration is {self.calibration!r}")
         return self
+
+    @property
+    def claim_threshold(self) -> float:
+        """The threshold a claim's score is compared with at the shipped operating point:
+        the verdict's when there is one (its scores are the verdict's), else ``threshold``."""
+        return self.verdict.threshold_for() if self.verdict is not None else self.threshold
 
     @property
     def hidden_dim(self) -> int:
@@ -348,8 +358,16 @@ def check_compatible(
 
 
 def probe_token_features(metas: Sequence[ProbeMetadata]) -> list[str]:
-    """Every token feature any of the probes reads, in canonical order (what the engine
-    must compute: ``LIE_DETECTOR_TOKEN_FEATURES``)."""
+    """Every token feature any of the probes reads, as a linear input or through its
+    verdict, in canonical order (what the engine must compute:
+    ``LIE_DETECTOR_TOKEN_FEATURES``)."""
+    wanted = {f for m in metas for f in m.token_features}
+    wanted |= {f for m in metas if m.verdict is not None for f in m.verdict.token_features}
+    return [f for f in TOKEN_FEATURES if f in wanted]
+
+
+def linear_token_features(metas: Sequence[ProbeMetadata]) -> list[str]:
+    """The token features the probes' weights read (hybrid probes), in canonical order."""
     wanted = {f for m in metas for f in m.token_features}
     return [f for f in TOKEN_FEATURES if f in wanted]
 
@@ -639,6 +657,7 @@ __all__ = [
     "ProbeMismatchError",
     "check_compatible",
     "folded_linear",
+    "linear_token_features",
     "load_probe",
     "probe_token_features",
 ]

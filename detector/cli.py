@@ -115,6 +115,9 @@ def _sidecar_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="DIR",
                         help="the served model's folder, to check probes before vLLM connects")
     parser.add_argument("--device", help="torch device for scoring (default: cuda if present)")
+    parser.add_argument("--target-fpr", type=float, metavar="RATE",
+                        help="false-flag rate to operate verdicts at, e.g. 0.05 (default: the "
+                        "rate each probe shipped with; no retraining needed)")
     parser.add_argument("--config", metavar="FILE", help="settings file (.toml, .yaml or .json); "
                         "flags and LIE_DETECTOR_* variables override it")
 
@@ -145,6 +148,8 @@ def _sidecar(args: argparse.Namespace) -> int:
         overrides["model_dir"] = args.model
     if args.device:
         overrides["device"] = args.device
+    if args.target_fpr is not None:
+        overrides["target_fpr"] = args.target_fpr
     from detector.channel.auth import ChannelKeyError
     from detector.channel.subscriber import ChannelError
     from detector.serve import EXIT_CONFIG
@@ -181,6 +186,9 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-annotate", dest="annotate", action="store_false",
                         help="do not load the OpenAI middleware that puts verdicts in responses "
                         "sent with X-Lie-Detector: annotate")
+    parser.add_argument("--target-fpr", type=float, metavar="RATE",
+                        help="false-flag rate to operate verdicts at, e.g. 0.05 (default: the "
+                        "rate each probe shipped with; no retraining needed)")
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER,
                         help="after --, extra arguments for vLLM")
 
@@ -198,6 +206,8 @@ def _serve(args: argparse.Namespace) -> int:
         probes = _serve_probes(model, [Path(p) for p in args.probe])
         layers = parse_layers(args.layers)
         check_layers(layers or [], model)
+        if args.target_fpr is not None and not 0.0 < args.target_fpr < 1.0:
+            raise ValueError(f"--target-fpr must be in (0, 1), got {args.target_fpr}")
     except (LaunchError, ValueError) as exc:  # before vLLM starts, in the terminal
         print(f"lie-detector serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -210,7 +220,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len, dtype=args.dtype,
         vllm_args=[a for a in args.vllm_args if a != "--"],
         log_dir=Path(args.log_dir) if args.log_dir else None,
-        annotate=args.annotate,
+        annotate=args.annotate, target_fpr=args.target_fpr,
     )
     if args.channel:
         opts.channel = args.channel

@@ -55,6 +55,9 @@ class ServeOptions:
     # vLLM's API server loads ``detector.openai_middleware``: a request sent with
     # ``X-Lie-Detector: annotate`` gets its verdict in its own response.
     annotate: bool = True
+    # The false-flag rate verdicts operate at (probes with a verdict model; None: each
+    # probe's shipped operating point). Changing it needs no retraining.
+    target_fpr: float | None = None
 
 
 def probe_layers(paths: list[Path]) -> list[int]:
@@ -135,6 +138,8 @@ def sidecar_command(opts: ServeOptions) -> list[str]:
         cmd += ["--probe", str(probe)]
     if opts.channel_key_file is not None:
         cmd += ["--channel-key-file", str(opts.channel_key_file)]
+    if opts.target_fpr is not None:
+        cmd += ["--target-fpr", repr(float(opts.target_fpr))]
     return cmd
 
 

@@ -25,6 +25,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
 from detector.artifact import ProbeArtifact, ProbeArtifactError, ProbeMetadata, _describe
 from detector.model_identity import ModelIdentity
+from detector.verdict import VerdictModel
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +217,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         threshold: float = 0.5,
         training: dict[str, Any] | None = None,
         token_features: Sequence[str] = (),
+        verdict: VerdictModel | None = None,
     ) -> ProbeArtifact:
         """Export for the sidecar; features must be ``layers``' rows concatenated in order,
         then, for a hybrid probe, one column per ``token_features`` name in that order
@@ -259,6 +261,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                 threshold=threshold,
                 training=info,
                 token_features=token_features,
+                verdict=verdict,
             )
         except ValidationError as exc:
             raise ProbeArtifactError(f"probe {name!r}: invalid metadata: {_describe(exc)}") from None

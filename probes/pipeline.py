@@ -27,7 +27,7 @@ from probes.evaluate import (
 )
 from probes.capture import NO_CLAIM_REASON
 from probes.hybrid import with_token_features
-from probes.spans import SpanTable, load_span_table
+from probes.spans import SpanTable, load_span_table, neg_min_logprob
 from probes.store import CaptureStore
 from probes.train import FabricationProbeTrainer, TrainConfig, cross_topic, grouped_holdout
 
@@ -58,8 +58,10 @@ class TrainResult:
         real_auc = real["probe"].auroc if real else float("nan")
         lines = [
             f"probe {self.artifact.name}: layers {self.artifact.metadata.layers}, "
-            f"{self.artifact.metadata.score_position} row, threshold "
-            f"{self.artifact.metadata.threshold:.4f}",
+            f"{self.artifact.metadata.score_position} row, claim threshold "
+            f"{self.artifact.metadata.claim_threshold:.4f}"
+            + (" (verdict: probe + token probability by rank)"
+               if self.artifact.metadata.verdict else ""),
             f"held-out span AUROC {t['probe_auroc']:.3f} (real entities only {real_auc:.3f}); "
             f"best baseline {t['best_baseline']} {t['best_baseline_auroc']:.3f}; "
             f"margin {t['margin']:+.3f}{_ci(t.get('margin_bootstrap'))}; "
@@ -160,7 +162,7 @@ def train_from_capture(capture_dir: str | Path, out_dir: str | Path, *,
     heldout_real = compare_on_spans(table, test[real], prob[real], fpr=cfg.target_fpr) \
         if 0 < table.y[test[real]].sum() < real.sum() else {}
     y_test = table.y[test]
-    thr = trainer.threshold_
+    thr = trainer.claim_threshold_
     threshold = {
         "value": thr, "target_fpr": cfg.target_fpr,
         "test_fpr": float((prob[y_test == 0] >= thr).mean()) if (y_test == 0).any() else None,
@@ -225,7 +227,14 @@ def train_from_capture(capture_dir: str | Path, out_dir: str | Path, *,
             "real_only": heldout_real,
             "by_domain": _subset_results(table, test, prob, "domains"),
             "by_style": _subset_results(table, test, prob, "styles"),
+            # The residual-stream probe alone, beside the verdict that fuses it with the
+            # claim's token probability (detector.verdict).
+            "probe_only": compare_on_spans(table, test,
+                                           trainer.span_proba(table, test, verdict=False),
+                                           fpr=cfg.target_fpr),
         },
+        "verdict": trainer.verdict_.model_dump(exclude={"reference"})
+        if trainer.verdict_ is not None else None,
         "threshold": threshold,
         "cross_topic": cross,
         "targets": targets,
@@ -311,12 +320,16 @@ def score_spans_with_artifact(artifact: ProbeArtifact, table: SpanTable,
     z = x.astype(np.float64) @ w.double().numpy() + b
     z_span = table.span_scores(spans, z, meta.aggregation)
     if meta.calibration == "platt":
-        return 1.0 / (1.0 + np.exp(-(meta.platt_a * z_span + meta.platt_b)))
-    if meta.calibration == "isotonic":
+        prob = 1.0 / (1.0 + np.exp(-(meta.platt_a * z_span + meta.platt_b)))
+    elif meta.calibration == "isotonic":
         assert artifact.isotonic_x is not None and artifact.isotonic_y is not None
-        return np.interp(z_span, artifact.isotonic_x.double().numpy(),
+        prob = np.interp(z_span, artifact.isotonic_x.double().numpy(),
                          artifact.isotonic_y.double().numpy())
-    return 1.0 / (1.0 + np.exp(-z_span))
+    else:
+        prob = 1.0 / (1.0 + np.exp(-z_span))
+    if meta.verdict is not None:  # the claim verdict, as the sidecar judges claims
+        return meta.verdict.probabilities(np.c_[prob, neg_min_logprob(table, spans)])
+    return prob
 
 
 def evaluate_probe(probe_dir: str | Path, capture_dir: str | Path, out_dir: str | Path, *,
@@ -340,7 +353,7 @@ def evaluate_probe(probe_dir: str | Path, capture_dir: str | Path, out_dir: str 
                                       n_directions=n_random_directions)
     result = compare_on_spans(table, spans, prob, random_scores=randoms, fpr=fpr)
     y = table.y[spans]
-    thr = artifact.metadata.threshold
+    thr = artifact.metadata.claim_threshold
     metrics = {
         "probe": artifact.name, "probe_dir": str(probe_dir), "capture": str(capture_dir),
         "all": result,

@@ -111,6 +111,15 @@ class SpanTable:
         return mask
 
 
+def neg_min_logprob(table: SpanTable, spans: np.ndarray) -> np.ndarray:
+    """Per span, minus the lowest finite log-probability of its tokens (NaN if none): the
+    verdict's ``neg_min_logprob`` signal, as :func:`detector.verdict.claim_signals` serves it."""
+    spans = np.asarray(spans, dtype=np.int64)
+    lp = np.asarray(table.logprobs, dtype=np.float64)[table.token_index(spans)]
+    worst = table.span_scores(spans, np.where(np.isfinite(lp), -lp, -np.inf), "max")
+    return np.where(np.isfinite(worst), worst, np.nan)
+
+
 def load_span_table(store: CaptureStore) -> SpanTable:
     """Every retrieval/fabrication span that has rows, as a :class:`SpanTable`."""
     blocks: list[np.ndarray] = []

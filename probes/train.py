@@ -51,9 +51,11 @@ from tqdm.auto import tqdm
 
 from detector.artifact import ProbeArtifact
 from detector.model_identity import ModelIdentity
+from detector.verdict import VerdictModel
 from probes.linear import LinearProbe, threshold_for_fpr
 from probes.hybrid import with_token_features
-from probes.spans import SCORE_POSITIONS, ScorePosition, SpanTable
+from probes.verdict_fit import fit_verdict
+from probes.spans import SCORE_POSITIONS, ScorePosition, SpanTable, neg_min_logprob
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,11 @@ class TrainConfig(BaseModel):
     min_eval_spans: int = Field(10, ge=1)
     # Hybrid probe: token features appended after the rows (probes.hybrid); [] = rows only.
     token_features: list[Literal["logprob", "entropy"]] = Field(default_factory=list)
+    # Claim verdict (detector.verdict): "rank" fuses the probe with the claim's -min
+    # log-probability by rank, calibrated out of fold; "none" serves the probe alone.
+    verdict: Literal["rank", "none"] = "rank"
+    # Weight of the probe's rank in the fusion (the log-probability's is 1 - this).
+    verdict_probe_weight: float = Field(0.5, ge=0.0, le=1.0)
 
 
 def grouped_holdout(y: np.ndarray, groups: np.ndarray, test_fraction: float, seed: int
@@ -441,25 +448,44 @@ class FabricationProbeTrainer(BaseEstimator):
         threshold = threshold_for_fpr(negatives, cfg.target_fpr)
         self.threshold_ = float(min(max(threshold, 1e-6), 1.0 - 1e-6))
         self.train_spans_ = spans
+        self.verdict_: VerdictModel | None = None
+        if cfg.verdict == "rank":
+            signals = np.c_[self.oof_prob_, neg_min_logprob(table, spans)]
+            w = cfg.verdict_probe_weight
+            self.verdict_ = fit_verdict(table.y[spans][ok], signals[ok], weights=(w, 1.0 - w),
+                                        target_fpr=cfg.target_fpr)
         logger.info("probe: layers %s, %s position, C=%g, %s calibration, threshold %.4f "
                     "(<= %.0f%% out-of-fold retrieval spans flagged)", self.layers_,
                     self.position_, self.C_, cfg.calibration, self.threshold_,
                     100 * cfg.target_fpr)
         return self
 
-    def span_proba(self, table: SpanTable, spans: np.ndarray) -> np.ndarray:
-        """Calibrated span probability of fabrication (max over the span's tokens)."""
+    def span_proba(self, table: SpanTable, spans: np.ndarray, *, verdict: bool = True
+                   ) -> np.ndarray:
+        """Calibrated span probability of fabrication: the verdict's, when one was fitted
+        (and ``verdict``), else the probe's own (max over the span's tokens)."""
         check_is_fitted(self, "probe_")
         table = with_token_features(table, self.token_features_)
-        return self.probe_.calibrate(span_logits(self.probe_, table, spans, self.layers_,
+        prob = self.probe_.calibrate(span_logits(self.probe_, table, spans, self.layers_,
                                                  self.position_))
+        if verdict and self.verdict_ is not None:
+            return self.verdict_.probabilities(np.c_[prob, neg_min_logprob(table, spans)])
+        return prob
+
+    @property
+    def claim_threshold_(self) -> float:
+        """The threshold :meth:`span_proba` is compared with."""
+        if self.verdict_ is not None:
+            return self.verdict_.threshold_for()
+        return self.threshold_
 
     def to_artifact(self, *, name: str, model: ModelIdentity, training: dict[str, Any]
                     ) -> ProbeArtifact:
         check_is_fitted(self, "probe_")
         return self.probe_.to_artifact(name=name, model=model, layers=self.layers_,
                                        score_position=self.position_, threshold=self.threshold_,
-                                       training=training, token_features=self.token_features_)
+                                       training=training, token_features=self.token_features_,
+                                       verdict=self.verdict_)
 
 
 def cross_topic(table: SpanTable, spans: np.ndarray, *, layers: Sequence[int],

@@ -60,7 +60,9 @@ class Analyzer:
             # Names copied from the prompt are no claim of the model's (detector.claims).
             prompt = self.decoder.text_of(record.prompt_tail)
             probes = list(zip(columns.names, columns.aggregations, columns.thresholds))
-            verdicts, responses = judge_spans(decoded, find_spans(decoded, prompt),
-                                              [t.scores for t in tokens], probes,
-                                              self.span_kinds)
+            fused = {n: v for n, v in zip(columns.names, columns.verdicts) if v is not None}
+            verdicts, responses = judge_spans(
+                decoded, find_spans(decoded, prompt), [t.scores for t in tokens], probes,
+                self.span_kinds, verdicts=fused,
+                logprobs=record.features.get("logprob") if fused else None)
         return RequestAnalysis(record, tokens, decoded, verdicts, responses)

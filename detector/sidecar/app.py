@@ -80,6 +80,9 @@ class SidecarSettings(BaseSettings):
     # that lost steps and got no new step for this long (their end was in a lost step).
     engine_idle_s: float = Field(30.0, gt=0)
     span_kinds: list[str] = Field(default_factory=lambda: list(SPAN_KINDS))
+    # False-flag rate to operate probes with a verdict model at (each probe's table of
+    # operating points gives the threshold); unset: the rate each probe shipped with.
+    target_fpr: float | None = Field(None, gt=0.0, lt=1.0)
     max_streams: int = Field(256, ge=1)
     # The most often one stream sends an update; steps in between are batched into it.
     stream_interval_s: float = Field(0.05, ge=0, le=5)
@@ -215,7 +218,8 @@ class Sidecar:
         device = torch.device(settings.device) if settings.device else None
         torch.set_num_threads(settings.cpu_threads)
         self.metrics = SidecarMetrics()
-        self.registry = ProbeRegistry(served=served, device=device)
+        self.registry = ProbeRegistry(served=served, device=device,
+                                      target_fpr=settings.target_fpr)
         self.store = RequestStore(max_requests=settings.max_requests,
                                   max_bytes=settings.max_store_bytes,
                                   finished_ttl_s=settings.finished_ttl_s)

@@ -199,7 +199,7 @@ class ScoringPipeline:
             if r.flagged:
                 m.requests_flagged.labels(r.probe).inc()
         if self.events is not None:  # queued for export; never raises
-            self.events.request_finished(analysis, columns.names, columns.thresholds)
+            self.events.request_finished(analysis, columns.names, columns.claim_thresholds)
 
     def _housekeeping(self) -> None:
         """Gauges, hook state and request ends."""

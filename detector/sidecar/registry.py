@@ -22,6 +22,7 @@ import torch
 from detector.artifact import (
     ProbeArtifact,
     ProbeArtifactError,
+    ProbeMetadata,
     ProbeMismatchError,
     check_compatible,
     load_probe,
@@ -30,6 +31,7 @@ from detector.channel.wire import CaptureStatus, EngineInfo
 from detector.model_identity import ModelIdentity
 from detector.sidecar.scorer import FusedProbeScorer, default_device
 from detector.sidecar.streams import ProbeColumns, columns_for
+from detector.verdict import VerdictModel
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +79,14 @@ class ActiveScorer:
 
 class ProbeRegistry:
     def __init__(self, *, served: ModelIdentity | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, target_fpr: float | None = None) -> None:
         self.served = served  # known up front when the sidecar is given the model folder
         self.device = device or default_device()
+        # The operator's false-flag rate for probes with a verdict model (None: each
+        # probe's shipped operating point); see detector.verdict.
+        if target_fpr is not None and not 0.0 < target_fpr < 1.0:
+            raise ValueError(f"target false-flag rate must be in (0, 1), got {target_fpr}")
+        self.target_fpr = target_fpr
         self._probes: dict[str, LoadedProbe] = {}
         self._engine: EngineInfo | None = None
         # The last engine heard from switched capture off (``off``), when, and whether it
@@ -249,9 +256,16 @@ class ProbeRegistry:
                            absent, ",".join(scorer.token_features))
         metas = [a.metadata for a in usable]
         columns = columns_for([m.name for m in metas], [m.score_position for m in metas],
-                              [m.threshold for m in metas], [m.aggregation for m in metas])
+                              [m.threshold for m in metas], [m.aggregation for m in metas],
+                              [self._verdict(m) for m in metas])
         self._active = ActiveScorer(scorer, columns, engine.engine_id)
         self._notify()
+
+    def _verdict(self, meta: ProbeMetadata) -> tuple[VerdictModel, float] | None:
+        """A probe's verdict model and its threshold at the operator's target rate."""
+        if meta.verdict is None:
+            return None
+        return meta.verdict, meta.verdict.threshold_for(self.target_fpr)
 
     def _notify(self) -> None:
         columns = self._active.columns if self._active else None

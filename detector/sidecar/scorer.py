@@ -38,7 +38,7 @@ from detector.artifact import (
     ProbeMismatchError,
     check_compatible,
     folded_linear,
-    probe_token_features,
+    linear_token_features,
 )
 from detector.model_identity import ModelIdentity
 
@@ -89,7 +89,7 @@ class FusedProbeScorer:
         platt_a = torch.ones(len(probes), dtype=torch.float32)
         platt_b = torch.zeros(len(probes), dtype=torch.float32)
         # Token features: one row per feature any probe reads (canonical order).
-        self.token_features = probe_token_features([p.metadata for p in probes])
+        self.token_features = linear_token_features([p.metadata for p in probes])
         n_feat = len(self.token_features)
         feat_weight = torch.zeros(n_feat, len(probes), dtype=torch.float32)
         feat_used = torch.zeros(n_feat, len(probes), dtype=torch.float32)

@@ -180,7 +180,7 @@ class DetectorService(pb_grpc.DetectorServicer):
     # ----------------------------------------------------------------- probes
     def ListProbes(self, request: pb.ListProbesRequest, context: grpc.ServicerContext
                    ) -> pb.ListProbesResponse:
-        return pb.ListProbesResponse(probes=[_probe_info(p) for p in self.registry.probes()],
+        return pb.ListProbesResponse(probes=[_probe_info(p, self.registry.target_fpr) for p in self.registry.probes()],
                                      capture_status=_capture_status(self.registry.capture()))
 
     def LoadProbe(self, request: pb.LoadProbeRequest, context: grpc.ServicerContext
@@ -196,7 +196,7 @@ class DetectorService(pb_grpc.DetectorServicer):
             code = (grpc.StatusCode.ALREADY_EXISTS if "already loaded" in str(exc)
                     else grpc.StatusCode.INVALID_ARGUMENT)
             context.abort(code, str(exc))
-        return _probe_info(loaded)
+        return _probe_info(loaded, self.registry.target_fpr)
 
     def UnloadProbe(self, request: pb.UnloadProbeRequest, context: grpc.ServicerContext
                     ) -> pb.UnloadProbeResponse:
@@ -303,15 +303,19 @@ def _capture_status(capture: HeardCapture) -> pb.CaptureStatus:
     return pb.CaptureStatus(state=pb.CAPTURE_STATE_UNSPECIFIED)
 
 
-def _probe_info(loaded: LoadedProbe) -> pb.ProbeInfo:
+def _probe_info(loaded: LoadedProbe, target_fpr: float | None = None) -> pb.ProbeInfo:
+    """A probe as ListProbes shows it; ``threshold`` is what its claims are judged with
+    (a verdict's, at the sidecar's target false-flag rate, when the probe has one)."""
     meta = loaded.artifact.metadata
+    threshold = (meta.verdict.threshold_for(target_fpr) if meta.verdict is not None
+                 else meta.threshold)
     return pb.ProbeInfo(
         name=meta.name,
         layers=meta.layers,
         score_position=meta.score_position,
         aggregation=meta.aggregation,
         calibration=meta.calibration,
-        threshold=meta.threshold,
+        threshold=threshold,
         model_name=meta.model.name,
         model_fingerprint=meta.model.fingerprint,
         path=loaded.path,

@@ -14,7 +14,7 @@ The response verdict per probe (any claim flagged) is :func:`detector.claims.res
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from detector.claims import (
@@ -26,6 +26,7 @@ from detector.claims import (
     sentences,
 )
 from detector.sidecar.text import DecodedText
+from detector.verdict import VerdictModel, claim_signals
 
 SPAN_KINDS = ("claim", "sentence")
 
@@ -65,20 +66,31 @@ def judge_spans(
     token_scores: Sequence[dict[str, float]],
     probes: Sequence[tuple[str, str, float]],
     kinds: Sequence[str] = SPAN_KINDS,
+    *,
+    verdicts: Mapping[str, tuple[VerdictModel, float]] | None = None,
+    logprobs: Sequence[float] | None = None,
 ) -> tuple[list[SpanVerdict], list[ResponseVerdict]]:
     """Span verdicts of the requested kinds, and one response verdict per probe.
 
     ``probes`` lists (name, aggregation, threshold); ``token_scores[i]`` maps probe name to
     the calibrated probability of generated token i (absent when unscored). A claim with no
-    scored token has no verdict.
+    scored token has no verdict. A probe named in ``verdicts`` (its verdict model and the
+    threshold chosen on it) judges each claim by the verdict's probability, which also reads
+    the claim's token ``logprobs`` (one per generated token, NaN where unknown).
     """
+    verdicts = verdicts or {}
     claim_verdicts: list[SpanVerdict] = []
+    probes = [(name, how, verdicts[name][1] if name in verdicts else threshold)
+              for name, how, threshold in probes]
     for span in claims:
         for name, how, threshold in probes:
             values = [token_scores[i][name] for i in range(span.token_start, span.token_end)
                       if i < len(token_scores) and name in token_scores[i]]
             if values:
                 score = aggregate(values, how)
+                if name in verdicts:
+                    lps = list((logprobs or [])[span.token_start:span.token_end])
+                    score = verdicts[name][0].claim_probability(claim_signals(values, lps, how))
                 claim_verdicts.append(SpanVerdict(span, name, score, threshold,
                                                   score >= threshold))
     out = list(claim_verdicts) if "claim" in kinds else []

@@ -30,6 +30,7 @@ import numpy as np
 
 from detector.channel.wire import RequestRows, StepHeader, StopRule
 from detector.log_throttle import LogThrottle
+from detector.verdict import VerdictModel
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +88,17 @@ class ProbeColumns:
 
     names: tuple[str, ...]
     score_positions: tuple[str, ...]
-    thresholds: tuple[float, ...]
+    thresholds: tuple[float, ...]  # on each token's probability
     aggregations: tuple[str, ...] = ()
+    # Per probe: its claim verdict (detector.verdict) and the threshold chosen on it for
+    # the operator's target false-flag rate; None for a probe judged by its own scores.
+    verdicts: tuple[tuple[VerdictModel, float] | None, ...] = ()
+
+    @property
+    def claim_thresholds(self) -> tuple[float, ...]:
+        """Per probe, the threshold its claims are judged with (the verdict's if any)."""
+        verdicts = self.verdicts or (None,) * len(self.names)
+        return tuple(v[1] if v is not None else t for v, t in zip(verdicts, self.thresholds))
 
     def index(self, name: str) -> int | None:
         try:
@@ -621,7 +631,9 @@ def _sampled_features(req: RequestRows) -> dict[str, list[float]]:
 
 
 def columns_for(names: Sequence[str], score_positions: Sequence[str],
-                thresholds: Sequence[float], aggregations: Sequence[str] | None = None
+                thresholds: Sequence[float], aggregations: Sequence[str] | None = None,
+                verdicts: Sequence[tuple[VerdictModel, float] | None] | None = None
                 ) -> ProbeColumns:
     return ProbeColumns(tuple(names), tuple(score_positions), tuple(float(t) for t in thresholds),
-                        tuple(aggregations) if aggregations is not None else ("max",) * len(names))
+                        tuple(aggregations) if aggregations is not None else ("max",) * len(names),
+                        tuple(verdicts) if verdicts is not None else (None,) * len(names))

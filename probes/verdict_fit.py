@@ -1,0 +1,91 @@
+"""Fit a claim verdict (:class:`detector.verdict.VerdictModel`) from out-of-fold claims.
+
+Every input is out of fold: the probe's scores come from probes that never saw the claim's
+topic (``ProbeSelector``'s leave-one-out folds), so the references, the calibration and the
+operating points describe the probe as it behaves on topics it was not trained on, which
+is what serving meets. Token log-probabilities need no fold (nothing is fitted to them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.isotonic import IsotonicRegression
+from sklearn.metrics import roc_auc_score
+
+from detector.verdict import MAX_REFERENCE, OperatingPoint, VerdictModel
+from probes.linear import threshold_for_fpr
+
+logger = logging.getLogger(__name__)
+
+OPERATING_FPRS = (0.01, 0.02, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30)
+CALIBRATION_POINTS = 101
+SIGNALS = ("probe", "neg_min_logprob")
+
+
+def reference_quantiles(values: np.ndarray, n: int = MAX_REFERENCE) -> list[float]:
+    """At most ``n`` evenly spaced quantiles of the finite ``values`` (sorted)."""
+    v = np.sort(np.asarray(values, dtype=np.float64)[np.isfinite(values)])
+    if v.size < 2:
+        raise ValueError(f"a reference needs at least 2 finite values, got {v.size}")
+    if v.size > n:
+        v = np.quantile(v, np.linspace(0.0, 1.0, n))
+    return [float(x) for x in v]
+
+
+def fit_verdict(y: np.ndarray, signals: np.ndarray, *, weights: Sequence[float] = (0.5, 0.5),
+                target_fpr: float = 0.10, fprs: Sequence[float] = OPERATING_FPRS,
+                names: Sequence[str] = SIGNALS) -> VerdictModel:
+    """``y`` (1 = fabrication) and ``(n, len(names))`` out-of-fold claim signals -> a verdict.
+
+    The calibration is isotonic on the fused rank (made strictly increasing by a slope of
+    1e-6 so that a threshold on the probability is a threshold on the rank), sampled at
+    ``CALIBRATION_POINTS``; each operating point flags at most its rate of the retrieval
+    claims given."""
+    y = np.asarray(y, dtype=np.int64)
+    signals = np.asarray(signals, dtype=np.float64).reshape(len(y), len(names))
+    if not 0 < y.sum() < len(y):
+        raise ValueError("fitting a verdict needs claims of both classes")
+    grid = np.linspace(0.0, 1.0, CALIBRATION_POINTS)
+    base = VerdictModel(
+        signals=list(names), weights=[float(w) for w in weights],
+        reference=[reference_quantiles(signals[:, j]) for j in range(len(names))],
+        calibration_x=list(grid), calibration_y=list(grid),
+        operating_points=[OperatingPoint(target_fpr=target_fpr, threshold=0.5)],
+        target_fpr=target_fpr)
+    fused = base.fused(signals)
+    ok = np.isfinite(fused)
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip")
+    iso.fit(fused[ok], y[ok])
+    cal = np.clip(iso.predict(grid) * (1 - 1e-6) + 1e-6 * grid, 0.0, 1.0)
+    calibrated = base.model_copy(update={"calibration_y": [float(v) for v in cal]})
+    prob = calibrated.calibrate(fused)
+    neg, pos = prob[ok & (y == 0)], prob[ok & (y == 1)]
+    points = []
+    for rate in sorted(set(float(f) for f in fprs) | {float(target_fpr)}):
+        thr = float(min(max(threshold_for_fpr(neg, rate), 1e-6), 1.0))
+        points.append(OperatingPoint(target_fpr=rate, threshold=thr,
+                                     oof_fpr=float((neg >= thr).mean()),
+                                     oof_recall=float((pos >= thr).mean())))
+    # A higher rate never needs a higher threshold (keeps interpolation monotone).
+    for i in range(1, len(points)):
+        if points[i].threshold > points[i - 1].threshold:
+            points[i] = points[i].model_copy(update={"threshold": points[i - 1].threshold})
+    model = VerdictModel.model_validate({**calibrated.model_dump(),
+                                         "operating_points": [p.model_dump() for p in points]})
+    logger.info("verdict: %s weights %s, out-of-fold AUROC %.3f (%s); threshold %.4f at "
+                "%.0f%% false flags", "+".join(names), list(weights),
+                roc_auc_score(y[ok], fused[ok]),
+                ", ".join(f"{n} {_auroc(y, signals[:, j]):.3f}" for j, n in enumerate(names)),
+                model.threshold_for(), 100 * target_fpr)
+    return model
+
+
+def _auroc(y: np.ndarray, s: np.ndarray) -> float:
+    ok = np.isfinite(s)
+    return float(roc_auc_score(y[ok], s[ok])) if 0 < y[ok].sum() < ok.sum() else float("nan")
+
+
+__all__ = ["OPERATING_FPRS", "SIGNALS", "fit_verdict", "reference_quantiles"]

@@ -1,19 +1,21 @@
-"""What computing hybrid probes' token features costs the engine, per decode step.
+"""What token features (the verdict's log-probability, hybrid probes' inputs) cost the engine.
 
-With ``LIE_DETECTOR_TOKEN_FEATURES`` set, the hook copies the step's raw logits before
-sampling (the sampler scales them in place) and reduces them to the sampled tokens'
-log-probability and top-20 entropy after it. Two measurements, one vLLM server at most:
+With ``LIE_DETECTOR_TOKEN_FEATURES`` set, the hook keeps the step's raw logits before
+sampling (vLLM's own tensor when the sampler works on a float32 copy of it, as it does for
+bfloat16 models; a copy for float32 logits, which the sampler changes in place) and picks
+each request's row and sampled token; the publisher's thread computes the features later,
+off the engine thread, on a core the engine is not bound to. Two measurements, one vLLM
+server at most:
 
-1. **In process** (no vLLM): the hook's own feature code (``vllm_adapter._snapshot_logits``
-   and ``_sampled_features``, the functions the engine runs) on logits of the served
-   model's vocabulary for 1, 4 and 16 running requests, greedy and sampled at a temperature
-   (whose rows are copied whole). Rounds alternate A (features on)
-   and B (features off: the same step with nothing to do) so machine noise hits both; the
-   result is the median per-step time of A minus B.
+1. **In process** (no vLLM): the hook's own code (``vllm_adapter._snapshot_logits`` and
+   ``_deferred_features``: what the engine thread runs; then the function it returns: what
+   the publisher's thread runs) on logits of the served model's vocabulary for 1, 4 and 16
+   running requests, greedy and sampled, bfloat16 and float32. Rounds alternate the code
+   and an empty call so machine noise hits both; the result is the median difference.
 2. **Served** (``--served``): one vLLM server with features on and a channel tap; each
-   step's ``hook_ns`` (all the hook's engine-thread time, features included) and the
-   engine's step period from the steps' timestamps, at ``--concurrency`` greedy requests.
-   The features' share of a step is (1) at that batch size over the median period.
+   step's ``hook_ns`` (all the hook's engine-thread time) and the engine's step period from
+   the steps' timestamps, at ``--concurrency`` greedy requests. The engine share of a step
+   is (1)'s engine-thread time at that batch size over the median period.
 
 Run from the repository root::
 
@@ -42,7 +44,7 @@ import torch
 
 logger = logging.getLogger("benchmarks.token_features")
 
-FEATURES = ["logprob", "entropy"]
+FEATURES = ["logprob"]  # what the shipped verdict reads (detector.verdict)
 BATCHES = (1, 4, 16)
 
 
@@ -56,40 +58,49 @@ def _fake_runner(logits: torch.Tensor, temperature: float) -> Any:
                            requests={r: SimpleNamespace(sampling_params=params) for r in req_ids})
 
 
+def _ab_ms(fn: Any, *, rounds: int, reps: int) -> list[float]:
+    """Per-call ms of ``fn`` minus an empty call, A/B interleaved per round."""
+    def nothing() -> None:
+        pass
+
+    fn()  # warm up
+    a_ms, b_ms = [], []
+    for r in range(rounds):
+        for f in ((fn, nothing) if r % 2 == 0 else (nothing, fn)):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                f()
+            (a_ms if f is fn else b_ms).append((time.perf_counter() - t0) * 1e3 / reps)
+    return [a - b for a, b in zip(a_ms, b_ms)]
+
+
 def in_process(vocab: int, *, rounds: int, reps: int) -> dict[str, Any]:
-    """Per-step ms of the feature code, A/B interleaved, for each batch size."""
-    from detector.hooks.vllm_adapter import _sampled_features, _snapshot_logits
+    """Per-step ms of the feature code for each batch size and logits dtype, split into
+    what the engine thread runs (keep the logits, pick the rows) and what the publisher's
+    thread runs later (the features themselves)."""
+    from detector.hooks.vllm_adapter import _deferred_features, _snapshot_logits
 
     cap = SimpleNamespace(token_features=FEATURES)
     out: dict[str, Any] = {}
-    for n, temperature in [(n, t) for t in (0.0, 1.0) for n in BATCHES]:
-        logits = torch.randn(n, vocab) * 4
-        runner = _fake_runner(logits, temperature)
-        sampled = {f"r{i}": [int(logits[i].argmax())] for i in range(n)}
+    for dtype in (torch.bfloat16, torch.float32):
+        for n, temperature in [(n, t) for t in (0.0, 1.0) for n in BATCHES]:
+            logits = (torch.randn(n, vocab) * 4).to(dtype)
+            runner = _fake_runner(logits, temperature)
+            sampled = {f"r{i}": [int(logits[i].argmax())] for i in range(n)}
 
-        def with_features() -> None:
+            def engine_side() -> None:
+                _deferred_features(cap, _snapshot_logits(runner), sampled)
+
             snap = _snapshot_logits(runner)
-            _sampled_features(cap, snap, sampled)
-
-        def without() -> None:
-            pass
-
-        with_features()  # warm up
-        a_ms, b_ms = [], []
-        for r in range(rounds):
-            order = (with_features, without) if r % 2 == 0 else (without, with_features)
-            for fn in order:
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    fn()
-                ms = (time.perf_counter() - t0) * 1e3 / reps
-                (a_ms if fn is with_features else b_ms).append(ms)
-        per_round = [a - b for a, b in zip(a_ms, b_ms)]
-        key = f"{n}-{'greedy' if temperature == 0 else 'sampled'}"
-        out[key] = {"ms_per_step_median": round(statistics.median(per_round), 4),
-                    "ms_per_step_min": round(min(per_round), 4)}
-        logger.info("%2d requests (%s): features cost %.3f ms per step (median of %d rounds)",
-                    n, key, statistics.median(per_round), rounds)
+            compute = _deferred_features(cap, snap, sampled)
+            engine = _ab_ms(engine_side, rounds=rounds, reps=reps)
+            sender = _ab_ms(compute, rounds=rounds, reps=reps)
+            key = f"{n}-{'greedy' if temperature == 0 else 'sampled'}-{str(dtype)[6:]}"
+            out[key] = {"engine_ms_per_step_median": round(statistics.median(engine), 4),
+                        "sender_ms_per_step_median": round(statistics.median(sender), 4)}
+            logger.info("%2d requests (%s): engine thread %.3f ms, publisher thread %.3f ms "
+                        "per step (median of %d rounds)", n, key, statistics.median(engine),
+                        statistics.median(sender), rounds)
     return out
 
 
@@ -155,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.served:
         result["served"] = srv = served(args.concurrency, args.max_tokens)
-        cost = result["in_process"].get(f"{args.concurrency}-greedy", {}).get(
-            "ms_per_step_median")
+        cost = result["in_process"].get(f"{args.concurrency}-greedy-bfloat16", {}).get(
+            "engine_ms_per_step_median")
         if cost is not None and srv["step_period_ms_median"]:
-            srv["features_share_of_step_pct"] = round(100 * cost / srv["step_period_ms_median"], 2)
+            srv["engine_share_of_step_pct"] = round(100 * cost / srv["step_period_ms_median"], 3)
         logger.info("served: %s", srv)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "token_features.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -15,6 +15,7 @@ that sends a ``CaptureStatus`` saying why in place of each heartbeat: the sideca
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -52,10 +53,32 @@ class PendingStep:
     finished: list[str]
     hook_ns: int
     ready: Callable[[], None] | None = None  # waits for a device->host copy, if any
+    # Work left to the sender thread (token features from the step's logits), and the
+    # bytes it keeps alive until then.
+    prepare: Callable[[PendingStep], None] | None = None
+    held_bytes: int = 0
 
     @property
     def nbytes(self) -> int:
-        return self.rows.numel() * self.rows.element_size()
+        return self.rows.numel() * self.rows.element_size() + self.held_bytes
+
+
+def _leave_engine_cores() -> None:
+    """Move the calling (sender) thread off the cores the engine is pinned to.
+
+    vLLM's CPU worker binds its threads to some cores and keeps the others for the API
+    server; a thread started from the worker inherits that binding, so without this the
+    sender (encoding, token features) would take turns with the model on its own cores.
+    Where nothing is pinned (a GPU worker, an unbound CPU one) this changes nothing."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        mine = os.sched_getaffinity(0)
+        others = set(range(os.cpu_count() or 1)) - mine
+        if others:
+            os.sched_setaffinity(0, others)  # 0: this thread only, on Linux
+    except OSError:
+        pass  # cores outside this process's cpuset: stay where we are
 
 
 class ChannelPublisher:
@@ -95,6 +118,7 @@ class ChannelPublisher:
         self._offered_seq = -1
         self.published = 0
         self.dropped = 0
+        self.prepare_failures = 0
         self._peer_connected = False  # sender thread only
         self._refusals_logged = False  # sender thread only
         self._poller = zmq.Poller()
@@ -156,6 +180,7 @@ class ChannelPublisher:
 
     # -- sender thread -------------------------------------------------------------
     def _run(self) -> None:
+        _leave_engine_cores()
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, self._sndhwm)
@@ -257,6 +282,15 @@ class ChannelPublisher:
     def _publish(self, sock: zmq.Socket, monitor: zmq.Socket, step: PendingStep) -> None:
         if step.ready is not None:
             step.ready()
+        if step.prepare is not None:
+            try:
+                step.prepare(step)
+            except Exception as exc:  # the step still goes out, its tokens unscored
+                self.prepare_failures += 1
+                if self.prepare_failures == 1 or self.prepare_failures % 1000 == 0:
+                    logger.warning("lie-detector: token features failed (%d steps so far): "
+                                   "%r", self.prepare_failures, exc)
+            step.prepare = None
         header = StepHeader.model_construct(
             kind="step",
             version=1,

@@ -94,9 +94,17 @@ class StepAssembler:
         return any(r.req_id == req_id for step in self._open for r in step.scheduled)
 
     def close_step(self, step: OpenStep, sampled: dict[str, list[int]], *, hook_ns: int = 0,
-                   token_features: dict[str, dict[str, list[float]]] | None = None) -> bool:
-        """Attach sampled tokens (and, for hybrid probes, their features by request and
-        feature name), update histories, and offer the step to the channel."""
+                   token_features: dict[str, dict[str, list[float]]]
+                   | Callable[[], dict[str, dict[str, list[float]]]] | None = None,
+                   held_bytes: int = 0) -> bool:
+        """Attach sampled tokens (and their features by request and feature name, for
+        probes and verdicts that read them), update histories, and offer the step to the
+        channel. ``token_features`` may be a function the publisher's thread calls before
+        sending (the work stays off the engine thread); ``held_bytes`` is what it keeps
+        alive until then (counted against the queue's byte bound)."""
+        later = token_features if callable(token_features) else None
+        if later is not None:
+            token_features = None
         requests: list[RequestRows] = []
         offset = 0
         with self._lock:
@@ -150,6 +158,8 @@ class StepAssembler:
                 finished=step.finished,
                 hook_ns=step.hook_ns + hook_ns,
                 ready=step.ready,
+                prepare=_features_attacher(later) if later is not None else None,
+                held_bytes=held_bytes if later is not None else 0,
             )
         )
 
@@ -184,3 +194,19 @@ class StepAssembler:
         with self._lock:
             for req_id in req_ids:
                 self._history.pop(req_id, None)
+
+
+def _features_attacher(compute: Callable[[], dict[str, dict[str, list[float]]]]
+                       ) -> Callable[[PendingStep], None]:
+    """Fill each request's sampled-token features into a queued step (publisher thread)."""
+
+    def attach(step: PendingStep) -> None:
+        features = compute()
+        for i, req in enumerate(step.requests):
+            feats = features.get(req.req_id) if req.sampled_token_ids else None
+            if feats:
+                step.requests[i] = req.model_copy(update={
+                    "sampled_logprobs": feats.get("logprob"),
+                    "sampled_entropies": feats.get("entropy")})
+
+    return attach

@@ -52,10 +52,19 @@ def token_features(
     if logits.dim() != 2 or token_ids.shape != (logits.shape[0],):
         raise ValueError(f"logits (n, vocab) and token_ids (n,) expected, got "
                          f"{tuple(logits.shape)} and {tuple(token_ids.shape)}")
-    summary = summarise_logits(logits, top_k=top_k)
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    token_logits = logits.to(torch.float32).gather(1, token_ids.long().view(-1, 1)).squeeze(1)
-    return features_from_summary(summary, rows, token_ids, names, token_logits=token_logits)
+    x = logits.to(torch.float32)
+    cols: list[torch.Tensor] = []
+    for name in names:  # only what is asked: the top-k costs far more than the normaliser
+        if name == "logprob":
+            token_logits = x.gather(1, token_ids.long().view(-1, 1)).squeeze(1)
+            cols.append(token_logits - torch.logsumexp(x, dim=-1))
+        elif name == "entropy":
+            cols.append(topk_entropy(x.topk(min(top_k, x.shape[-1]), dim=-1).values, top_k))
+        else:
+            raise ValueError(f"unknown token feature {name!r}; known: {list(TOKEN_FEATURES)}")
+    if not cols:
+        return torch.empty((x.shape[0], 0), dtype=torch.float32, device=x.device)
+    return torch.stack(cols, dim=1)
 
 
 @dataclass(frozen=True)

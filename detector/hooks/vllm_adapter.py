@@ -41,6 +41,7 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -58,11 +59,7 @@ from detector.channel.wire import (
 )
 from detector.config import HookSettings, default_layers
 from detector.hooks.capture import OpenStep, ScheduledRequest, StepAssembler
-from detector.hooks.token_features import (
-    LogitSummary,
-    features_from_summary,
-    summarise_logits,
-)
+from detector.hooks.token_features import token_features
 
 logger = logging.getLogger("detector.hooks")
 
@@ -526,24 +523,27 @@ def _stop_rule(params: Any) -> StopRule | None:
 
 
 class _LogitsSnapshot(NamedTuple):
-    """What token features need of a step's logits, taken before sampling."""
+    """A step's raw logits as the features will read them after sampling: vLLM's own
+    tensor (kept, not copied) for rows nothing changes in place, and copies, taken before
+    sampling, of the rows the sampler or a grammar will change."""
 
-    summary: LogitSummary  # one row per request, in batch order
+    logits: torch.Tensor  # (num_reqs, vocab): vLLM's, one row per request in batch order
     row_of: dict[str, int]
-    # Full raw logits of requests sampled at a temperature, whose token may fall outside
-    # the top-k: (rows, their request ids).
-    sampled_rows: torch.Tensor | None
-    sampled_ids: dict[str, int]
+    copies: torch.Tensor | None  # (len(copy_of), vocab)
+    copy_of: dict[str, int]
 
 
 _GREEDY_EPS = 1e-5  # vLLM's own: below this temperature a request is sampled greedily
 
 
 def _snapshot_logits(runner: Any) -> _LogitsSnapshot | None:
-    """Summarise the step's raw logits (``execute_model_state.logits``, one row per request
-    in batch order) before sampling: the sampler scales them in place (temperature,
-    penalties) and the features are defined on the unprocessed ones. Only rows of requests
-    sampled at a temperature are copied whole; a greedy token is in the top-k."""
+    """Keep the step's raw logits (``execute_model_state.logits``) for the features,
+    which are defined on the unprocessed distribution and computed later, off the engine
+    thread (:func:`_deferred_features`). A grammar masks its rows in place before
+    sampling; the sampler casts logits to float32 and then scales, penalises and masks
+    them in place, and for float32 logits that cast is no copy. Only those rows are copied
+    here; a greedy request without penalties, biases or a grammar is read from vLLM's
+    tensor as it stays (a greedy row is divided by exactly 1.0)."""
     state = runner.execute_model_state
     if state.spec_decode_metadata is not None or state.logits is None:
         return None  # several rows per request: not supported (nor is speculation at all)
@@ -553,45 +553,70 @@ def _snapshot_logits(runner: Any) -> _LogitsSnapshot | None:
     if logits.dim() != 2 or logits.shape[0] < len(req_ids):
         return None  # not one row per request: no features this step (tokens unscored)
     logits = logits[: len(req_ids)]
-    hot = []
-    for i, r in enumerate(req_ids):
-        req = runner.requests.get(r)
-        params = getattr(req, "sampling_params", None)
-        if params is None or params.temperature >= _GREEDY_EPS:
-            hot.append(i)
-    sampled_rows = None
-    if hot:
-        index = torch.tensor(hot, device=logits.device)
-        sampled_rows = logits.index_select(0, index).to(torch.float32)  # a copy
-    return _LogitsSnapshot(summarise_logits(logits), {r: i for i, r in enumerate(req_ids)},
-                           sampled_rows, {req_ids[i]: k for k, i in enumerate(hot)})
+    in_place = logits.dtype == torch.float32
+    changed = [i for i, r in enumerate(req_ids)
+               if _changes_logits(runner.requests.get(r), sampler=in_place)]
+    copies = None
+    if changed:
+        copies = logits.index_select(0, torch.tensor(changed, device=logits.device))
+    return _LogitsSnapshot(logits, {r: i for i, r in enumerate(req_ids)}, copies,
+                           {req_ids[i]: k for k, i in enumerate(changed)})
+
+
+def _changes_logits(req: Any, *, sampler: bool) -> bool:
+    """Whether this request's row of the logits is changed in place before its token is
+    known: by a grammar's mask, or (``sampler``: float32 logits) by its sampling options."""
+    params = getattr(req, "sampling_params", None)
+    if params is None:
+        return True  # unknown: copy
+    if getattr(params, "structured_outputs", None) is not None:
+        return True
+    if not sampler:
+        return False
+    return bool(
+        params.temperature >= _GREEDY_EPS
+        or getattr(params, "repetition_penalty", 1.0) != 1.0
+        or getattr(params, "presence_penalty", 0.0) or getattr(params, "frequency_penalty", 0.0)
+        or getattr(params, "logit_bias", None) or getattr(params, "min_tokens", 0)
+        or getattr(params, "bad_words", None) or getattr(params, "allowed_token_ids", None))
+
+
+def _deferred_features(cap: _RunnerCapture, snap: _LogitsSnapshot,
+                       sampled: dict[str, list[int]]
+                       ) -> Callable[[], dict[str, dict[str, list[float]]]] | None:
+    """What the publisher's thread calls to get each request's sampled token features
+    (lists by feature name): the engine thread only picks the rows. A request whose
+    features are not finite is left out (the sidecar leaves that token unscored)."""
+    req_ids = [r for r, toks in sampled.items() if len(toks) == 1 and r in snap.row_of]
+    if not req_ids:
+        return None
+    names = list(cap.token_features)
+    groups = []  # (tensor, its rows, the requests, their tokens): kept and copied rows
+    for source, index in ((snap.logits, snap.row_of), (snap.copies, snap.copy_of)):
+        mine = [r for r in req_ids if (r in snap.copy_of) == (index is snap.copy_of)]
+        if mine and source is not None:
+            groups.append((source, [index[r] for r in mine], mine,
+                           [sampled[r][0] for r in mine]))
+
+    def compute() -> dict[str, dict[str, list[float]]]:
+        out: dict[str, dict[str, list[float]]] = {}
+        for source, rows, reqs, tokens in groups:
+            device = source.device
+            picked = source.index_select(0, torch.tensor(rows, device=device))
+            values = token_features(picked, torch.tensor(tokens, device=device), names)
+            for r, row in zip(reqs, values.cpu().tolist()):
+                if all(math.isfinite(v) for v in row):
+                    out[r] = {name: [v] for name, v in zip(names, row)}
+        return out
+
+    return compute
 
 
 def _sampled_features(cap: _RunnerCapture, snap: _LogitsSnapshot,
                       sampled: dict[str, list[int]]) -> dict[str, dict[str, list[float]]]:
-    """Token features of each request's sampled token, as lists by feature name. A request
-    whose features are not finite (its token's raw logit unknown) is left out: the sidecar
-    leaves that token unscored."""
-    req_ids = [r for r, toks in sampled.items() if len(toks) == 1 and r in snap.row_of]
-    if not req_ids:
-        return {}
-    device = snap.summary.lse.device
-    rows = torch.tensor([snap.row_of[r] for r in req_ids], device=device)
-    tokens = torch.tensor([sampled[r][0] for r in req_ids], device=device)
-    token_logits = None
-    hot = [(j, snap.sampled_ids[r]) for j, r in enumerate(req_ids) if r in snap.sampled_ids]
-    if snap.sampled_rows is not None and hot:
-        token_logits = torch.full((len(req_ids),), float("nan"), device=device)
-        js = torch.tensor([j for j, _ in hot], device=device)
-        ks = torch.tensor([k for _, k in hot], device=device)
-        token_logits[js] = snap.sampled_rows[ks, tokens[js]]  # one gather, not one per request
-    values = features_from_summary(snap.summary, rows, tokens, cap.token_features,
-                                   token_logits=token_logits)
-    out: dict[str, dict[str, list[float]]] = {}
-    for r, row in zip(req_ids, values.cpu().tolist()):
-        if all(math.isfinite(v) for v in row):
-            out[r] = {name: [v] for name, v in zip(cap.token_features, row)}
-    return out
+    """:func:`_deferred_features`, computed now."""
+    compute = _deferred_features(cap, snap, sampled)
+    return compute() if compute is not None else {}
 
 
 def _close_when_sampled(runner: Any, cap: _RunnerCapture, step: OpenStep, output: Any,
@@ -627,9 +652,15 @@ def _close(runner: Any, cap: _RunnerCapture, step: OpenStep, output: Any,
         if req.req_id in index
     }
     step.finished.extend(_predicted_finished(runner, cap.assembler, step, sampled))
-    features = _sampled_features(cap, logits, sampled) if logits is not None else None
+    features = _deferred_features(cap, logits, sampled) if logits is not None else None
     cap.assembler.close_step(step, sampled, hook_ns=time.perf_counter_ns() - t0,
-                             token_features=features)
+                             token_features=features,
+                             held_bytes=_held_bytes(logits) if features else 0)
+
+
+def _held_bytes(snap: _LogitsSnapshot) -> int:
+    return sum(t.numel() * t.element_size() for t in (snap.logits, snap.copies)
+               if t is not None)
 
 
 def _predicted_finished(runner: Any, assembler: StepAssembler, step: OpenStep,

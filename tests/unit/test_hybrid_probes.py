@@ -410,15 +410,17 @@ def test_span_table_appends_token_feature_columns() -> None:
 # ----------------------------------------------------------------------------- adapter
 
 
-def _runner(logits: torch.Tensor, temperatures: list[float]):
+def _runner(logits: torch.Tensor, temperatures: list[float], penalties: list[float] | None = None):
     from types import SimpleNamespace
 
     req_ids = [f"r{i}" for i in range(len(temperatures))]
+    penalties = penalties or [1.0] * len(req_ids)
     return SimpleNamespace(
         execute_model_state=SimpleNamespace(logits=logits, spec_decode_metadata=None),
         input_batch=SimpleNamespace(req_ids=req_ids, num_reqs=len(req_ids)),
-        requests={r: SimpleNamespace(sampling_params=SimpleNamespace(temperature=t))
-                  for r, t in zip(req_ids, temperatures)})
+        requests={r: SimpleNamespace(sampling_params=SimpleNamespace(
+            temperature=t, repetition_penalty=p))
+            for r, t, p in zip(req_ids, temperatures, penalties)})
 
 
 def test_adapter_features_equal_the_reference_before_the_sampler_scales_the_logits() -> None:
@@ -431,18 +433,43 @@ def test_adapter_features_equal_the_reference_before_the_sampler_scales_the_logi
     raw = logits.clone()
     low = [int(logits[i].argsort()[5]) for i in range(3)]  # far outside the top 20
     # r0 greedy (its top token), r1 sampled at a temperature (a low token), r2 greedy but a
-    # processor (a penalty) chose a low token: its raw logit was never kept.
-    snap = _snapshot_logits(_runner(logits, [0.0, 0.8, 0.0]))
-    logits.div_(0.8)  # what the sampler does in place
+    # processor (a penalty) chose a low token: every one is read on the raw logits.
+    snap = _snapshot_logits(_runner(logits, [0.0, 0.8, 0.0], [1.0, 1.0, 1.3]))
+    # What the sampler does in place to float32 logits: divides each row by its temperature
+    # (a greedy row by exactly 1.0) and applies penalties.
+    logits.div_(torch.tensor([1.0, 0.8, 1.0]).unsqueeze(1))
+    logits[2] = torch.where(logits[2] > 0, logits[2] / 1.3, logits[2] * 1.3)
+    assert not torch.equal(logits[1:], raw[1:])
     sampled = {"r0": [int(raw[0].argmax())], "r1": [low[1]], "r2": [low[2]]}
     cap = SimpleNamespace(token_features=["logprob", "entropy"])
     out = _sampled_features(cap, snap, sampled)
     ref = token_features(raw, torch.tensor([sampled[r][0] for r in ("r0", "r1", "r2")]),
                          ["logprob", "entropy"])
-    assert set(out) == {"r0", "r1"}  # r2 left out: unscored, never guessed
-    for i, r in enumerate(("r0", "r1")):
+    assert set(out) == {"r0", "r1", "r2"}
+    for i, r in enumerate(("r0", "r1", "r2")):
         assert out[r]["logprob"][0] == pytest.approx(ref[i, 0].item(), abs=1e-5)
         assert out[r]["entropy"][0] == pytest.approx(ref[i, 1].item(), abs=1e-5)
+
+
+def test_adapter_keeps_half_precision_logits_without_copying_them() -> None:
+    """The sampler casts non-float32 logits to a float32 copy before changing anything, so
+    the engine thread keeps vLLM's tensor and the features read it later, off that thread."""
+    from types import SimpleNamespace
+
+    from detector.hooks.vllm_adapter import _deferred_features, _snapshot_logits
+
+    logits = (torch.randn(2, 300, generator=torch.Generator().manual_seed(3)) * 3).bfloat16()
+    snap = _snapshot_logits(_runner(logits, [0.0, 0.7]))
+    assert snap.logits.data_ptr() == logits.data_ptr()  # no copy on the engine thread
+    processed = logits.float().div_(0.7)  # the sampler's own float32 copy
+    sampled = {"r0": [int(processed[0].argmax())], "r1": [int(processed[1].argmin())]}
+    compute = _deferred_features(SimpleNamespace(token_features=["logprob"]), snap, sampled)
+    assert compute is not None  # nothing computed yet: the publisher's thread calls it
+    out = compute()
+    ref = token_features(logits.float(), torch.tensor([sampled["r0"][0], sampled["r1"][0]]),
+                         ["logprob"])
+    assert [out["r0"]["logprob"][0], out["r1"]["logprob"][0]] == pytest.approx(
+        ref[:, 0].tolist(), abs=1e-5)
 
 
 def test_serve_asks_the_engine_for_the_features_its_probes_read(tmp_path: Path,

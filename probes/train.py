@@ -305,7 +305,7 @@ class ProbeSelector(BaseEstimator):
                 self._evaluate(table, spans, cfg_layers, pos, screen, bar)
             if self.screen_C is not None:  # stage 2: the C grid on the best few
                 rest = [c for c in self.Cs if float(c) != float(self.screen_C)]
-                ranked = sorted(self.cv_results_, key=lambda r: -np.nan_to_num(r["auroc_mean"]))
+                ranked = sorted(self.cv_results_, key=lambda r: -self._score(r))
                 for r in ranked[: self.refine_top]:
                     bar.total += len(rest) * n_folds
                     self._evaluate(table, spans, tuple(r["layers"]), r["position"], rest, bar)
@@ -317,22 +317,48 @@ class ProbeSelector(BaseEstimator):
                 self._evaluate(table, spans, top, pos, [lead["C"]], bar)
         finally:
             bar.close()
-        best = max(self.cv_results_, key=lambda r: (np.nan_to_num(r["auroc_mean"], nan=-1),
-                                                   -len(r["layers"])))
+        self.selection_score_ = self._selection_score()
+        best = max(self.cv_results_, key=lambda r: (self._score(r), -len(r["layers"])))
         # Prefer a single layer unless concatenation is clearly better.
         best_single = self._best_single()
-        if len(best["layers"]) > 1 and best["auroc_mean"] - best_single["auroc_mean"] < 0.005:
+        key = self.selection_score_
+        if len(best["layers"]) > 1 and best[key] - best_single[key] < 0.005:
             best = best_single
         self.best_ = dict(best)
         logger.info("CV (%s, %d folds, %.0f s): best %s position, layers %s, C=%g: "
-                    "AUROC %.3f +- %.3f", self.cv_scheme_, len(self.folds_),
-                    time.monotonic() - t0, best["position"], best["layers"], best["C"],
-                    best["auroc_mean"], best["auroc_std"])
+                    "AUROC %.3f +- %.3f (pooled out of fold %.3f; ranked by %s)",
+                    self.cv_scheme_, len(self.folds_), time.monotonic() - t0, best["position"],
+                    best["layers"], best["C"], best["auroc_mean"], best["auroc_std"],
+                    best["auroc_oof"], key)
         return self
+
+    def _selection_score(self) -> str:
+        """Which CV figure ranks configurations: the mean fold score, or, where no fold
+        could be scored (every held-out topic lacks a class), the pooled out-of-fold AUROC.
+        Never an undefined one: with neither defined the data is too small to choose."""
+        key = self._score_key()
+        if any(np.isfinite(r[key]) for r in self.cv_results_):
+            if key != "auroc_mean":
+                logger.warning("no held-out %s has both classes: configurations are ranked "
+                               "by pooled out-of-fold AUROC instead", self.cv_scheme_)
+            return key
+        raise ValueError(
+            f"too little data to choose a probe: none of the {len(self.folds_)} "
+            f"{self.cv_scheme_} folds scores a configuration (each held-out side has one "
+            "class); capture more questions per topic (--limit-per-topic)")
+
+    def _score_key(self) -> str:
+        """The mean fold score while some configuration has one, else pooled OOF AUROC."""
+        if any(np.isfinite(r["auroc_mean"]) for r in self.cv_results_):
+            return "auroc_mean"
+        return "auroc_oof"
+
+    def _score(self, r: dict[str, Any]) -> float:
+        return float(np.nan_to_num(r[self._score_key()], nan=-1.0))
 
     def _best_single(self) -> dict[str, Any]:
         singles = [r for r in self.cv_results_ if len(r["layers"]) == 1]
-        return max(singles, key=lambda r: np.nan_to_num(r["auroc_mean"], nan=-1))
+        return max(singles, key=self._score)
 
     def _evaluate(self, table: SpanTable, spans: np.ndarray, layers: tuple[int, ...],
                   pos: ScorePosition, Cs: Sequence[float], bar: Any) -> None:
@@ -403,7 +429,7 @@ class ProbeSelector(BaseEstimator):
         for r in self.cv_results_:
             if r["position"] == pos and len(r["layers"]) == 1:
                 k = r["layers"][0]
-                per_layer[k] = max(per_layer.get(k, -1.0), np.nan_to_num(r["auroc_mean"], nan=-1))
+                per_layer[k] = max(per_layer.get(k, -1.0), self._score(r))
         return sorted(per_layer, key=lambda k: -per_layer[k])
 
     def oof_logits(self, layers: Sequence[int], position: str, C: float) -> np.ndarray:
@@ -453,7 +479,8 @@ class FabricationProbeTrainer(BaseEstimator):
             signals = np.c_[self.oof_prob_, neg_min_logprob(table, spans)]
             w = cfg.verdict_probe_weight
             self.verdict_ = fit_verdict(table.y[spans][ok], signals[ok], weights=(w, 1.0 - w),
-                                        target_fpr=cfg.target_fpr)
+                                        target_fpr=cfg.target_fpr,
+                                        groups=table.domains[spans][ok])
         logger.info("probe: layers %s, %s position, C=%g, %s calibration, threshold %.4f "
                     "(<= %.0f%% out-of-fold retrieval spans flagged)", self.layers_,
                     self.position_, self.C_, cfg.calibration, self.threshold_,

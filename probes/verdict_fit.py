@@ -37,13 +37,17 @@ def reference_quantiles(values: np.ndarray, n: int = MAX_REFERENCE) -> list[floa
 
 def fit_verdict(y: np.ndarray, signals: np.ndarray, *, weights: Sequence[float] = (0.5, 0.5),
                 target_fpr: float = 0.10, fprs: Sequence[float] = OPERATING_FPRS,
-                names: Sequence[str] = SIGNALS) -> VerdictModel:
+                names: Sequence[str] = SIGNALS, groups: np.ndarray | None = None
+                ) -> VerdictModel:
     """``y`` (1 = fabrication) and ``(n, len(names))`` out-of-fold claim signals -> a verdict.
 
     The calibration is isotonic on the fused rank (made strictly increasing by a slope of
     1e-6 so that a threshold on the probability is a threshold on the rank), sampled at
-    ``CALIBRATION_POINTS``; each operating point flags at most its rate of the retrieval
-    claims given."""
+    ``CALIBRATION_POINTS``. Each operating point's threshold flags its rate of retrieval
+    claims in the typical ``groups`` (domains): the median over groups of their rates, so
+    a few domains whose correct answers all score high do not set the threshold for every
+    other one (pooled, they did: the threshold chosen for 10% flagged about 1% on unseen
+    topics). Without groups, or with fewer than 3, the pooled rate."""
     y = np.asarray(y, dtype=np.int64)
     signals = np.asarray(signals, dtype=np.float64).reshape(len(y), len(names))
     if not 0 < y.sum() < len(y):
@@ -63,9 +67,16 @@ def fit_verdict(y: np.ndarray, signals: np.ndarray, *, weights: Sequence[float] 
     calibrated = base.model_copy(update={"calibration_y": [float(v) for v in cal]})
     prob = calibrated.calibrate(fused)
     neg, pos = prob[ok & (y == 0)], prob[ok & (y == 1)]
+    neg_groups = None
+    if groups is not None:
+        g = np.asarray(groups)[ok & (y == 0)]
+        if len(set(g.tolist())) >= 3:
+            neg_groups = g
     points = []
     for rate in sorted(set(float(f) for f in fprs) | {float(target_fpr)}):
-        thr = float(min(max(threshold_for_fpr(neg, rate), 1e-6), 1.0))
+        thr = (threshold_for_fpr(neg, rate) if neg_groups is None
+               else median_group_threshold(neg, neg_groups, rate))
+        thr = float(min(max(thr, 1e-6), 1.0))
         points.append(OperatingPoint(target_fpr=rate, threshold=thr,
                                      oof_fpr=float((neg >= thr).mean()),
                                      oof_recall=float((pos >= thr).mean())))
@@ -81,6 +92,25 @@ def fit_verdict(y: np.ndarray, signals: np.ndarray, *, weights: Sequence[float] 
                 ", ".join(f"{n} {_auroc(y, signals[:, j]):.3f}" for j, n in enumerate(names)),
                 model.threshold_for(), 100 * target_fpr)
     return model
+
+
+def median_group_threshold(neg: np.ndarray, groups: np.ndarray, rate: float) -> float:
+    """The smallest threshold at which the median over groups of the flagged share of
+    each group's negatives is at most ``rate``."""
+    neg = np.asarray(neg, dtype=np.float64)
+    keys = sorted(set(groups.tolist()))
+    per_group = [np.sort(neg[groups == k]) for k in keys]
+
+    def median_rate(thr: float) -> float:
+        return float(np.median([1.0 - np.searchsorted(s, thr, side="left") / len(s)
+                                for s in per_group]))
+
+    candidates = np.unique(np.concatenate([[np.nextafter(np.float32(v), np.float32(np.inf))
+                                            for v in neg], [neg.min()]]))
+    for thr in candidates:  # ascending: the first that meets the rate flags the most
+        if median_rate(float(thr)) <= rate:
+            return float(thr)
+    return float(candidates[-1])
 
 
 def _auroc(y: np.ndarray, s: np.ndarray) -> float:

@@ -146,3 +146,53 @@ def test_served_hybrid_probe_scores_match_the_formula(server, model_dir, tmp_pat
             assert worst < 2e-3
     finally:
         sidecar.stop()
+
+
+def test_served_verdict_fuses_the_probe_with_the_claim_s_log_probability(
+        server, model_dir, tmp_path) -> None:
+    """A probe with a verdict model (detector.verdict): every claim's score read over gRPC is
+    the verdict applied to the probe's own claim score and minus the lowest log-probability
+    the API reports for the claim's tokens, judged at the operator's false-flag rate
+    (``LIE_DETECTOR_TARGET_FPR``, no retraining); ListProbes shows that threshold."""
+    from probes.verdict_fit import fit_verdict
+
+    identity = identify_model(model_dir)
+    hidden = torch.randn(identity.hidden_size, generator=torch.Generator().manual_seed(1)) * 2e-3
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    signals = np.c_[rng.uniform(0.3, 0.7, 400) + 0.1 * y, rng.exponential(2.0, 400) + y]
+    base = _probe(identity, "fused", hidden, position="producer", features={})
+    meta = base.metadata.model_copy(update={"verdict": fit_verdict(y, signals)})
+    path = ProbeArtifact(metadata=meta, weight=base.weight, bias=base.bias).save(tmp_path / "v")
+    verdict = meta.verdict
+    assert verdict is not None
+    sidecar = start_sidecar(server.channel, tmp_path / "sidecar", probes=[path],
+                            model_dir=model_dir, env={"LIE_DETECTOR_TARGET_FPR": "0.2"})
+    try:
+        with DetectorClient(sidecar.grpc_address) as client:
+            wait_for_engine(client)
+            (info,) = client.list_probes().probes
+            assert info.threshold == pytest.approx(verdict.threshold_for(0.2))
+            assert verdict.threshold_for(0.2) != pytest.approx(verdict.threshold_for())
+            jobs = _jobs("verdict")
+            responses = complete_many(server.base_url, jobs)
+            claims = 0
+            for job, resp in zip(jobs, responses):
+                reply = client.get_scores(job["request_id"], wait_until_finished=True,
+                                          timeout=30)
+                api_lp, _ = _api_features(resp)
+                probs = [{s.probe: s.probability for s in t.scores} for t in reply.tokens]
+                for span in reply.spans:
+                    if span.kind != "claim":
+                        continue
+                    claims += 1
+                    a, b = span.token_start, span.token_end
+                    expected = verdict.claim_probability({
+                        "probe": max(p["fused"] for p in probs[a:b]),
+                        "neg_min_logprob": -float(api_lp[a:b].min())})
+                    assert span.score == pytest.approx(expected, abs=1e-4)
+                    assert span.threshold == pytest.approx(verdict.threshold_for(0.2))
+                    assert span.flagged == (span.score >= span.threshold)
+            assert claims >= 3
+    finally:
+        sidecar.stop()

@@ -328,3 +328,25 @@ def test_protocol_comparison_runs_offline(own_capture: Path, tmp_path: Path) -> 
         assert set(r["cross_domain"]) == {"alpha", "beta", "gamma"}
         assert r["heldout"]["probe"] > 0.9
     assert "| held-out domain |" in out.with_suffix(".md").read_text()
+
+
+def test_selection_never_ranks_by_undefined_fold_scores(leak_table, caplog) -> None:
+    """Each topic answered all right or all wrong: no held-out topic has both classes, so
+    every fold score is undefined. Selection must not take the first configuration (what
+    it did while ranking NaN fold means); it ranks by pooled out-of-fold AUROC and says so."""
+    import dataclasses
+
+    t = leak_table
+    keys = balance_topics(t)
+    topics = sorted(set(keys.tolist()))
+    fabricated = {k for i, k in enumerate(topics) if i % 2}
+    t = dataclasses.replace(t, y=np.isin(keys, list(fabricated)).astype(t.y.dtype))
+    spans = np.arange(t.n_spans)
+    sel = ProbeSelector(Cs=[0.1], concat_top=0, cv_scheme="topics", progress=False)
+    with caplog.at_level("WARNING"):
+        sel.fit(t, spans)
+    assert all(not np.isfinite(r["auroc_mean"]) for r in sel.cv_results_)
+    best_oof = max(r["auroc_oof"] for r in sel.cv_results_)
+    assert sel.best_["auroc_oof"] == pytest.approx(best_oof)
+    assert sel.selection_score_ == "auroc_oof"
+    assert "pooled out-of-fold AUROC" in caplog.text

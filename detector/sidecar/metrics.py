@@ -95,6 +95,11 @@ class SidecarMetrics:
             "lie_detector_requests_out_of_distribution",
             "Finished requests most of whose scored rows lie outside the probe's training "
             "distribution, per probe.", ["probe"], registry=r)
+        self.drift_expected_outside = Gauge(
+            "lie_detector_drift_expected_outside_ratio",
+            "Fraction of rows like the training ones that lie outside the probe's summary "
+            "(compare with rate(drift_rows_outside) / rate(drift_rows)), per active probe.",
+            ["probe"], registry=r)
         self._engine_dropped_seen: dict[str, int] = {}
 
     def init_probe_labels(self, probes: tuple[str, ...] | list[str], kinds: list[str]) -> None:

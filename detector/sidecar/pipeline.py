@@ -241,6 +241,10 @@ class ScoringPipeline:
         self.registry.expire_capture_off(self.hook_timeout_s)
         active = self.registry.active()
         self.metrics.probes_active.set(len(active.columns.names) if active else 0)
+        for probe in active.scorer.probes if active else ():
+            if probe.metadata.drift is not None:
+                self.metrics.drift_expected_outside.labels(probe.name).set(
+                    probe.metadata.drift.expected_outside_rate)
         new_failures = self.registry.load_failures - self._load_failures_seen
         if new_failures > 0:
             self.metrics.probe_load_failures.inc(new_failures)

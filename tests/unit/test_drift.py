@@ -160,3 +160,41 @@ def test_response_drift_counts_rows_per_probe() -> None:
     assert (got["a"].rows, got["a"].rows_outside) == (3, 2)
     assert got["a"].out_of_distribution and got["a"].fraction > OOD_RESPONSE_FRACTION
     assert not got["b"].out_of_distribution and got["b"].fraction == 0.0
+
+
+def test_training_ships_a_summary_that_held_out_rows_fit(tmp_path) -> None:
+    """FabricationProbeTrainer (what train, train-probe and train-default run) fits the
+    summary on the training spans' rows; held-out spans of the same capture fall inside."""
+    from probes.spans import load_span_table
+    from probes.store import CaptureStore
+    from probes.synthetic import SYNTHETIC_MODEL, make_synthetic_capture
+    from probes.train import FabricationProbeTrainer, TrainConfig, grouped_holdout
+
+    table = load_span_table(CaptureStore.open(make_synthetic_capture(tmp_path / "cap")))
+    train, test = grouped_holdout(table.y, table.groups, 0.25, seed=0)
+    config = TrainConfig(layers=[4], score_positions=["own"], Cs=[0.1], cv_folds=3,
+                         concat_top=0)
+    trainer = FabricationProbeTrainer(config=config, progress=False).fit(table, train)
+    art = load_probe(trainer.to_artifact(name="syn", model=SYNTHETIC_MODEL, training={})
+                     .save(tmp_path / "probe"))
+    s = art.metadata.drift
+    assert s is not None and art.drift_directions.shape == (s.components, table.hidden_size)
+    assert s.rows + s.calibration_rows >= table.token_index(train).size
+    x = table.features(test, [4], "own")
+    stats = drift_statistics(x, art.drift_mean.numpy(), art.drift_directions.numpy(),
+                             s.component_std)
+    assert outside(*stats, s).mean() < 0.1
+
+
+def test_the_openai_field_carries_the_drift() -> None:
+    from detector.client import Drift, RequestState, Scores
+    from detector.openai_middleware import annotation
+
+    scores = Scores(request_id="r", engine_request_id="r-1", state=RequestState.FINISHED,
+                    incomplete_reason="", num_prompt_tokens=3, probes=("p",), tokens=(),
+                    spans=(), text="x", verdicts=(), requests_with_id=1,
+                    drift=(Drift("p", 10, 8, 0.8, True),))
+    field = annotation(scores, "x")
+    assert field["out_of_distribution"] is True
+    assert field["drift"] == [{"probe": "p", "rows": 10, "rows_outside": 8,
+                               "outside_fraction": 0.8, "out_of_distribution": True}]

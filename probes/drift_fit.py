@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,9 +47,9 @@ def fit_drift(x: np.ndarray, *, groups: np.ndarray | None = None, components: in
     keys = np.asarray(groups) if groups is not None and len(groups) == n else np.arange(n)
     unique = np.unique(keys)
     held = rng.permutation(unique)[: max(1, int(round(calibration_fraction * unique.size)))]
-    cal = np.isin(keys, held)
+    cal: np.ndarray = np.isin(keys, held)
     if cal.all() or (~cal).sum() < components + 2:  # too few groups to split: split rows
-        cal = rng.random(n) < calibration_fraction
+        cal = np.asarray(rng.random(n) < calibration_fraction)
     if not cal.any() or (~cal).sum() < 2:
         cal = np.ones(n, dtype=bool)  # tiny data: limits measured on the fitted rows
     fit_rows = x[~cal] if (~cal).sum() >= 2 else x
@@ -80,7 +81,7 @@ def fit_drift(x: np.ndarray, *, groups: np.ndarray | None = None, components: in
 
 
 def fit_table_drift(table: SpanTable, spans: np.ndarray, layers: Sequence[int],
-                    **kwargs) -> FittedDrift | None:
+                    **kwargs: Any) -> FittedDrift | None:
     """Summary of the rows a probe on ``layers`` reads for the training ``spans``: the rows
     of both positions of their tokens (the scorer reports on every generated row it scores,
     which includes the rows just before claims), grouped by question."""

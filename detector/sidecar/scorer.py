@@ -173,6 +173,7 @@ class FusedProbeScorer:
         for c, (j, k) in enumerate(zip(cols, ks)):
             meta, probe = probes[j].metadata, probes[j]
             assert meta.drift is not None and probe.drift_mean is not None
+            assert probe.drift_directions is not None
             mean, dirs = probe.drift_mean.double(), probe.drift_directions.double()
             for i, layer in enumerate(meta.layers):
                 at, part = position[layer], slice(i * h, (i + 1) * h)
@@ -186,16 +187,24 @@ class FusedProbeScorer:
             mean_sq[c] = float(mean @ mean)
             limits[:, c] = torch.tensor([meta.drift.t2_limit, meta.drift.residual_limit])
             d0 += k
-        # The statistics are formed in float64 from the float32 products: the residual is
-        # a difference of large numbers (|x|^2 - 2 x.mean + |mean|^2 - |t|^2).
+        # Both statistics of every summary from one small product of [t*t, |x_layer|^2,
+        # x.mean] (t = x.v - v.mean): T^2 = sum t^2/std^2 and residual = |x|^2 -
+        # 2 x.mean + |mean|^2 - sum t^2. Formed in float64 from the float32 products: the
+        # residual is a difference of large numbers.
+        n = len(cols)
+        combine = torch.zeros(n_dir + n_layers + n, 2 * n, dtype=torch.float64)
+        combine[:n_dir, :n] = group * (inv_std ** 2).unsqueeze(1)
+        combine[:n_dir, n:] = -group
+        combine[n_dir : n_dir + n_layers, n:] = layer_sel
+        combine[n_dir + n_layers :, n:] = -2.0 * torch.eye(n, dtype=torch.float64)
         self._drift_cols = torch.tensor(cols, dtype=torch.long, device=self.device)
+        self._drift_all = n == len(probes)
         self._drift_dirs = n_dir
         self._drift_c = offset_c.to(self.device)
-        self._drift_inv_std = inv_std.to(self.device)
-        self._drift_group = group.to(self.device)
-        self._drift_layers = layer_sel.to(self.device)
-        self._drift_mean_sq = mean_sq.to(self.device)
-        self._drift_limits = limits.to(self.device)
+        self._drift_combine = combine.to(self.device)
+        self._drift_offset = torch.cat([torch.zeros(n, dtype=torch.float64),
+                                        mean_sq]).to(self.device)
+        self._drift_limits = limits.reshape(-1).to(self.device)
         return weight
 
     @property
@@ -341,21 +350,26 @@ class FusedProbeScorer:
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(t2, residual) from the rows ``x`` (n_tokens, n_layers, hidden) and the GEMM's
         drift columns ``extra``."""
+        stats = self._stacked_statistics(x, extra)
+        n = stats.shape[1] // 2
+        return stats[:, :n], stats[:, n:].clamp(min=0.0)
+
+    def _stacked_statistics(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        """``[t2 | residual]`` (n_tokens, 2 * n_drift_probes) float64, in few kernels."""
         extra = extra.double()
         t = extra[:, : self._drift_dirs] - self._drift_c
-        t2 = ((t * self._drift_inv_std) ** 2) @ self._drift_group
-        t_sq = (t * t) @ self._drift_group
-        layer_sq = torch.linalg.vector_norm(x, dim=2, dtype=torch.float64) ** 2
-        dist_sq = (layer_sq @ self._drift_layers - 2.0 * extra[:, self._drift_dirs :]
-                   + self._drift_mean_sq)
-        return t2, (dist_sq - t_sq).clamp_(min=0.0)
+        layer_sq = torch.linalg.vector_norm(x, dim=2, dtype=torch.float64).square_()
+        inputs = torch.cat([t.square_(), layer_sq, extra[:, self._drift_dirs :]], 1)
+        return torch.addmm(self._drift_offset, inputs, self._drift_combine)
 
     def _outside(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
-        t2, residual = self._statistics(x, extra)
-        out = (t2 > self._drift_limits[0]) | (residual > self._drift_limits[1])
+        beyond = self._stacked_statistics(x, extra) > self._drift_limits
+        out = beyond.view(x.shape[0], 2, -1).any(1).float()
+        if self._drift_all:
+            return out
         flags = torch.full((x.shape[0], self.num_probes), float("nan"), dtype=torch.float32,
                            device=self.device)
-        flags[:, self._drift_cols] = out.float()
+        flags[:, self._drift_cols] = out
         return flags
 
     def _add_token_features(self, z: torch.Tensor, cols: torch.Tensor,

@@ -91,9 +91,11 @@ def test_a_response_of_unseen_rows_is_reported_out_of_distribution(tmp_path) -> 
             for i in range(3):
                 send_request(pub, f"home-{i}", HOME, seed=10 + i)
                 send_request(pub, f"abroad-{i}", ABROAD, seed=20 + i)
+            seen_abroad = []
             for i in range(3):
                 home = client.get_scores(f"home-{i}", wait_until_finished=True)
                 abroad = client.get_scores(f"abroad-{i}", wait_until_finished=True)
+                seen_abroad.append(abroad)
                 for reply in (home, abroad):
                     assert [d.probe for d in reply.drift] == ["summarised"]  # not "old"
                     assert reply.drift[0].rows == 16  # every generated token was scored
@@ -105,6 +107,12 @@ def test_a_response_of_unseen_rows_is_reported_out_of_distribution(tmp_path) -> 
                 assert abroad.out_of_distribution and a.outside_fraction > 0.9, a
                 assert a.rows_outside == sum(t.score("summarised").outside
                                              for t in abroad.tokens)
+            # A stream carries the per-token flags as tokens settle and the drift at the end.
+            abroad_0 = seen_abroad[0]
+            updates = list(client.stream_scores("abroad-0", timeout=10))
+            assert updates[-1].final and updates[-1].drift == (abroad_0.drift_of("summarised"),)
+            assert [t.score("summarised").outside for u in updates for t in u.tokens] == [
+                t.score("summarised").outside for t in abroad_0.tokens]
             # Scores themselves are unchanged by drift: both probes have the same weights.
             assert all(t.score("old").probability == t.score("summarised").probability
                        for t in abroad.tokens)

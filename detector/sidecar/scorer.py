@@ -328,8 +328,7 @@ class FusedProbeScorer:
         product = torch.addmm(self._gemm_bias, flat, self._gemm_weight)
         z = product[:, : self.num_probes]
         drift = None
-        if self.has_drift:
-            z = z.contiguous()
+        if self.has_drift:  # z stays a view of the product's first columns
             drift = self._outside(x, product[:, self.num_probes :])
         if self._hybrid:
             feats = {"own": own_features, "producer": producer_features}
@@ -358,7 +357,8 @@ class FusedProbeScorer:
         """``[t2 | residual]`` (n_tokens, 2 * n_drift_probes) float64, in few kernels."""
         extra = extra.double()
         t = extra[:, : self._drift_dirs] - self._drift_c
-        layer_sq = torch.linalg.vector_norm(x, dim=2, dtype=torch.float64).square_()
+        norm = torch.linalg.vector_norm(x, dim=2).double()  # float32 pass over the rows
+        layer_sq = norm.mul_(norm)
         inputs = torch.cat([t.square_(), layer_sq, extra[:, self._drift_dirs :]], 1)
         return torch.addmm(self._drift_offset, inputs, self._drift_combine)
 

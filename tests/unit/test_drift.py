@@ -198,3 +198,24 @@ def test_the_openai_field_carries_the_drift() -> None:
     assert field["out_of_distribution"] is True
     assert field["drift"] == [{"probe": "p", "rows": 10, "rows_outside": 8,
                                "outside_fraction": 0.8, "out_of_distribution": True}]
+
+
+def test_a_hybrid_probe_with_a_summary_scores_as_without_one() -> None:
+    """The drift columns share the product with the probes' own: adding token features to
+    the hybrid columns afterwards still gives the same logits as a probe without drift."""
+    meta = ProbeMetadata(name="h", model=MODEL, layers=[3], hidden_size=H,
+                         score_position="producer", calibration="none", threshold=0.5,
+                         token_features=["logprob"])
+    art = ProbeArtifact(metadata=meta, weight=torch.randn(H + 1, generator=torch.Generator()
+                                                          .manual_seed(4)), bias=torch.zeros(1))
+    summarised = with_drift(art, fit_drift(rows_from(basis(H, 4, 2), 300, 0), components=4))
+    kw = dict(captured_layers=[1, 3], hidden_size=H, device="cpu")
+    plain, drifting = FusedProbeScorer([art], **kw), FusedProbeScorer([summarised], **kw)
+    rows = torch.randn(2, 12, H)
+    feats = torch.randn(12, 1)
+    feats[3] = float("nan")
+    want = plain.logits(rows, producer_features=feats)
+    got, flags = drifting.logits_and_drift(rows, producer_features=feats)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    assert flags is not None and flags.shape == (12, 1) and not torch.isnan(flags).any()
+    assert drifting.logits_and_drift(rows[:, :0])[1].shape == (0, 1)

@@ -24,6 +24,9 @@ from probes.spans import SpanTable
 logger = logging.getLogger(__name__)
 
 MIN_ROWS = 16  # fewer training rows than this: no summary (its limits would mean nothing)
+# More rows than this are subsampled: enough for 8 directions and a 99th percentile, and a
+# large model's concatenated layers (n x 3 x 4096 float32) stay within memory.
+MAX_ROWS = 20_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,10 @@ def fit_table_drift(table: SpanTable, spans: np.ndarray, layers: Sequence[int],
     rows = np.concatenate([table.producer_row[tokens], table.own_row[tokens]])
     groups = np.concatenate([table.groups[table.token_span[tokens]]] * 2)
     rows, first = np.unique(rows, return_index=True)
+    if rows.size > MAX_ROWS:
+        keep = np.sort(np.random.default_rng(kwargs.get("seed", 0)).choice(
+            rows.size, MAX_ROWS, replace=False))
+        rows, first = rows[keep], first[keep]
     li = [table.layers.index(k) for k in layers]
     x = table.rows[rows][:, li, :].reshape(len(rows), -1).astype(np.float32)
     return fit_drift(x, groups=groups[first], **kwargs)

@@ -50,6 +50,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from detector import __version__
+from detector.drift import DRIFT_TENSORS, DriftSummary, check_drift_tensors
 from detector.hooks.token_features import TOKEN_FEATURES, TOKEN_FEATURES_ENV
 from detector.model_identity import ModelIdentity
 from detector.verdict import VerdictModel
@@ -68,7 +69,7 @@ MAX_TENSORS_BYTES = 1 << 30
 MAX_JSON_DEPTH = 32
 
 REQUIRED_TENSORS = ("weight", "bias")
-OPTIONAL_TENSORS = ("mean", "scale", "isotonic_x", "isotonic_y")
+OPTIONAL_TENSORS = ("mean", "scale", "isotonic_x", "isotonic_y") + DRIFT_TENSORS
 _PICKLE_SUFFIXES = {".pkl", ".pickle", ".pt", ".pth", ".bin", ".joblib", ".ckpt"}
 # Byte width of each safetensors dtype, to check a header before handing it to the library.
 _ST_ITEMSIZE = {
@@ -111,6 +112,9 @@ class ProbeMetadata(BaseModel):
     # Claim verdict fusing the probe with the claim's token probability (detector.verdict):
     # when set, a claim's score and threshold are the verdict's; tokens keep the probe's.
     verdict: VerdictModel | None = None
+    # Summary of the training rows (detector.drift): when set, the sidecar reports rows
+    # and responses outside it; its tensors are drift_mean/drift_directions.
+    drift: DriftSummary | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     library_version: str = __version__
     training: dict[str, Any] = Field(default_factory=dict)
@@ -200,6 +204,8 @@ class ProbeArtifact:
     scale: torch.Tensor | None = None
     isotonic_x: torch.Tensor | None = None
     isotonic_y: torch.Tensor | None = None
+    drift_mean: torch.Tensor | None = None
+    drift_directions: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         where = f"probe {self.metadata.name!r}"
@@ -430,6 +436,23 @@ def _check_scoring_numbers(art: ProbeArtifact, where: str) -> None:
 
 
 
+def _check_drift(meta: ProbeMetadata, tensors: dict[str, Any], where: str) -> None:
+    """The drift summary's tensors exist exactly when probe.json has ``drift``, and fit it."""
+    present = [n for n in DRIFT_TENSORS if tensors.get(n) is not None]
+    if meta.drift is None:
+        if present:
+            raise ProbeArtifactError(f"{where}: tensor(s) {present} present but probe.json "
+                                     "has no drift summary")
+        return
+    if len(present) != len(DRIFT_TENSORS):
+        missing = [n for n in DRIFT_TENSORS if n not in present]
+        raise ProbeArtifactError(f"{where}: drift summary needs tensor(s) {missing}")
+    why = check_drift_tensors(meta.drift, tensors["drift_mean"].numpy(),
+                              tensors["drift_directions"].numpy(), meta.hidden_dim, _ROW_BOUND)
+    if why is not None:
+        raise ProbeArtifactError(f"{where}: {why}")
+
+
 def _write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as fh:
         fh.write(data)
@@ -621,11 +644,12 @@ def _check_tensors(meta: ProbeMetadata, tensors: dict[str, Any], where: str) -> 
             raise ProbeArtifactError(
                 f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected {expected}{why}"
             )
-        if expected is None and t.dim() != 1:
+        if expected is None and t.dim() != 1 and name != "drift_directions":
             raise ProbeArtifactError(f"{where}: tensor {name!r} must be 1-D, got {tuple(t.shape)}")
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise ProbeArtifactError(f"{where}: tensor {name!r} has {bad} NaN/Inf value(s)")
+    _check_drift(meta, tensors, where)
     scale = tensors.get("scale")
     if scale is not None and not bool((scale > 0).all()):
         bad = int((scale <= 0).sum())

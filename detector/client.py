@@ -30,8 +30,8 @@ from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 
 __all__ = [
     "AsyncDetectorClient", "CaptureState", "CaptureStatus", "DetectorClient", "DetectorError",
-    "ProbeInfo", "ProbeList", "ProbeScore", "RequestState", "Scores", "ScoresUpdate", "Span",
-    "TLSConfig", "TokenScore", "Verdict",
+    "Drift", "ProbeInfo", "ProbeList", "ProbeScore", "RequestState", "Scores", "ScoresUpdate",
+    "Span", "TLSConfig", "TokenScore", "Verdict",
 ]
 
 # A call without its own timeout waits at most this long (seconds); waits for a request to
@@ -79,6 +79,9 @@ class ProbeScore:
     # Calibrated probability that the token is part of a fabrication.
     probability: float
     flagged: bool
+    # Whether the token's row lies outside the probe's training distribution; None for a
+    # probe that ships no training summary.
+    outside: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,20 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class Drift:
+    """How far the response lies from what one probe was trained on (``detector.drift``):
+    of its scored rows, how many lie outside the training summary. ``out_of_distribution``
+    (more than half outside) says the probe's verdicts rest on rows unlike its training
+    rows; it says nothing about whether the answer is right."""
+
+    probe: str
+    rows: int
+    rows_outside: int
+    outside_fraction: float
+    out_of_distribution: bool
+
+
+@dataclass(frozen=True)
 class Scores:
     """One request's scores (``get_scores``)."""
 
@@ -149,6 +166,16 @@ class Scores:
     verdicts: tuple[Verdict, ...]
     # More than 1: the id was reused by several requests; the newest is returned.
     requests_with_id: int
+    # One per probe that ships a training summary (empty for the others).
+    drift: tuple[Drift, ...] = ()
+
+    @property
+    def out_of_distribution(self) -> bool:
+        """Whether any probe found the response outside what it was trained on."""
+        return any(d.out_of_distribution for d in self.drift)
+
+    def drift_of(self, probe: str) -> Drift | None:
+        return next((d for d in self.drift if d.probe == probe), None)
 
     @property
     def claims(self) -> tuple[Span, ...]:
@@ -180,6 +207,8 @@ class ScoresUpdate:
     final: bool
     verdicts: tuple[Verdict, ...]
     requests_with_id: int
+    # On the last message only: as in :class:`Scores`.
+    drift: tuple[Drift, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -253,7 +282,8 @@ def _read(path: Path | None) -> bytes | None:
 # ---- replies to dataclasses -------------------------------------------------------------
 
 def _probe_score(m: pb.ProbeScore) -> ProbeScore:
-    return ProbeScore(probe=m.probe, probability=m.probability, flagged=m.flagged)
+    return ProbeScore(probe=m.probe, probability=m.probability, flagged=m.flagged,
+                      outside=m.outside if m.HasField("outside") else None)
 
 
 def _token(m: pb.TokenScore) -> TokenScore:
@@ -274,6 +304,11 @@ def _verdict(m: pb.ResponseVerdict) -> Verdict:
                    flagged_claims=m.flagged_claims)
 
 
+def _drift(m: pb.Drift) -> Drift:
+    return Drift(probe=m.probe, rows=m.rows, rows_outside=m.rows_outside,
+                 outside_fraction=m.outside_fraction, out_of_distribution=m.out_of_distribution)
+
+
 def _state(value: int) -> RequestState:
     try:
         return RequestState(value)
@@ -288,7 +323,8 @@ def scores_from_pb(m: pb.ScoresResponse) -> Scores:
                   tokens=tuple(_token(t) for t in m.tokens),
                   spans=tuple(_span(s) for s in m.spans), text=m.text,
                   verdicts=tuple(_verdict(v) for v in m.verdicts),
-                  requests_with_id=m.requests_with_id)
+                  requests_with_id=m.requests_with_id,
+                  drift=tuple(_drift(d) for d in m.drift))
 
 
 def update_from_pb(m: pb.ScoresUpdate) -> ScoresUpdate:
@@ -297,7 +333,8 @@ def update_from_pb(m: pb.ScoresUpdate) -> ScoresUpdate:
                         tokens=tuple(_token(t) for t in m.tokens),
                         spans=tuple(_span(s) for s in m.spans), final=m.final,
                         verdicts=tuple(_verdict(v) for v in m.verdicts),
-                        requests_with_id=m.requests_with_id)
+                        requests_with_id=m.requests_with_id,
+                        drift=tuple(_drift(d) for d in m.drift))
 
 
 def probe_from_pb(m: pb.ProbeInfo) -> ProbeInfo:

@@ -173,6 +173,11 @@ def annotation(scores: Scores, returned: str) -> dict[str, Any]:
                    "probe": s.probe, "score": s.score, "threshold": s.threshold,
                    "flagged": s.flagged} for s in spans],
         "spans_dropped": dropped,
+        # Per probe that ships a training summary: how many scored rows lie outside it.
+        "out_of_distribution": scores.out_of_distribution,
+        "drift": [{"probe": d.probe, "rows": d.rows, "rows_outside": d.rows_outside,
+                   "outside_fraction": d.outside_fraction,
+                   "out_of_distribution": d.out_of_distribution} for d in scores.drift],
     }
 
 

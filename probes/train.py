@@ -54,6 +54,7 @@ from detector.model_identity import ModelIdentity
 from detector.verdict import VerdictModel
 from probes.linear import LinearProbe, threshold_for_fpr
 from probes.hybrid import with_token_features
+from probes.drift_fit import fit_table_drift, with_drift
 from probes.verdict_fit import fit_verdict
 from probes.spans import SCORE_POSITIONS, ScorePosition, SpanTable, neg_min_logprob
 
@@ -466,6 +467,8 @@ class FabricationProbeTrainer(BaseEstimator):
                                   weighting=cfg.token_weighting,
                                   topic_balance=cfg.topic_balance,
                                   min_class_spans=cfg.min_class_spans)
+        # What the probe's rows look like in training, shipped to report drift when served.
+        self.drift_ = fit_table_drift(table, spans, self.layers_, seed=cfg.seed)
         oof = self.selector_.oof_logits(self.layers_, self.position_, self.C_)
         ok = np.isfinite(oof)
         self.probe_.recalibrate(oof[ok], table.y[spans][ok].astype(bool))
@@ -509,10 +512,11 @@ class FabricationProbeTrainer(BaseEstimator):
     def to_artifact(self, *, name: str, model: ModelIdentity, training: dict[str, Any]
                     ) -> ProbeArtifact:
         check_is_fitted(self, "probe_")
-        return self.probe_.to_artifact(name=name, model=model, layers=self.layers_,
-                                       score_position=self.position_, threshold=self.threshold_,
-                                       training=training, token_features=self.token_features_,
-                                       verdict=self.verdict_)
+        art = self.probe_.to_artifact(name=name, model=model, layers=self.layers_,
+                                      score_position=self.position_, threshold=self.threshold_,
+                                      training=training, token_features=self.token_features_,
+                                      verdict=self.verdict_)
+        return with_drift(art, getattr(self, "drift_", None))
 
 
 def cross_topic(table: SpanTable, spans: np.ndarray, *, layers: Sequence[int],

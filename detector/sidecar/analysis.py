@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from detector.claims import ResponseVerdict
+from detector.drift import ResponseDrift, response_drift
 from detector.sidecar.spans import SPAN_KINDS, SpanVerdict, find_spans, judge_spans
 from detector.sidecar.stops import cut_to_returned
 from detector.sidecar.streams import ProbeColumns, RequestRecord, TokenScore
@@ -21,6 +22,12 @@ class RequestAnalysis:
     verdicts: list[SpanVerdict]
     # One per probe: flagged when any claim span is (empty without a decoder or probes).
     responses: list[ResponseVerdict]
+
+    @property
+    def drift(self) -> list[ResponseDrift]:
+        """Per probe with a training summary: how many of the response's scored rows lie
+        outside it (counted from the per-token flags, over the tokens returned)."""
+        return response_drift([t.outside for t in self.tokens])
 
     @property
     def text(self) -> str:

@@ -81,6 +81,25 @@ class SidecarMetrics:
         self.span_score = Histogram(
             "lie_detector_span_score", "Calibrated claim-span scores, per probe.", ["probe"],
             buckets=_SCORE_BUCKETS, registry=r)
+        # Drift (detector.drift): rows of finished responses scored by probes that ship a
+        # training summary, those outside it, and responses mostly outside it.
+        self.drift_rows = Counter(
+            "lie_detector_drift_rows",
+            "Scored generated rows of finished requests, per probe with a training summary.",
+            ["probe"], registry=r)
+        self.drift_rows_outside = Counter(
+            "lie_detector_drift_rows_outside",
+            "Of those rows, the ones outside the probe's training distribution.", ["probe"],
+            registry=r)
+        self.requests_out_of_distribution = Counter(
+            "lie_detector_requests_out_of_distribution",
+            "Finished requests most of whose scored rows lie outside the probe's training "
+            "distribution, per probe.", ["probe"], registry=r)
+        self.drift_expected_outside = Gauge(
+            "lie_detector_drift_expected_outside_ratio",
+            "Fraction of rows like the training ones that lie outside the probe's summary "
+            "(compare with rate(drift_rows_outside) / rate(drift_rows)), per active probe.",
+            ["probe"], registry=r)
         self._engine_dropped_seen: dict[str, int] = {}
 
     def init_probe_labels(self, probes: tuple[str, ...] | list[str], kinds: list[str]) -> None:

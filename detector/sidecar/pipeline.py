@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from detector.channel.subscriber import ChannelSubscriber
@@ -133,7 +134,10 @@ class ScoringPipeline:
                                                                 scorer.token_features)
                 features = {"own_features": torch.from_numpy(own),
                             "producer_features": torch.from_numpy(producer)}
-            probs = scorer.probabilities(scorer.logits(selected, **features)).cpu().numpy()
+            logits, outside = scorer.logits_and_drift(selected, **features)
+            probs = scorer.probabilities(logits).cpu().numpy()
+            if outside is not None:  # drift flags ride after the probabilities (streams.py)
+                probs = np.concatenate([probs, outside.cpu().numpy()], axis=1)
             columns = active.columns
             self.metrics.rows_scored.inc(int(index.size))
         if not self.store.ingest(header, index, probs, columns):
@@ -198,6 +202,11 @@ class ScoringPipeline:
         for r in analysis.responses:  # the response verdict: any claim span flagged
             if r.flagged:
                 m.requests_flagged.labels(r.probe).inc()
+        for d in analysis.drift:
+            m.drift_rows.labels(d.probe).inc(d.rows)
+            m.drift_rows_outside.labels(d.probe).inc(d.rows_outside)
+            if d.out_of_distribution:
+                m.requests_out_of_distribution.labels(d.probe).inc()
         if self.events is not None:  # queued for export; never raises
             self.events.request_finished(analysis, columns.names, columns.claim_thresholds)
 
@@ -232,6 +241,10 @@ class ScoringPipeline:
         self.registry.expire_capture_off(self.hook_timeout_s)
         active = self.registry.active()
         self.metrics.probes_active.set(len(active.columns.names) if active else 0)
+        for probe in active.scorer.probes if active else ():
+            if probe.metadata.drift is not None:
+                self.metrics.drift_expected_outside.labels(probe.name).set(
+                    probe.metadata.drift.expected_outside_rate)
         new_failures = self.registry.load_failures - self._load_failures_seen
         if new_failures > 0:
             self.metrics.probe_load_failures.inc(new_failures)

@@ -23,6 +23,14 @@ log-probability and entropy. Those few columns are added after the GEMM
 (``features @ W_f``, only into hybrid probes' logits), so the GEMM over the rows stays one
 and pure probes' logits are the GEMM's output unchanged. A hybrid probe whose features are
 missing for a token gets a NaN logit and probability there: the token stays unscored.
+
+Drift (:mod:`detector.drift`): a probe that ships a summary of its training rows adds
+``k + 1`` columns to the same GEMM (its principal directions and its mean, in the rows of
+its layers), so ``x . v_i`` and ``x . mean`` come out of the one product; with each
+captured layer's ``|x|^2`` (one reduction over the rows, shared by all probes) that gives
+T^2 and the residual energy of every row for every such probe.
+:meth:`FusedProbeScorer.logits_and_drift` returns, beside the logits, whether each row lies
+outside each probe's summary (NaN for probes without one).
 """
 
 from __future__ import annotations
@@ -124,7 +132,10 @@ class FusedProbeScorer:
                 platt_a[j], platt_b[j] = float(meta.platt_a), float(meta.platt_b)
 
         self._probes = probes
-        self._weight = weight.to(self.device)
+        drift_weight = self._init_drift(probes, position)
+        self._gemm_weight = torch.cat([weight, drift_weight], 1).to(self.device)
+        self._gemm_bias = torch.cat([bias, torch.zeros(drift_weight.shape[1])]).to(self.device)
+        self._weight = self._gemm_weight[:, : len(probes)]
         self._bias = bias.to(self.device)
         self._platt_a = platt_a.to(self.device)
         self._platt_b = platt_b.to(self.device)
@@ -142,6 +153,64 @@ class FusedProbeScorer:
         self.unused_layers = [k for k in self.captured_layers if k not in used]
         if probes and self.unused_layers:
             logger.info("captured layers %s are read by no probe", self.unused_layers)
+
+    def _init_drift(self, probes: list[ProbeArtifact], position: dict[int, int]
+                    ) -> torch.Tensor:
+        """The drift columns of the GEMM (every summary's directions, then every summary's
+        mean) and the constants that turn their products into T^2 and residual energy."""
+        h, n_layers = self.hidden_size, len(self.captured_layers)
+        cols = [j for j, p in enumerate(probes) if p.metadata.drift is not None]
+        ks = [probes[j].metadata.drift.components for j in cols]  # type: ignore[union-attr]
+        n_dir = sum(ks)
+        weight = torch.zeros(n_layers * h, n_dir + len(cols), dtype=torch.float32)
+        offset_c = torch.zeros(n_dir, dtype=torch.float64)  # v_i . mean
+        inv_std = torch.zeros(n_dir, dtype=torch.float64)
+        group = torch.zeros(n_dir, len(cols), dtype=torch.float64)  # direction -> probe
+        layer_sel = torch.zeros(n_layers, len(cols), dtype=torch.float64)  # layer -> probe
+        mean_sq = torch.zeros(len(cols), dtype=torch.float64)
+        limits = torch.zeros(2, len(cols), dtype=torch.float64)
+        d0 = 0
+        for c, (j, k) in enumerate(zip(cols, ks)):
+            meta, probe = probes[j].metadata, probes[j]
+            assert meta.drift is not None and probe.drift_mean is not None
+            assert probe.drift_directions is not None
+            mean, dirs = probe.drift_mean.double(), probe.drift_directions.double()
+            for i, layer in enumerate(meta.layers):
+                at, part = position[layer], slice(i * h, (i + 1) * h)
+                weight[at * h : (at + 1) * h, d0 : d0 + k] = dirs[:, part].T.float()
+                weight[at * h : (at + 1) * h, n_dir + c] = mean[part].float()
+                layer_sel[at, c] = 1.0
+            offset_c[d0 : d0 + k] = dirs @ mean
+            inv_std[d0 : d0 + k] = 1.0 / torch.tensor(meta.drift.component_std,
+                                                      dtype=torch.float64)
+            group[d0 : d0 + k, c] = 1.0
+            mean_sq[c] = float(mean @ mean)
+            limits[:, c] = torch.tensor([meta.drift.t2_limit, meta.drift.residual_limit])
+            d0 += k
+        # Both statistics of every summary from one small product of [t*t, |x_layer|^2,
+        # x.mean] (t = x.v - v.mean): T^2 = sum t^2/std^2 and residual = |x|^2 -
+        # 2 x.mean + |mean|^2 - sum t^2. Formed in float64 from the float32 products: the
+        # residual is a difference of large numbers.
+        n = len(cols)
+        combine = torch.zeros(n_dir + n_layers + n, 2 * n, dtype=torch.float64)
+        combine[:n_dir, :n] = group * (inv_std ** 2).unsqueeze(1)
+        combine[:n_dir, n:] = -group
+        combine[n_dir : n_dir + n_layers, n:] = layer_sel
+        combine[n_dir + n_layers :, n:] = -2.0 * torch.eye(n, dtype=torch.float64)
+        self._drift_cols = torch.tensor(cols, dtype=torch.long, device=self.device)
+        self._drift_all = n == len(probes)
+        self._drift_dirs = n_dir
+        self._drift_c = offset_c.to(self.device)
+        self._drift_combine = combine.to(self.device)
+        self._drift_offset = torch.cat([torch.zeros(n, dtype=torch.float64),
+                                        mean_sq]).to(self.device)
+        self._drift_limits = limits.reshape(-1).to(self.device)
+        return weight
+
+    @property
+    def has_drift(self) -> bool:
+        """Whether any probe ships a drift summary (:meth:`logits_and_drift` reports it)."""
+        return bool(self._drift_cols.numel())
 
     def _init_isotonic(self, probes: list[ProbeArtifact]) -> None:
         """Pad every isotonic probe's knots to one (n_iso, K) table for batched searchsorted."""
@@ -225,6 +294,20 @@ class FusedProbeScorer:
         features of the token each row scores as its own row (position p) or as its
         producer (the token at p+1); NaN where unknown. Hybrid probes get NaN logits where
         a feature they read is unknown or not passed."""
+        return self.logits_and_drift(rows, own_features=own_features,
+                                     producer_features=producer_features)[0]
+
+    @torch.no_grad()
+    def logits_and_drift(
+        self,
+        rows: torch.Tensor,
+        *,
+        own_features: torch.Tensor | None = None,
+        producer_features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`logits`, and from the same product, ``(n_tokens, n_probes)`` float32: 1.0
+        where the row lies outside the probe's training summary, 0.0 inside, NaN for a
+        probe without one; None when no probe has a summary."""
         n_layers, h = len(self.captured_layers), self.hidden_size
         if rows.dim() != 3 or rows.shape[0] != n_layers or rows.shape[2] != h:
             raise ValueError(
@@ -235,16 +318,59 @@ class FusedProbeScorer:
             raise TypeError(f"rows must be a float tensor, got {rows.dtype}")
         n_tokens = rows.shape[1]
         if self.num_probes == 0 or n_tokens == 0:
-            return torch.zeros((n_tokens, self.num_probes), dtype=torch.float32, device=self.device)
+            empty = torch.zeros((n_tokens, self.num_probes), dtype=torch.float32,
+                                device=self.device)
+            return empty, (empty.clone() if self.has_drift else None)
         # One copy does the device move, the cast to float32 and the (L,T,H)->(T,L,H) layout.
         x = torch.empty((n_tokens, n_layers, h), dtype=torch.float32, device=self.device)
         x.copy_(rows.transpose(0, 1))
-        z = torch.addmm(self._bias, x.view(n_tokens, n_layers * h), self._weight)
+        flat = x.view(n_tokens, n_layers * h)
+        product = torch.addmm(self._gemm_bias, flat, self._gemm_weight)
+        z = product[:, : self.num_probes]
+        drift = None
+        if self.has_drift:  # z stays a view of the product's first columns
+            drift = self._outside(x, product[:, self.num_probes :])
         if self._hybrid:
             feats = {"own": own_features, "producer": producer_features}
             for position, cols in self._hybrid.items():
                 self._add_token_features(z, cols, feats[position])
-        return z
+        return z, drift
+
+    @torch.no_grad()
+    def drift_statistics(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t2, residual) of (n_captured_layers, n_tokens, hidden) rows, each
+        ``(n_tokens, n_drift_probes)`` float64, for the probes with a summary in load order
+        (what :meth:`logits_and_drift` compares with the limits; for diagnostics)."""
+        x = rows.transpose(0, 1).to(device=self.device, dtype=torch.float32).contiguous()
+        extra = x.view(x.shape[0], -1) @ self._gemm_weight[:, self.num_probes :]
+        return self._statistics(x, extra)
+
+    def _statistics(self, x: torch.Tensor, extra: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t2, residual) from the rows ``x`` (n_tokens, n_layers, hidden) and the GEMM's
+        drift columns ``extra``."""
+        stats = self._stacked_statistics(x, extra)
+        n = stats.shape[1] // 2
+        return stats[:, :n], stats[:, n:].clamp(min=0.0)
+
+    def _stacked_statistics(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        """``[t2 | residual]`` (n_tokens, 2 * n_drift_probes) float64, in few kernels."""
+        extra = extra.double()
+        t = extra[:, : self._drift_dirs] - self._drift_c
+        norm = torch.linalg.vector_norm(x, dim=2).double()  # float32 pass over the rows
+        layer_sq = norm.mul_(norm)
+        inputs = torch.cat([t.square_(), layer_sq, extra[:, self._drift_dirs :]], 1)
+        return torch.addmm(self._drift_offset, inputs, self._drift_combine)
+
+    def _outside(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        beyond = self._stacked_statistics(x, extra) > self._drift_limits
+        out = beyond.view(x.shape[0], 2, -1).any(1).float()
+        if self._drift_all:
+            return out
+        flags = torch.full((x.shape[0], self.num_probes), float("nan"), dtype=torch.float32,
+                           device=self.device)
+        flags[:, self._drift_cols] = out
+        return flags
 
     def _add_token_features(self, z: torch.Tensor, cols: torch.Tensor,
                             features: torch.Tensor | None) -> None:

@@ -98,6 +98,7 @@ class DetectorService(pb_grpc.DetectorServicer):
             text=analysis.text,
             verdicts=[_verdict(r) for r in analysis.responses],
             requests_with_id=sharing,
+            drift=_drift(analysis),
         )
 
     def StreamScores(self, request: pb.StreamScoresRequest, context: grpc.ServicerContext
@@ -169,6 +170,7 @@ class DetectorService(pb_grpc.DetectorServicer):
                     final=done,
                     verdicts=[_verdict(r) for r in analysis.responses] if done else [],
                     requests_with_id=sharing,
+                    drift=_drift(analysis) if done else [],
                 )
                 sent_tokens = n
                 sent_spans.update(_span_key(v) for v in closed)
@@ -237,7 +239,8 @@ def _tokens(analysis: RequestAnalysis, start: int, end: int, columns: ProbeColum
             token_id=token.token_id,
             scored=bool(token.scores),
             scores=[pb.ProbeScore(probe=name, probability=p,
-                                  flagged=p >= thresholds.get(name, float("inf")))
+                                  flagged=p >= thresholds.get(name, float("inf")),
+                                  outside=token.outside.get(name))
                     for name, p in token.scores.items()],
             text=decoded.text[decoded.starts[i]:decoded.ends[i]] if decoded else "",
             generated_unix_nano=token.generated_ns,
@@ -250,6 +253,12 @@ def _span(v: SpanVerdict) -> pb.Span:
     return pb.Span(char_start=s.char_start, char_end=s.char_end, token_start=s.token_start,
                    token_end=s.token_end, text=s.text, kind=s.kind, probe=v.probe,
                    score=v.score, threshold=v.threshold, flagged=v.flagged)
+
+
+def _drift(analysis: RequestAnalysis) -> list[pb.Drift]:
+    return [pb.Drift(probe=d.probe, rows=d.rows, rows_outside=d.rows_outside,
+                     outside_fraction=d.fraction, out_of_distribution=d.out_of_distribution)
+            for d in analysis.drift]
 
 
 def _verdict(r: ResponseVerdict) -> pb.ResponseVerdict:

@@ -19,6 +19,7 @@ row) finds the features of the token it scores (:meth:`RequestStore.token_featur
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -116,6 +117,9 @@ class TokenScore:
     # Every row the active probes read for this token has arrived: its scores are final.
     settled: bool = False
     generated_ns: int = 0
+    # probe name -> whether the row it was scored from lies outside the probe's training
+    # summary (detector.drift); only probes that ship one, only rows that were scored.
+    outside: dict[str, bool] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -149,6 +153,7 @@ class RequestRecord:
         for g, token in enumerate(self.generated):
             q = self.num_prompt_tokens + g
             scores: dict[str, float] = {}
+            outside: dict[str, bool] = {}
             settled = True
             if columns is not None:
                 for name, where in zip(columns.names, columns.score_positions):
@@ -163,9 +168,15 @@ class RequestRecord:
                         # probability in [0, 1] ever leaves the API.
                         if 0.0 <= value <= 1.0:
                             scores[name] = value
+                            # A row scored with drift carries, after the probabilities,
+                            # one outside flag per probe (NaN: the probe has no summary).
+                            flag = (float(row[1][len(row[0].names) + i])
+                                    if len(row[1]) > len(row[0].names) else math.nan)
+                            if not math.isnan(flag):
+                                outside[name] = flag > 0.5
             when = self.generated_ns[g] if g < len(self.generated_ns) else 0
             out.append(TokenScore(position=q, token_id=token, scores=scores, settled=settled,
-                                  generated_ns=when))
+                                  generated_ns=when, outside=outside))
         return out
 
 

@@ -24,47 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*detector/api/liedetector/v1/detector.proto\x12\x0eliedetector.v1\"C\n\x10GetScoresRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x13wait_until_finished\x18\x02 \x01(\x08\")\n\x13StreamScoresRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"A\n\nProbeScore\x12\r\n\x05probe\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\x0f\n\x07\x66lagged\x18\x03 \x01(\x08\"\xa6\x01\n\nTokenScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x10\n\x08token_id\x18\x03 \x01(\x05\x12\x0e\n\x06scored\x18\x04 \x01(\x08\x12*\n\x06scores\x18\x05 \x03(\x0b\x32\x1a.liedetector.v1.ProbeScore\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x1b\n\x13generated_unix_nano\x18\x07 \x01(\x04\"\xb2\x01\n\x04Span\x12\x12\n\nchar_start\x18\x01 \x01(\r\x12\x10\n\x08\x63har_end\x18\x02 \x01(\r\x12\x13\n\x0btoken_start\x18\x03 \x01(\r\x12\x11\n\ttoken_end\x18\x04 \x01(\r\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\r\n\x05probe\x18\x07 \x01(\t\x12\r\n\x05score\x18\x08 \x01(\x02\x12\x11\n\tthreshold\x18\t \x01(\x02\x12\x0f\n\x07\x66lagged\x18\n \x01(\x08\"{\n\x0fResponseVerdict\x12\r\n\x05probe\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x0f\n\x07\x66lagged\x18\x04 \x01(\x08\x12\x0e\n\x06\x63laims\x18\x05 \x01(\r\x12\x16\n\x0e\x66lagged_claims\x18\x06 \x01(\r\"\xde\x02\n\x0eScoresResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x65ngine_request_id\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.liedetector.v1.RequestState\x12\x19\n\x11incomplete_reason\x18\x04 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x0e\n\x06probes\x18\x06 \x03(\t\x12*\n\x06tokens\x18\x07 \x03(\x0b\x32\x1a.liedetector.v1.TokenScore\x12#\n\x05spans\x18\x08 \x03(\x0b\x32\x14.liedetector.v1.Span\x12\x0c\n\x04text\x18\t \x01(\t\x12\x31\n\x08verdicts\x18\n \x03(\x0b\x32\x1f.liedetector.v1.ResponseVerdict\x12\x18\n\x10requests_with_id\x18\x0b \x01(\r\"\xb2\x02\n\x0cScoresUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x65ngine_request_id\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.liedetector.v1.RequestState\x12\x19\n\x11incomplete_reason\x18\x04 \x01(\t\x12*\n\x06tokens\x18\x05 \x03(\x0b\x32\x1a.liedetector.v1.TokenScore\x12#\n\x05spans\x18\x06 \x03(\x0b\x32\x14.liedetector.v1.Span\x12\r\n\x05\x66inal\x18\x07 \x01(\x08\x12\x31\n\x08verdicts\x18\x08 \x03(\x0b\x32\x1f.liedetector.v1.ResponseVerdict\x12\x18\n\x10requests_with_id\x18\t \x01(\r\"\x13\n\x11ListProbesRequest\"\xec\x01\n\tProbeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\r\x12\x16\n\x0escore_position\x18\x03 \x01(\t\x12\x13\n\x0b\x61ggregation\x18\x04 \x01(\t\x12\x13\n\x0b\x63\x61libration\x18\x05 \x01(\t\x12\x11\n\tthreshold\x18\x06 \x01(\x02\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x08 \x01(\t\x12\x0c\n\x04path\x18\t \x01(\t\x12\x17\n\x0finactive_reason\x18\n \x01(\t\x12\x16\n\x0etoken_features\x18\x0b \x03(\t\"v\n\x12ListProbesResponse\x12)\n\x06probes\x18\x01 \x03(\x0b\x32\x19.liedetector.v1.ProbeInfo\x12\x35\n\x0e\x63\x61pture_status\x18\x02 \x01(\x0b\x32\x1d.liedetector.v1.CaptureStatus\"\xbe\x01\n\rCaptureStatus\x12+\n\x05state\x18\x01 \x01(\x0e\x32\x1c.liedetector.v1.CaptureState\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x0e\n\x06layers\x18\x06 \x03(\r\x12\x16\n\x0e\x63\x61pture_method\x18\x07 \x01(\t\x12\x1b\n\x13seconds_since_heard\x18\x08 \x01(\x01\"1\n\x10LoadProbeRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07replace\x18\x02 \x01(\x08\"\"\n\x12UnloadProbeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\'\n\x13UnloadProbeResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08*\x82\x01\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REQUEST_STATE_RUNNING\x10\x01\x12\x1a\n\x16REQUEST_STATE_FINISHED\x10\x02\x12\x1c\n\x18REQUEST_STATE_INCOMPLETE\x10\x03*Z\n\x0c\x43\x61ptureState\x12\x1d\n\x19\x43\x41PTURE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43\x41PTURE_STATE_ON\x10\x01\x12\x15\n\x11\x43\x41PTURE_STATE_OFF\x10\x02\x32\xa5\x03\n\x08\x44\x65tector\x12M\n\tGetScores\x12 .liedetector.v1.GetScoresRequest\x1a\x1e.liedetector.v1.ScoresResponse\x12S\n\x0cStreamScores\x12#.liedetector.v1.StreamScoresRequest\x1a\x1c.liedetector.v1.ScoresUpdate0\x01\x12S\n\nListProbes\x12!.liedetector.v1.ListProbesRequest\x1a\".liedetector.v1.ListProbesResponse\x12H\n\tLoadProbe\x12 .liedetector.v1.LoadProbeRequest\x1a\x19.liedetector.v1.ProbeInfo\x12V\n\x0bUnloadProbe\x12\".liedetector.v1.UnloadProbeRequest\x1a#.liedetector.v1.UnloadProbeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*detector/api/liedetector/v1/detector.proto\x12\x0eliedetector.v1\"C\n\x10GetScoresRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x13wait_until_finished\x18\x02 \x01(\x08\")\n\x13StreamScoresRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"c\n\nProbeScore\x12\r\n\x05probe\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\x12\x0f\n\x07\x66lagged\x18\x03 \x01(\x08\x12\x14\n\x07outside\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_outside\"\xa6\x01\n\nTokenScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x10\n\x08token_id\x18\x03 \x01(\x05\x12\x0e\n\x06scored\x18\x04 \x01(\x08\x12*\n\x06scores\x18\x05 \x03(\x0b\x32\x1a.liedetector.v1.ProbeScore\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x1b\n\x13generated_unix_nano\x18\x07 \x01(\x04\"\xb2\x01\n\x04Span\x12\x12\n\nchar_start\x18\x01 \x01(\r\x12\x10\n\x08\x63har_end\x18\x02 \x01(\r\x12\x13\n\x0btoken_start\x18\x03 \x01(\r\x12\x11\n\ttoken_end\x18\x04 \x01(\r\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\r\n\x05probe\x18\x07 \x01(\t\x12\r\n\x05score\x18\x08 \x01(\x02\x12\x11\n\tthreshold\x18\t \x01(\x02\x12\x0f\n\x07\x66lagged\x18\n \x01(\x08\"{\n\x0fResponseVerdict\x12\r\n\x05probe\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x0f\n\x07\x66lagged\x18\x04 \x01(\x08\x12\x0e\n\x06\x63laims\x18\x05 \x01(\r\x12\x16\n\x0e\x66lagged_claims\x18\x06 \x01(\r\"q\n\x05\x44rift\x12\r\n\x05probe\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x14\n\x0crows_outside\x18\x03 \x01(\r\x12\x18\n\x10outside_fraction\x18\x04 \x01(\x02\x12\x1b\n\x13out_of_distribution\x18\x05 \x01(\x08\"\x84\x03\n\x0eScoresResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x65ngine_request_id\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.liedetector.v1.RequestState\x12\x19\n\x11incomplete_reason\x18\x04 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\r\x12\x0e\n\x06probes\x18\x06 \x03(\t\x12*\n\x06tokens\x18\x07 \x03(\x0b\x32\x1a.liedetector.v1.TokenScore\x12#\n\x05spans\x18\x08 \x03(\x0b\x32\x14.liedetector.v1.Span\x12\x0c\n\x04text\x18\t \x01(\t\x12\x31\n\x08verdicts\x18\n \x03(\x0b\x32\x1f.liedetector.v1.ResponseVerdict\x12\x18\n\x10requests_with_id\x18\x0b \x01(\r\x12$\n\x05\x64rift\x18\x0c \x03(\x0b\x32\x15.liedetector.v1.Drift\"\xd8\x02\n\x0cScoresUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x65ngine_request_id\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.liedetector.v1.RequestState\x12\x19\n\x11incomplete_reason\x18\x04 \x01(\t\x12*\n\x06tokens\x18\x05 \x03(\x0b\x32\x1a.liedetector.v1.TokenScore\x12#\n\x05spans\x18\x06 \x03(\x0b\x32\x14.liedetector.v1.Span\x12\r\n\x05\x66inal\x18\x07 \x01(\x08\x12\x31\n\x08verdicts\x18\x08 \x03(\x0b\x32\x1f.liedetector.v1.ResponseVerdict\x12\x18\n\x10requests_with_id\x18\t \x01(\r\x12$\n\x05\x64rift\x18\n \x03(\x0b\x32\x15.liedetector.v1.Drift\"\x13\n\x11ListProbesRequest\"\xec\x01\n\tProbeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\r\x12\x16\n\x0escore_position\x18\x03 \x01(\t\x12\x13\n\x0b\x61ggregation\x18\x04 \x01(\t\x12\x13\n\x0b\x63\x61libration\x18\x05 \x01(\t\x12\x11\n\tthreshold\x18\x06 \x01(\x02\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x08 \x01(\t\x12\x0c\n\x04path\x18\t \x01(\t\x12\x17\n\x0finactive_reason\x18\n \x01(\t\x12\x16\n\x0etoken_features\x18\x0b \x03(\t\"v\n\x12ListProbesResponse\x12)\n\x06probes\x18\x01 \x03(\x0b\x32\x19.liedetector.v1.ProbeInfo\x12\x35\n\x0e\x63\x61pture_status\x18\x02 \x01(\x0b\x32\x1d.liedetector.v1.CaptureStatus\"\xbe\x01\n\rCaptureStatus\x12+\n\x05state\x18\x01 \x01(\x0e\x32\x1c.liedetector.v1.CaptureState\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x0e\n\x06layers\x18\x06 \x03(\r\x12\x16\n\x0e\x63\x61pture_method\x18\x07 \x01(\t\x12\x1b\n\x13seconds_since_heard\x18\x08 \x01(\x01\"1\n\x10LoadProbeRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07replace\x18\x02 \x01(\x08\"\"\n\x12UnloadProbeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\'\n\x13UnloadProbeResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08*\x82\x01\n\x0cRequestState\x12\x1d\n\x19REQUEST_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15REQUEST_STATE_RUNNING\x10\x01\x12\x1a\n\x16REQUEST_STATE_FINISHED\x10\x02\x12\x1c\n\x18REQUEST_STATE_INCOMPLETE\x10\x03*Z\n\x0c\x43\x61ptureState\x12\x1d\n\x19\x43\x41PTURE_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43\x41PTURE_STATE_ON\x10\x01\x12\x15\n\x11\x43\x41PTURE_STATE_OFF\x10\x02\x32\xa5\x03\n\x08\x44\x65tector\x12M\n\tGetScores\x12 .liedetector.v1.GetScoresRequest\x1a\x1e.liedetector.v1.ScoresResponse\x12S\n\x0cStreamScores\x12#.liedetector.v1.StreamScoresRequest\x1a\x1c.liedetector.v1.ScoresUpdate0\x01\x12S\n\nListProbes\x12!.liedetector.v1.ListProbesRequest\x1a\".liedetector.v1.ListProbesResponse\x12H\n\tLoadProbe\x12 .liedetector.v1.LoadProbeRequest\x1a\x19.liedetector.v1.ProbeInfo\x12V\n\x0bUnloadProbe\x12\".liedetector.v1.UnloadProbeRequest\x1a#.liedetector.v1.UnloadProbeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'detector.api.liedetector.v1.detector_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REQUESTSTATE']._serialized_start=2080
-  _globals['_REQUESTSTATE']._serialized_end=2210
-  _globals['_CAPTURESTATE']._serialized_start=2212
-  _globals['_CAPTURESTATE']._serialized_end=2302
+  _globals['_REQUESTSTATE']._serialized_start=2305
+  _globals['_REQUESTSTATE']._serialized_end=2435
+  _globals['_CAPTURESTATE']._serialized_start=2437
+  _globals['_CAPTURESTATE']._serialized_end=2527
   _globals['_GETSCORESREQUEST']._serialized_start=62
   _globals['_GETSCORESREQUEST']._serialized_end=129
   _globals['_STREAMSCORESREQUEST']._serialized_start=131
   _globals['_STREAMSCORESREQUEST']._serialized_end=172
   _globals['_PROBESCORE']._serialized_start=174
-  _globals['_PROBESCORE']._serialized_end=239
-  _globals['_TOKENSCORE']._serialized_start=242
-  _globals['_TOKENSCORE']._serialized_end=408
-  _globals['_SPAN']._serialized_start=411
-  _globals['_SPAN']._serialized_end=589
-  _globals['_RESPONSEVERDICT']._serialized_start=591
-  _globals['_RESPONSEVERDICT']._serialized_end=714
-  _globals['_SCORESRESPONSE']._serialized_start=717
-  _globals['_SCORESRESPONSE']._serialized_end=1067
-  _globals['_SCORESUPDATE']._serialized_start=1070
-  _globals['_SCORESUPDATE']._serialized_end=1376
-  _globals['_LISTPROBESREQUEST']._serialized_start=1378
-  _globals['_LISTPROBESREQUEST']._serialized_end=1397
-  _globals['_PROBEINFO']._serialized_start=1400
-  _globals['_PROBEINFO']._serialized_end=1636
-  _globals['_LISTPROBESRESPONSE']._serialized_start=1638
-  _globals['_LISTPROBESRESPONSE']._serialized_end=1756
-  _globals['_CAPTURESTATUS']._serialized_start=1759
-  _globals['_CAPTURESTATUS']._serialized_end=1949
-  _globals['_LOADPROBEREQUEST']._serialized_start=1951
-  _globals['_LOADPROBEREQUEST']._serialized_end=2000
-  _globals['_UNLOADPROBEREQUEST']._serialized_start=2002
-  _globals['_UNLOADPROBEREQUEST']._serialized_end=2036
-  _globals['_UNLOADPROBERESPONSE']._serialized_start=2038
-  _globals['_UNLOADPROBERESPONSE']._serialized_end=2077
-  _globals['_DETECTOR']._serialized_start=2305
-  _globals['_DETECTOR']._serialized_end=2726
+  _globals['_PROBESCORE']._serialized_end=273
+  _globals['_TOKENSCORE']._serialized_start=276
+  _globals['_TOKENSCORE']._serialized_end=442
+  _globals['_SPAN']._serialized_start=445
+  _globals['_SPAN']._serialized_end=623
+  _globals['_RESPONSEVERDICT']._serialized_start=625
+  _globals['_RESPONSEVERDICT']._serialized_end=748
+  _globals['_DRIFT']._serialized_start=750
+  _globals['_DRIFT']._serialized_end=863
+  _globals['_SCORESRESPONSE']._serialized_start=866
+  _globals['_SCORESRESPONSE']._serialized_end=1254
+  _globals['_SCORESUPDATE']._serialized_start=1257
+  _globals['_SCORESUPDATE']._serialized_end=1601
+  _globals['_LISTPROBESREQUEST']._serialized_start=1603
+  _globals['_LISTPROBESREQUEST']._serialized_end=1622
+  _globals['_PROBEINFO']._serialized_start=1625
+  _globals['_PROBEINFO']._serialized_end=1861
+  _globals['_LISTPROBESRESPONSE']._serialized_start=1863
+  _globals['_LISTPROBESRESPONSE']._serialized_end=1981
+  _globals['_CAPTURESTATUS']._serialized_start=1984
+  _globals['_CAPTURESTATUS']._serialized_end=2174
+  _globals['_LOADPROBEREQUEST']._serialized_start=2176
+  _globals['_LOADPROBEREQUEST']._serialized_end=2225
+  _globals['_UNLOADPROBEREQUEST']._serialized_start=2227
+  _globals['_UNLOADPROBEREQUEST']._serialized_end=2261
+  _globals['_UNLOADPROBERESPONSE']._serialized_start=2263
+  _globals['_UNLOADPROBERESPONSE']._serialized_end=2302
+  _globals['_DETECTOR']._serialized_start=2530
+  _globals['_DETECTOR']._serialized_end=2951
 # @@protoc_insertion_point(module_scope)

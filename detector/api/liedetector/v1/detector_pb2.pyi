@@ -42,14 +42,16 @@ class StreamScoresRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
 class ProbeScore(_message.Message):
-    __slots__ = ("probe", "probability", "flagged")
+    __slots__ = ("probe", "probability", "flagged", "outside")
     PROBE_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     FLAGGED_FIELD_NUMBER: _ClassVar[int]
+    OUTSIDE_FIELD_NUMBER: _ClassVar[int]
     probe: str
     probability: float
     flagged: bool
-    def __init__(self, probe: _Optional[str] = ..., probability: _Optional[float] = ..., flagged: _Optional[bool] = ...) -> None: ...
+    outside: bool
+    def __init__(self, probe: _Optional[str] = ..., probability: _Optional[float] = ..., flagged: _Optional[bool] = ..., outside: _Optional[bool] = ...) -> None: ...
 
 class TokenScore(_message.Message):
     __slots__ = ("index", "position", "token_id", "scored", "scores", "text", "generated_unix_nano")
@@ -109,8 +111,22 @@ class ResponseVerdict(_message.Message):
     flagged_claims: int
     def __init__(self, probe: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., flagged: _Optional[bool] = ..., claims: _Optional[int] = ..., flagged_claims: _Optional[int] = ...) -> None: ...
 
+class Drift(_message.Message):
+    __slots__ = ("probe", "rows", "rows_outside", "outside_fraction", "out_of_distribution")
+    PROBE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_OUTSIDE_FIELD_NUMBER: _ClassVar[int]
+    OUTSIDE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    probe: str
+    rows: int
+    rows_outside: int
+    outside_fraction: float
+    out_of_distribution: bool
+    def __init__(self, probe: _Optional[str] = ..., rows: _Optional[int] = ..., rows_outside: _Optional[int] = ..., outside_fraction: _Optional[float] = ..., out_of_distribution: _Optional[bool] = ...) -> None: ...
+
 class ScoresResponse(_message.Message):
-    __slots__ = ("request_id", "engine_request_id", "state", "incomplete_reason", "num_prompt_tokens", "probes", "tokens", "spans", "text", "verdicts", "requests_with_id")
+    __slots__ = ("request_id", "engine_request_id", "state", "incomplete_reason", "num_prompt_tokens", "probes", "tokens", "spans", "text", "verdicts", "requests_with_id", "drift")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +138,7 @@ class ScoresResponse(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_WITH_ID_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     engine_request_id: str
     state: RequestState
@@ -133,10 +150,11 @@ class ScoresResponse(_message.Message):
     text: str
     verdicts: _containers.RepeatedCompositeFieldContainer[ResponseVerdict]
     requests_with_id: int
-    def __init__(self, request_id: _Optional[str] = ..., engine_request_id: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., incomplete_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., probes: _Optional[_Iterable[str]] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., text: _Optional[str] = ..., verdicts: _Optional[_Iterable[_Union[ResponseVerdict, _Mapping]]] = ..., requests_with_id: _Optional[int] = ...) -> None: ...
+    drift: _containers.RepeatedCompositeFieldContainer[Drift]
+    def __init__(self, request_id: _Optional[str] = ..., engine_request_id: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., incomplete_reason: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., probes: _Optional[_Iterable[str]] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., text: _Optional[str] = ..., verdicts: _Optional[_Iterable[_Union[ResponseVerdict, _Mapping]]] = ..., requests_with_id: _Optional[int] = ..., drift: _Optional[_Iterable[_Union[Drift, _Mapping]]] = ...) -> None: ...
 
 class ScoresUpdate(_message.Message):
-    __slots__ = ("request_id", "engine_request_id", "state", "incomplete_reason", "tokens", "spans", "final", "verdicts", "requests_with_id")
+    __slots__ = ("request_id", "engine_request_id", "state", "incomplete_reason", "tokens", "spans", "final", "verdicts", "requests_with_id", "drift")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ENGINE_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +164,7 @@ class ScoresUpdate(_message.Message):
     FINAL_FIELD_NUMBER: _ClassVar[int]
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_WITH_ID_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     engine_request_id: str
     state: RequestState
@@ -155,7 +174,8 @@ class ScoresUpdate(_message.Message):
     final: bool
     verdicts: _containers.RepeatedCompositeFieldContainer[ResponseVerdict]
     requests_with_id: int
-    def __init__(self, request_id: _Optional[str] = ..., engine_request_id: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., incomplete_reason: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., final: _Optional[bool] = ..., verdicts: _Optional[_Iterable[_Union[ResponseVerdict, _Mapping]]] = ..., requests_with_id: _Optional[int] = ...) -> None: ...
+    drift: _containers.RepeatedCompositeFieldContainer[Drift]
+    def __init__(self, request_id: _Optional[str] = ..., engine_request_id: _Optional[str] = ..., state: _Optional[_Union[RequestState, str]] = ..., incomplete_reason: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[TokenScore, _Mapping]]] = ..., spans: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., final: _Optional[bool] = ..., verdicts: _Optional[_Iterable[_Union[ResponseVerdict, _Mapping]]] = ..., requests_with_id: _Optional[int] = ..., drift: _Optional[_Iterable[_Union[Drift, _Mapping]]] = ...) -> None: ...
 
 class ListProbesRequest(_message.Message):
     __slots__ = ()

@@ -233,7 +233,8 @@ def train_from_capture(capture_dir: str | Path, out_dir: str | Path, *,
                                            trainer.span_proba(table, test, verdict=False),
                                            fpr=cfg.target_fpr),
         },
-        "verdict": trainer.verdict_.model_dump(exclude={"reference"})
+        "verdict": {**trainer.verdict_.model_dump(exclude={"reference"}),
+                    "probe_weight_selection": getattr(trainer, "verdict_weights_", {})}
         if trainer.verdict_ is not None else None,
         "threshold": threshold,
         "cross_topic": cross,

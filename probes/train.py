@@ -55,7 +55,7 @@ from detector.verdict import VerdictModel
 from probes.linear import LinearProbe, threshold_for_fpr
 from probes.hybrid import with_token_features
 from probes.drift_fit import fit_table_drift, with_drift
-from probes.verdict_fit import fit_verdict
+from probes.verdict_fit import choose_probe_weight, fit_verdict
 from probes.spans import SCORE_POSITIONS, ScorePosition, SpanTable, neg_min_logprob
 
 logger = logging.getLogger(__name__)
@@ -99,8 +99,9 @@ class TrainConfig(BaseModel):
     # Claim verdict (detector.verdict): "rank" fuses the probe with the claim's -min
     # log-probability by rank, calibrated out of fold; "none" serves the probe alone.
     verdict: Literal["rank", "none"] = "rank"
-    # Weight of the probe's rank in the fusion (the log-probability's is 1 - this).
-    verdict_probe_weight: float = Field(0.5, ge=0.0, le=1.0)
+    # Weight of the probe's rank in the fusion (the log-probability's is 1 - this); None:
+    # chosen among probes.verdict_fit.PROBE_WEIGHTS by out-of-fold within-domain AUROC.
+    verdict_probe_weight: float | None = Field(None, ge=0.0, le=1.0)
 
 
 def grouped_holdout(y: np.ndarray, groups: np.ndarray, test_fraction: float, seed: int
@@ -481,6 +482,12 @@ class FabricationProbeTrainer(BaseEstimator):
         if cfg.verdict == "rank":
             signals = np.c_[self.oof_prob_, neg_min_logprob(table, spans)]
             w = cfg.verdict_probe_weight
+            self.verdict_weights_: dict[str, float] = {}
+            if w is None:
+                w, self.verdict_weights_ = choose_probe_weight(
+                    table.y[spans][ok], signals[ok], table.domains[spans][ok])
+                logger.info("verdict: probe weight %g (out-of-fold mean within-domain AUROC "
+                            "by weight: %s)", w, self.verdict_weights_)
             self.verdict_ = fit_verdict(table.y[spans][ok], signals[ok], weights=(w, 1.0 - w),
                                         target_fpr=cfg.target_fpr,
                                         groups=table.domains[spans][ok])

@@ -83,7 +83,7 @@ def _model_import(args: argparse.Namespace) -> int:
             print(f"{check.status:8} {check.name}: {check.message}")
         log.error("%s", exc)
         return 1
-    except ModelImportError as exc:
+    except (ModelImportError, OSError) as exc:
         log.error("%s", exc)
         return 2
     if report.already_imported:

@@ -143,8 +143,6 @@ def read_json_object(path: Path, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
                                    f"{path.name} could need")
         doc = json.loads(path.read_bytes())
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        if isinstance(exc, ModelImportError):
-            raise
         raise ModelImportError(f"{path} is not JSON: {_one_line(exc)}") from None
     except OSError as exc:
         raise ModelImportError(f"{path} cannot be read: {exc.strerror or exc}") from None
@@ -892,13 +890,14 @@ def _remove_written(folder: Path) -> None:
         log.warning("kept %s: it holds files lie-detector did not write (%s)", folder,
                     ", ".join((foreign or ["no file list"])[:3]))
         return
-    marker = read_marker(folder) or {}
-    for rel in marker.get("files", {}):
-        (folder / rel).unlink(missing_ok=True)
-    (folder / MARKER_FILE).unlink(missing_ok=True)
+    # What is there, each file just checked against the list (never a path the marker names:
+    # a tampered one could name "../elsewhere").
     for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        with contextlib.suppress(OSError):
-            path.rmdir()
+        if path.is_dir():
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        else:
+            path.unlink()
     with contextlib.suppress(OSError):
         folder.rmdir()
 

@@ -166,6 +166,15 @@ def test_reimport_keeps_a_users_files_and_refuses(tmp_path: Path) -> None:
     assert not report.already_imported
     assert (out / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
     assert tree(user, skip=out) == before
+    # A marker that names a file outside its folder never gets that file removed.
+    precious = user / "precious.txt"
+    precious.write_text("mine")
+    marker = json.loads((out / MARKER_FILE).read_text())
+    marker["files"]["../precious.txt"] = {"size": 4, "sha256": hashlib.sha256(b"mine").hexdigest()}
+    (out / MARKER_FILE).write_text(json.dumps(marker))
+    tiny_llama(seed=3).save_pretrained(source, safe_serialization=True)
+    import_model(source, out, progress=False, verify=False)
+    assert precious.read_text() == "mine"
 
 
 def test_marker_without_a_file_list_is_not_trusted(hf_source: Path, tmp_path: Path) -> None:

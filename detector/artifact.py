@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -63,10 +64,16 @@ TENSORS_FILE = "probe.safetensors"
 LAYERS_ENV = "LIE_DETECTOR_LAYERS"
 
 # Sanity caps: a real probe is kilobytes to tens of MiB; refuse to slurp anything huge.
-MAX_METADATA_BYTES = 16 << 20
 MAX_TENSORS_BYTES = 1 << 30
-# A probe's JSON (metadata, safetensors header) is a few levels deep; deeper is hostile.
+# A probe's JSON is small: the shipped probe.json is 2.5 KiB (about 40 arrays and objects,
+# 6 levels deep), a safetensors header under 1 KiB. json.loads of a few MiB of ``[],[],..``
+# builds millions of objects (seconds and GiBs, issue 23), so size, nesting and token counts
+# are bounded on the raw bytes before anything is parsed.
+MAX_METADATA_BYTES = 1 << 20
+MAX_HEADER_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32
+MAX_JSON_CONTAINERS = 10_000  # '[' and '{', strings included: an overestimate
+MAX_JSON_TOKENS = 200_000  # '"', '\\', ',' and ':'
 
 REQUIRED_TENSORS = ("weight", "bias")
 OPTIONAL_TENSORS = ("mean", "scale", "isotonic_x", "isotonic_y") + DRIFT_TENSORS
@@ -86,6 +93,10 @@ class ProbeArtifactError(ValueError):
 
 class ProbeMismatchError(ProbeArtifactError):
     """A valid probe that cannot be applied to the served model or the captured layers."""
+
+
+class ProbePathError(ProbeArtifactError):
+    """A probe path outside the folders this process may read probes from."""
 
 
 class ProbeMetadata(BaseModel):
@@ -241,13 +252,19 @@ class ProbeArtifact:
                 raise ProbeArtifactError(
                     f"{directory}: refusing to replace a directory that holds other files {foreign}"
                 )
+        # What loading refuses is never written.
+        meta = self.metadata.model_dump_json(indent=2).encode() + b"\n"
+        where = f"probe {self.name!r}: {METADATA_FILE}"
+        if len(meta) > MAX_METADATA_BYTES:
+            raise ProbeArtifactError(f"{where} would be {len(meta)} bytes, more than the "
+                                     f"{MAX_METADATA_BYTES}-byte limit (training holds too much)")
+        check_json_shape(meta, where)
         parent = directory.parent
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=parent))
         try:
             tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}
             _write_synced(tmp / TENSORS_FILE, _st_save(tensors, metadata={"format": "pt"}))
-            meta = self.metadata.model_dump_json(indent=2).encode() + b"\n"
             _write_synced(tmp / METADATA_FILE, meta)
             _fsync_dir(tmp)
             if directory.exists():
@@ -301,6 +318,34 @@ def load_probe(path: str | Path) -> ProbeArtifact:
         metadata.name, metadata.layers, metadata.calibration, path,
     )  # fmt: skip
     return artifact
+
+
+def probe_dir_within(path: str | Path, roots: Sequence[str | Path]) -> Path:
+    """The probe directory ``path`` names, fully resolved, if it and both files read from it
+    lie under one of ``roots``; :class:`ProbePathError` otherwise.
+
+    For loads a remote caller names (``LoadProbe``): symlinks and ``..`` are resolved
+    before the check, for the directory and for each file, so neither a link nor a path
+    that climbs out reads outside the roots. Load from the returned path.
+    """
+    shown = str(path)[:300]
+    try:
+        resolved = Path(path).resolve()
+        if resolved.name in (METADATA_FILE, TENSORS_FILE) and resolved.is_file():
+            resolved = resolved.parent
+        targets = [resolved, *((resolved / f).resolve() for f in (METADATA_FILE, TENSORS_FILE))]
+        allowed = [Path(r).resolve() for r in roots]
+    except (OSError, ValueError, RuntimeError) as exc:  # NUL bytes, symlink loops, ...
+        raise ProbeArtifactError(f"{shown}: not a usable path: {exc}") from None
+    for target in targets:
+        if not any(target == root or root in target.parents for root in allowed):
+            inside = ", ".join(str(r) for r in allowed) or "none configured"
+            raise ProbePathError(
+                f"{shown}: {'resolves to ' + str(target) + ', ' if str(target) != shown else ''}"
+                f"outside the folders probes may be loaded from ({inside}); set "
+                "LIE_DETECTOR_PROBE_ROOTS (default: the folders holding the probes the sidecar "
+                "started with)")
+    return resolved
 
 
 DEFAULT_PROBE_NAME = "smollm2-135m-fabrication"
@@ -498,16 +543,7 @@ def _describe(err: ValidationError) -> str:
 def _check_raw_metadata(raw: bytes, path: Path) -> None:
     """Checks the typed schema cannot make: Literal[1] accepts ``true`` and ``1.0``, and
     ModelIdentity ignores unknown keys, which a tampered file must not rely on."""
-    try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProbeArtifactError(f"{path}: not valid JSON: {exc}") from None
-    except RecursionError:
-        raise ProbeArtifactError(f"{path}: JSON nested too deeply") from None
-    depth = _json_depth(doc)
-    if depth > MAX_JSON_DEPTH:
-        raise ProbeArtifactError(f"{path}: JSON nested {depth} levels deep (at most "
-                                 f"{MAX_JSON_DEPTH})")
+    doc = _parse_bounded_json(raw, path, "JSON")
     if not isinstance(doc, dict):
         raise ProbeArtifactError(f"{path}: must hold a JSON object, got {type(doc).__name__}")
     if "format_version" not in doc:
@@ -531,17 +567,55 @@ def _check_raw_metadata(raw: bytes, path: Path) -> None:
             )
 
 
-def _json_depth(doc: Any) -> int:
-    """Nesting depth of parsed JSON, without recursion."""
-    deepest, stack = 0, [(doc, 1)]
-    while stack:
-        node, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node)
-    return deepest
+# The bytes that open or close a container or a string, or escape the next byte.
+_JSON_MARKS = re.compile(rb'[\\"\[\]{}]')
+
+
+def check_json_shape(raw: bytes, where: str, what: str = "JSON") -> None:
+    """Refuse JSON too large or too deeply nested to be a probe's, from its bytes alone.
+
+    Counts come from ``bytes.count`` (C speed, any size); nesting from a walk over the
+    container and string marks only, run once the counts bound how many there are.
+    """
+    containers = raw.count(b"[") + raw.count(b"{")
+    if containers > MAX_JSON_CONTAINERS:
+        raise ProbeArtifactError(
+            f"{where}: {what} holds {containers} arrays and objects, more than the "
+            f"{MAX_JSON_CONTAINERS} a probe could need (too large or nested too deeply)")
+    tokens = sum(raw.count(c) for c in (b'"', b"\\", b",", b":"))
+    if tokens > MAX_JSON_TOKENS:
+        raise ProbeArtifactError(
+            f"{where}: {what} holds about {tokens} strings and items, more than the "
+            f"{MAX_JSON_TOKENS} a probe could need")
+    depth, in_string, escaped = 0, False, -1
+    for mark in _JSON_MARKS.finditer(raw):
+        at = mark.start()
+        byte = raw[at]
+        if at == escaped:
+            continue
+        if in_string:
+            if byte == 0x5C:  # backslash: the next byte is literal
+                escaped = at + 1
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ProbeArtifactError(f"{where}: {what} nested too deeply (more than "
+                                         f"{MAX_JSON_DEPTH} levels)")
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+
+
+def _parse_bounded_json(raw: bytes, where: Path, what: str) -> Any:
+    """``json.loads`` of bytes that passed :func:`check_json_shape`; a reason otherwise."""
+    check_json_shape(raw, str(where), what)
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProbeArtifactError(f"{where}: not valid {what}: {exc}") from None
 
 
 def _read_metadata(path: Path) -> ProbeMetadata:
@@ -563,14 +637,10 @@ def _check_safetensors_layout(data: bytes, path: Path) -> None:
         raise ProbeArtifactError(
             f"{path}: truncated or corrupt (header claims {n} bytes, file has {len(data) - 8})"
         )
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProbeArtifactError(f"{path}: corrupt safetensors header: {exc}") from None
-    except RecursionError:
-        raise ProbeArtifactError(f"{path}: safetensors header nested too deeply") from None
-    if _json_depth(header) > MAX_JSON_DEPTH:
-        raise ProbeArtifactError(f"{path}: safetensors header nested too deeply")
+    if n > MAX_HEADER_BYTES:
+        raise ProbeArtifactError(f"{path}: safetensors header of {n} bytes is larger than the "
+                                 f"{MAX_HEADER_BYTES}-byte limit (a probe's is under 1 KiB)")
+    header = _parse_bounded_json(data[8 : 8 + n], path, "safetensors header")
     if not isinstance(header, dict):
         raise ProbeArtifactError(f"{path}: corrupt safetensors header (not a JSON object)")
     buffer = len(data) - 8 - n
@@ -679,9 +749,12 @@ __all__ = [
     "ProbeArtifactError",
     "ProbeMetadata",
     "ProbeMismatchError",
+    "ProbePathError",
     "check_compatible",
+    "check_json_shape",
     "folded_linear",
     "linear_token_features",
     "load_probe",
+    "probe_dir_within",
     "probe_token_features",
 ]

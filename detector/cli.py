@@ -83,7 +83,7 @@ def _model_import(args: argparse.Namespace) -> int:
             print(f"{check.status:8} {check.name}: {check.message}")
         log.error("%s", exc)
         return 1
-    except ModelImportError as exc:
+    except (ModelImportError, OSError) as exc:
         log.error("%s", exc)
         return 2
     if report.already_imported:
@@ -112,6 +112,9 @@ def _sidecar_args(parser: argparse.ArgumentParser) -> None:
                         "shipped for the embedded model)")
     parser.add_argument("--no-default-probe", action="store_true",
                         help="start with no probe (load them later with LoadProbe)")
+    parser.add_argument("--probe-root", action="append", default=None, metavar="DIR",
+                        help="a folder LoadProbe may load probes from (repeatable; default: "
+                        "LIE_DETECTOR_PROBE_ROOTS, else the folders holding the --probe ones)")
     parser.add_argument("--model", metavar="DIR",
                         help="the served model's folder, to check probes before vLLM connects")
     parser.add_argument("--device", help="torch device for scoring (default: cuda if present)")
@@ -144,6 +147,8 @@ def _sidecar(args: argparse.Namespace) -> int:
         overrides["probes"] = args.probe
     elif args.no_default_probe:
         overrides["probes"] = []
+    if args.probe_root:
+        overrides["probe_roots"] = args.probe_root
     if args.model:
         overrides["model_dir"] = args.model
     if args.device:

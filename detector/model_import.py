@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -32,6 +33,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from detector.gguf_header import GGUFHeaderError, read_header
+
 log = logging.getLogger(__name__)
 
 MARKER_FILE = "lie-detector-model.json"
@@ -41,6 +44,10 @@ MARKER_VERSION = 1
 TOOL_VERSION = 1
 
 GGUF_MAGIC = b"GGUF"
+# config.json, tokenizer_config.json and weight indexes are kilobytes; a bigger one is not a model's.
+MAX_JSON_BYTES = 16 << 20
+# No released model has more decoder layers; more in a config is a lie (or a typo).
+MAX_LAYERS = 4096
 VERIFY_PROMPTS = (
     "The capital of France is",
     "Q: What is 2 + 3?\nA:",
@@ -110,16 +117,44 @@ def source_kind(source: Path) -> SourceKind:
             magic = fh.read(4)
         if magic != GGUF_MAGIC:
             raise ModelImportError(f"{source} is not a GGUF file (it does not start with {GGUF_MAGIC!r})")
+        try:
+            read_header(source)  # before gguf.GGUFReader trusts its counts and lengths
+        except GGUFHeaderError as exc:
+            raise ModelImportError(str(exc)) from None
         return "gguf"
     if not (source / "config.json").is_file():
         ggufs = sorted(p.name for p in source.glob("*.gguf"))
         hint = f" (it holds {', '.join(ggufs)}: pass the file)" if ggufs else ""
         raise ModelImportError(f"{source} is not a Hugging Face model folder: it has no config.json{hint}")
+    read_json_object(source / "config.json")
     if not _weight_files(source) and not _legacy_weight_files(source):
         raise ModelImportError(f"{source} has no weights (*.safetensors or pytorch_model*.bin)")
     if not any((source / name).is_file() for name in _TOKENIZER_FILES):
         raise ModelImportError(f"{source} has no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
     return "hf-folder"
+
+
+def read_json_object(path: Path, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """A small JSON object file (config.json, an index), or a one-line ModelImportError."""
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise ModelImportError(f"{path}: {size} bytes, more than the {limit} a model's "
+                                   f"{path.name} could need")
+        doc = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelImportError(f"{path} is not JSON: {_one_line(exc)}") from None
+    except OSError as exc:
+        raise ModelImportError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    if not isinstance(doc, dict):
+        raise ModelImportError(f"{path} must hold a JSON object, not {type(doc).__name__}")
+    return doc
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one short line: its type and its message's first line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else '(no message)'}"
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -161,10 +196,9 @@ def source_fingerprint(source: Path, kind: SourceKind, *, sha256: str | None = N
 
 def read_marker(folder: Path) -> dict[str, Any] | None:
     try:
-        marker = json.loads((folder / MARKER_FILE).read_text())
-    except (OSError, ValueError):
+        return read_json_object(folder / MARKER_FILE)
+    except ModelImportError:
         return None
-    return marker if isinstance(marker, dict) else None
 
 
 def marker_matches(out: Path, source: Path, *, sha256: str | None = None) -> bool:
@@ -210,24 +244,48 @@ def import_model(
 
     Returns at once when ``out`` already holds an import of the same source. Otherwise converts under
     a lock into a temporary sibling folder, verifies it against the source (unless ``verify`` is
-    false; the cheap tokenizer checks run anyway) and renames it into place. Raises
-    :class:`VerificationError` when a check fails, leaving ``out`` as it was.
+    false; the cheap tokenizer checks, and the weights' shapes against config.json, run anyway) and
+    renames it into place. Raises :class:`VerificationError` when a check fails, leaving ``out`` as
+    it was, and :class:`ModelImportError` (one line) for anything else that stops the import.
+
+    An existing ``out`` is replaced only when everything in it is what an earlier import wrote (the
+    marker lists those files with their hashes): a user's file or folder in it, a changed file, or
+    ``out`` being a file stops the import instead. ``replace_unmarked`` (the embedded model's own
+    cache folder) replaces whatever is there.
 
     ``name`` goes into the marker (default: the output folder's name, as ``identify_model`` uses),
     ``source_extra`` is added to the marker's ``source`` record, ``expect_config`` lists config.json
-    fields the output must have (e.g. a known hidden size). ``replace_unmarked`` lets a non-empty
-    ``out`` without a marker be replaced; by default such a folder is refused rather than deleted.
+    fields the output must have (e.g. a known hidden size).
     """
     source = Path(source).expanduser().resolve()
     out = Path(out).expanduser().resolve()
+    try:
+        return _import(source, out, progress=progress, verify=verify, name=name,
+                       source_extra=source_extra, expect_config=expect_config,
+                       replace_unmarked=replace_unmarked)
+    except ModelImportError:
+        raise
+    except OSError as exc:
+        where = exc.filename or out
+        raise ModelImportError(f"cannot import {source} into {out}: {where}: "
+                               f"{exc.strerror or exc}") from exc
+    except Exception as exc:  # a library's refusal of a file it cannot read, whatever its type
+        raise ModelImportError(f"cannot import {source}: {_one_line(exc)}") from exc
+
+
+def _import(source: Path, out: Path, *, progress: bool, verify: bool, name: str | None,
+            source_extra: dict[str, Any] | None, expect_config: dict[str, Any] | None,
+            replace_unmarked: bool) -> ImportReport:
     kind = source_kind(source)
     if out == source or source in out.parents or out in source.parents:
         raise ModelImportError(f"the output folder {out} must not contain or be inside the source {source}")
+    _check_out_path(out)
     if marker_matches(out, source):
         return _already_imported(source, out, kind)
-    if not replace_unmarked and out.is_dir() and read_marker(out) is None and any(out.iterdir()):
-        raise ModelImportError(f"{out} exists, is not empty and was not written by lie-detector; "
-                               "remove it or choose another --out")
+    if not replace_unmarked:
+        _check_replaceable(out)
+    if kind == "hf-folder" and _weight_files(source):
+        check_weights_match_config(source)  # before copying gigabytes of them
 
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -243,7 +301,7 @@ def import_model(
         if marker_matches(out, source, sha256=fingerprint.get("sha256")):
             bar.update(bar.total - bar.n)
             return _already_imported(source, out, kind)
-        _remove_stale_temporaries(out)
+        _remove_stale_temporaries(out, wholesale=replace_unmarked)
         bar.update()
         log.info("importing %s (%s) into %s", source, kind, out)
 
@@ -259,7 +317,7 @@ def import_model(
                 raise VerificationError(_failure_message(source, report), report)
             _write_marker(tmp, name or out.name, fingerprint | (source_extra or {}), dtype, report)
             _make_readable(tmp)
-            _replace_dir(tmp, out)
+            _replace_dir(tmp, out, wholesale=replace_unmarked)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -267,6 +325,65 @@ def import_model(
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     log.info("model ready at %s (%.0f MiB)", out, size / 2**20)
     return report
+
+
+def _check_out_path(out: Path) -> None:
+    """``out`` must be a folder or not exist yet, and its nearest existing ancestor a folder."""
+    if out.exists() and not out.is_dir():
+        raise ModelImportError(f"{out} exists and is not a folder; choose another --out")
+    for ancestor in out.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ModelImportError(f"cannot write {out}: {ancestor} is a file, not a folder")
+            return
+
+
+def _written_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file under ``folder`` but the marker, with its size and hash: what an import wrote."""
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER_FILE}
+
+
+def _foreign_entries(folder: Path) -> list[str] | None:
+    """What in ``folder`` an earlier import did not write, or changed since (its marker's
+    ``files``); None when there is no marker or it lists no files (an older version's)."""
+    marker = read_marker(folder)
+    files = marker.get("files") if marker else None
+    if not isinstance(files, dict):
+        return None
+    parents = {parent.as_posix() for rel in files for parent in Path(rel).parents}
+    foreign = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if rel == MARKER_FILE and path.is_file() and not path.is_symlink():
+            continue
+        if path.is_dir() and not path.is_symlink():
+            if rel not in parents:
+                foreign.append(rel + "/")
+            continue
+        record = files.get(rel)
+        if (path.is_symlink() or not path.is_file() or not isinstance(record, dict)
+                or record.get("size") != path.stat().st_size
+                or record.get("sha256") != sha256_file(path)):
+            foreign.append(rel)
+    return foreign
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse, in one line, to replace a folder holding anything an import did not write."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    foreign = _foreign_entries(out)
+    if foreign is None:
+        if read_marker(out) is None:
+            raise ModelImportError(f"{out} exists, is not empty and was not written by lie-detector; "
+                                   "remove it or choose another --out")
+        raise ModelImportError(f"{out} was written by an older lie-detector that did not record its "
+                               "files, so what else it holds is unknown; remove it or choose another --out")
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ModelImportError(f"{out} holds files lie-detector did not write or that changed since "
+                               f"({shown}); move them out or choose another --out")
 
 
 def _already_imported(source: Path, out: Path, kind: SourceKind) -> ImportReport:
@@ -298,6 +415,8 @@ def _write_marker(folder: Path, name: str, source: dict[str, Any], dtype: str, r
         "verified": report.verified,
         "checks": [c.model_dump() for c in report.checks],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # What a later import may remove: these files, as written, and nothing else.
+        "files": _written_files(folder),
     }
     # Written last: its presence means the folder is complete and verified.
     (folder / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
@@ -330,11 +449,13 @@ def _convert_and_verify(
         reference = _reference(model, tokenizer, encode, generate=verify)
         bar.set_postfix_str("save safetensors")
         save_dequantised(model, tokenizer, tmp)
+        check_weights_match_config(tmp)
         dtype = "float32"
         del model
     else:
         bar.set_postfix_str("copy" if _weight_files(source) else "convert to safetensors")
         dtype = copy_hf_folder(source, tmp)
+        check_weights_match_config(tmp)  # before anything loads them
         checks = []
         bar.update()
         bar.set_postfix_str("run source" if verify else "load source tokenizer")
@@ -476,7 +597,10 @@ def copy_hf_folder(source: Path, out: Path) -> str:
     """
     index = source / "model.safetensors.index.json"
     if index.is_file():
-        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        weight_map = read_json_object(index).get("weight_map", {})
+        if not isinstance(weight_map, dict):
+            raise ModelImportError(f"{index}: weight_map must be an object")
+        shards = {str(v) for v in weight_map.values()}
         missing = sorted(s for s in shards if not (source / s).is_file())
         if missing:
             raise ModelImportError(f"{source} is missing weight shards listed in its index: {', '.join(missing)}")
@@ -491,8 +615,54 @@ def copy_hf_folder(source: Path, out: Path) -> str:
         # transformers reads .bin with torch.load(weights_only=True), which refuses code in the file.
         log.info("converting %s to safetensors", ", ".join(p.name for p in _legacy_weight_files(source)))
         _load_model(source).save_pretrained(out, safe_serialization=True)
-    config = json.loads((out / "config.json").read_text())
+    config = read_json_object(out / "config.json")
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def check_weights_match_config(folder: Path) -> None:
+    """config.json must describe the weights beside it, whether or not generation is verified:
+    a config whose sizes lie makes a folder vLLM fails to load (or loads as another model).
+
+    The model the config describes is built on the meta device (no memory) and every
+    parameter the safetensors files also hold must have the same shape there; the layer
+    count is checked first against the weights' ``layers.N`` names, so a lying count never
+    builds millions of modules.
+    """
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in _weight_files(folder):
+        try:
+            with safe_open(str(path), "pt") as weights:
+                for key in weights.keys():
+                    shapes[key] = tuple(weights.get_slice(key).get_shape())
+        except Exception as exc:  # the library's refusal, whatever its type
+            raise ModelImportError(f"{path.name} is not a readable safetensors file: "
+                                   f"{_one_line(exc)}") from None
+    config = AutoConfig.from_pretrained(folder)
+    layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+    held = {int(m.group(1)) for key in shapes if (m := re.search(r"\.layers\.(\d+)\.", key))}
+    if type(layers) is not int or not 0 < layers <= MAX_LAYERS or (held and layers != len(held)):
+        raise ModelImportError(f"config.json says num_hidden_layers {layers!r} but the weights "
+                               f"hold {len(held)} layers")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    prefix = f"{model.base_model_prefix}."
+    expected |= {k.removeprefix(prefix): v for k, v in expected.items() if k.startswith(prefix)}
+    common = sorted(set(shapes) & set(expected))
+    if not common:
+        raise ModelImportError(f"the weights' tensor names match none of the parameters of the "
+                               f"{type(model).__name__} config.json describes")
+    wrong = [k for k in common if shapes[k] != expected[k]]
+    if wrong:
+        first = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise ModelImportError(f"config.json does not match the weights: {first} is "
+                               f"{list(shapes[first])} in the weights but the config makes it "
+                               f"{list(expected[first])}{more}")
 
 
 def _ensure_generation_config(folder: Path) -> None:
@@ -610,7 +780,7 @@ def _generation_check(model: Any, tokenizer: Any, output_ids: list[list[int]], r
 def _config_checks(folder: Path, expect: dict[str, Any]) -> list[Check]:
     if not expect:
         return []
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json_object(folder / "config.json")
     config = config.get("text_config", config)
     wrong = {k: config.get(k) for k, v in expect.items() if config.get(k) != v}
     if not wrong:
@@ -640,9 +810,15 @@ def verify_model(source: str | os.PathLike[str], out: str | os.PathLike[str]) ->
 
 @contextlib.contextmanager
 def _locked(target: Path) -> Iterator[None]:
-    """Serialise imports into one folder across processes (``fcntl.flock`` on a sibling file)."""
+    """Serialise imports into one folder across this user's processes (``fcntl.flock``).
+
+    The lock file lives in a per-user folder under the temporary directory, not beside
+    ``target``: an import leaves nothing in the user's folders but ``target`` itself.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.parent / f".{target.name}.lock"
+    locks = Path(tempfile.gettempdir()) / f"lie-detector-{os.getuid()}" / "import-locks"
+    locks.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock_path = locks / f"{hashlib.sha256(str(target).encode()).hexdigest()[:32]}.lock"
     with lock_path.open("a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -690,20 +866,53 @@ def _make_readable(folder: Path) -> None:
             path.chmod(0o644)
 
 
-def _remove_stale_temporaries(target: Path) -> None:
-    """Delete leftovers of imports that crashed (safe: we hold the lock)."""
-    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
-        for leftover in target.parent.glob(pattern):
-            log.info("removing leftover %s", leftover)
+def _remove_stale_temporaries(target: Path, *, wholesale: bool = False) -> None:
+    """Delete leftovers of imports that crashed (safe: we hold the lock). A ``.tmp-`` folder is
+    all ours; a ``.old-`` one was the user's ``target`` and loses only what an import wrote."""
+    for leftover in target.parent.glob(f".{target.name}.tmp-*"):
+        log.info("removing leftover %s", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in target.parent.glob(f".{target.name}.old-*"):
+        if wholesale:
             shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            _remove_written(leftover)
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing (stale) ``target`` is moved aside first."""
+def _remove_written(folder: Path) -> None:
+    """Remove an earlier import's output: the files its marker lists, as written, then the
+    folders they leave empty. Anything else found there keeps the whole folder, with a warning."""
+    if not any(folder.iterdir()):
+        folder.rmdir()
+        return
+    foreign = _foreign_entries(folder)
+    if foreign is None or foreign:
+        log.warning("kept %s: it holds files lie-detector did not write (%s)", folder,
+                    ", ".join((foreign or ["no file list"])[:3]))
+        return
+    # What is there, each file just checked against the list (never a path the marker names:
+    # a tampered one could name "../elsewhere").
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir():
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        else:
+            path.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+def _replace_dir(new: Path, target: Path, *, wholesale: bool = False) -> None:
+    """Move ``new`` to ``target``; an existing ``target`` is moved aside first, then what an
+    import wrote in it removed (all of it when ``wholesale``)."""
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{os.getpid()}"
         os.rename(target, old)
     os.rename(new, target)
-    if old is not None:
+    if old is None:
+        return
+    if wholesale:
         shutil.rmtree(old, ignore_errors=True)
+    else:
+        _remove_written(old)

@@ -295,7 +295,10 @@ class SidecarProcess:
 
 
 def start_sidecar(channel: str, workdir: Path, *, probes: list[Path], model_dir: Path,
-                  env: dict[str, str] | None = None) -> SidecarProcess:
+                  env: dict[str, str] | None = None,
+                  probe_roots: list[Path] = ()) -> SidecarProcess:
+    """A sidecar process; LoadProbe reads under ``probe_roots`` (default: the folders holding
+    ``probes``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     grpc_port, metrics_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "detector.cli", "sidecar", "--channel", channel,
@@ -303,6 +306,8 @@ def start_sidecar(channel: str, workdir: Path, *, probes: list[Path], model_dir:
            "--model", str(model_dir)]
     for probe in probes:
         cmd += ["--probe", str(probe)]
+    for root in probe_roots:
+        cmd += ["--probe-root", str(root)]
     log_path = workdir / "sidecar.log"
     PROCESS_LOGS.append(("sidecar", log_path))
     with log_path.open("ab") as log:
@@ -568,9 +573,11 @@ def make_pki(directory: Path, names) -> dict:
 
 def start_inprocess_sidecar(tmp_path: Path, **settings):
     """A sidecar in this process on a loopback port, with no engine and no probe: for the
-    API's own behaviour (TLS, admin calls, statuses). Stop it with ``.stop()``."""
+    API's own behaviour (TLS, admin calls, statuses); LoadProbe reads under ``tmp_path``
+    unless ``probe_roots`` says otherwise. Stop it with ``.stop()``."""
     from detector.sidecar.app import Sidecar, SidecarSettings
 
+    settings.setdefault("probe_roots", [tmp_path])
     s = SidecarSettings(channel=f"ipc://{tmp_path}/ch.sock", probes=[],
                         grpc_address=f"127.0.0.1:{free_port()}", metrics_port=None, **settings)
     sidecar = Sidecar(s)

@@ -63,6 +63,9 @@ class SidecarSettings(BaseSettings):
     # Default: the probe shipped for the embedded model; it stays inactive, with the
     # reason, if the engine serves another model.
     probes: list[Path] = Field(default_factory=lambda: [p for p in [default_probe_dir()] if p])
+    # LoadProbe reads probes only under these folders (symlinks and ".." resolved first).
+    # None: the folders holding the probes above; [] refuses every LoadProbe.
+    probe_roots: list[Path] | None = None
     model_dir: Path | None = None  # identifies the served model before vLLM connects
     device: str | None = None
     # Scoring a step is a small GEMM; on the CPU extra threads mostly spin-wait on the cores
@@ -133,6 +136,13 @@ class SidecarSettings(BaseSettings):
         if missing:
             raise ValueError(f"probe directories not found: {', '.join(missing)}")
         return value
+
+    @property
+    def load_probe_roots(self) -> list[Path]:
+        """The folders LoadProbe may read: ``probe_roots``, else those holding ``probes``."""
+        if self.probe_roots is not None:
+            return list(self.probe_roots)
+        return list(dict.fromkeys(p.resolve().parent for p in self.probes))
 
     @field_validator("model_dir")
     @classmethod
@@ -246,11 +256,14 @@ class Sidecar:
         admin = AdminGuard(
             token=settings.admin_token.get_secret_value() if settings.admin_token else None,
             identities=settings.admin_identities)
+        if admin.enabled:
+            logger.info("LoadProbe reads probes only under %s (probe_roots)",
+                        [str(r) for r in settings.load_probe_roots] or "no folder")
         self.service = DetectorService(self.store, self.registry, self.analyzer,
                                        max_streams=settings.max_streams,
                                        stream_interval_s=settings.stream_interval_s,
                                        appear_wait_s=settings.stream_appear_wait_s,
-                                       admin=admin)
+                                       admin=admin, probe_roots=settings.load_probe_roots)
         credentials = None
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
             credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file,

@@ -3,7 +3,8 @@
 Every RPC validates its input and answers with a status a caller can act on:
 INVALID_ARGUMENT for malformed requests, NOT_FOUND for unknown request ids,
 FAILED_PRECONDITION for a probe that does not fit the served model, RESOURCE_EXHAUSTED
-over the stream limit, UNAUTHENTICATED / PERMISSION_DENIED for admin calls not allowed.
+over the stream limit, UNAUTHENTICATED / PERMISSION_DENIED for admin calls not allowed
+(and PERMISSION_DENIED for a probe path outside the probe roots).
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,7 +23,12 @@ from grpc_reflection.v1alpha import reflection
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
-from detector.artifact import ProbeArtifactError, ProbeMismatchError
+from detector.artifact import (
+    ProbeArtifactError,
+    ProbeMismatchError,
+    ProbePathError,
+    probe_dir_within,
+)
 from detector.claims import ResponseVerdict, sentences
 from detector.sidecar.analysis import Analyzer, RequestAnalysis
 from detector.sidecar.registry import HeardCapture, LoadedProbe, ProbeRegistry
@@ -44,11 +51,15 @@ QUICK_WORKERS = 16
 class DetectorService(pb_grpc.DetectorServicer):
     def __init__(self, store: RequestStore, registry: ProbeRegistry, analyzer: Analyzer, *,
                  max_streams: int = 256, stream_interval_s: float = 0.05,
-                 appear_wait_s: float = 60.0, admin: AdminGuard | None = None) -> None:
+                 appear_wait_s: float = 60.0, admin: AdminGuard | None = None,
+                 probe_roots: Sequence[Path] = ()) -> None:
         self.store = store
         self.registry = registry
         self.analyzer = analyzer
         self.admin = admin or AdminGuard()
+        # LoadProbe reads only under these folders: the admin token lets a caller choose
+        # which probe scores, not read any file the sidecar can.
+        self.probe_roots = tuple(probe_roots)
         self.max_streams = max_streams
         # A stream re-judges its whole answer per update: at most one update per interval
         # per stream keeps that off the scoring thread's back (a lagging sidecar makes the
@@ -191,7 +202,10 @@ class DetectorService(pb_grpc.DetectorServicer):
         if not request.path or len(request.path) > 4096:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "path must be a probe directory")
         try:
-            loaded = self.registry.load(request.path, replace=request.replace)
+            path = probe_dir_within(request.path, self.probe_roots)
+            loaded = self.registry.load(path, replace=request.replace)
+        except ProbePathError as exc:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except ProbeMismatchError as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except ProbeArtifactError as exc:

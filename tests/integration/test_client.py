@@ -39,7 +39,9 @@ PROMPT = "The first five prime numbers are 2, 3, 5, 7 and 11. The capital of Fra
 def sidecar(vllm_server, probe_dir, model_dir, tmp_path_factory):
     proc = start_sidecar(vllm_server.channel, tmp_path_factory.mktemp("client"),
                          probes=[probe_dir], model_dir=model_dir,
-                         env={"LIE_DETECTOR_ADMIN_TOKEN": ADMIN_TOKEN})
+                         env={"LIE_DETECTOR_ADMIN_TOKEN": ADMIN_TOKEN},
+                         # LoadProbe of the probes tests write in their own tmp folders
+                         probe_roots=[tmp_path_factory.getbasetemp()])
     yield proc
     proc.stop()
 

@@ -33,7 +33,9 @@ def sidecar(vllm_server, probe_dir, model_dir, tmp_path_factory):
     proc = start_sidecar(vllm_server.channel, tmp_path_factory.mktemp("service"),
                          probes=[probe_dir], model_dir=model_dir,
                          env={"LIE_DETECTOR_MAX_STREAMS": "2",
-                              "LIE_DETECTOR_ADMIN_TOKEN": ADMIN_TOKEN})
+                              "LIE_DETECTOR_ADMIN_TOKEN": ADMIN_TOKEN},
+                         # LoadProbe of the probes tests write in their own tmp folders
+                         probe_roots=[tmp_path_factory.getbasetemp()])
     yield proc
     proc.stop()
 

@@ -103,6 +103,22 @@ SHOTS = {
         ("In which country is the city of Mombasa?", "Kenya"),
     ],
 }
+# Wordings of each question (the first is the one the builders write; see
+# probes.datasets.phrasing). None may match a held-out template (test_heldout_leakage).
+PHRASINGS = {
+    "country_capital": ("What is the capital of {name}?", "{name}'s capital city is which city?",
+                        "Name the capital of {name}.", "Which city is the capital of {name}?"),
+    "country_currency": ("What is the currency of {name}?", "Which currency is used in {name}?",
+                         "Name the official currency of {name}."),
+    "country_language": ("What is the official language of {name}?",
+                         "Which language is official in {name}?",
+                         "Name an official language of {name}."),
+    "country_continent": ("On which continent is {name}?", "{name} lies on which continent?",
+                          "Name the continent where {name} is located."),
+    "city_country": ("In which country is the city of {name}?",
+                     "{name} is a city in which country?",
+                     "Name the country where the city of {name} lies."),
+}
 SHOT_COUNTRIES = {"FR", "JP", "KE", "MX", "SE", "BR"}
 
 

@@ -49,6 +49,9 @@ class Question(BaseModel):
     answer_type: AnswerType = "text"
     invented: bool = False
     shots: list[Shot] = Field(default_factory=list)
+    # Which of the topic's wordings the question uses (``probes.datasets.phrasing``);
+    # None for a question written outside the registry (users' data, held-out sets).
+    phrasing: int | None = Field(None, ge=0)
 
     @field_validator("answers")
     @classmethod

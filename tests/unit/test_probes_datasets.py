@@ -24,8 +24,9 @@ def test_every_topic_builds_questions_with_ground_truth() -> None:
     assert set(counts) == set(TOPICS)
     assert all(n >= 25 for n in counts.values()), counts
     for q in questions:
-        assert q.question.endswith("?")
-        assert len(q.shots) == 3
+        assert q.question.endswith(("?", ".")), q.question
+        assert len(q.shots) >= 2, q.id
+        assert q.phrasing is not None
         if q.invented:
             assert not q.answers and q.entity.startswith("invented:")
         else:

@@ -119,7 +119,7 @@ def question_jobs(questions: Sequence[Question], styles: Sequence[PromptStyle],
         raise LaunchError(f"this model can do none of the prompt styles {list(styles)}")
     styles = usable
     for q in questions:
-        for style in styles:
+        for style in renderer.styles_for(q, styles):  # "mixed": one style per question
             job_id = f"{q.id}|{style}"
             record = CaptureRecord(
                 id=job_id, source="questions", question_id=q.id, topic=q.topic,

@@ -13,8 +13,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 AnswerType = Literal["text", "number", "symbol"]
-PromptStyle = Literal["plain", "chat"]
-PROMPT_STYLES: tuple[PromptStyle, ...] = ("plain", "chat")
+# plain: few-shot "Q:/A:" completion; chat: the shots as earlier turns of a chat;
+# chat_zero_shot: the question alone in a chat; mixed: one of those three per question,
+# picked by a seeded hash (``PromptRenderer.styles_for``), so a capture covers every style
+# with one request per question.
+PromptStyle = Literal["plain", "chat", "chat_zero_shot", "mixed"]
+PROMPT_STYLES: tuple[PromptStyle, ...] = ("plain", "chat", "chat_zero_shot", "mixed")
+CONCRETE_STYLES: tuple[PromptStyle, ...] = ("plain", "chat", "chat_zero_shot")
 
 
 class Shot(BaseModel):
@@ -67,4 +72,4 @@ class Question(BaseModel):
         return self
 
 
-__all__ = ["PROMPT_STYLES", "AnswerType", "PromptStyle", "Question", "Shot"]
+__all__ = ["CONCRETE_STYLES", "PROMPT_STYLES", "AnswerType", "PromptStyle", "Question", "Shot"]

@@ -347,6 +347,18 @@ def build_city_country(*, min_population: int = 1_000_000, per_country: int = 3)
     return out
 
 
+def country_values(c: Country) -> dict[str, list[str]]:
+    """Every accepted value of a country's capital, currency and languages: what a claim
+    of a long-form answer about it is checked against (held-out and training long form)."""
+    currency = _currency_variants(c.currency_name) if c.currency_name else []
+    currency += [f"{q} {v}" for v in list(currency) for q in (c.demonym, *c.names) if q]
+    currency += _CURRENCY_EXTRA.get(c.currency_code, [])
+    if c.currency_code:
+        currency.append(c.currency_code)
+    return {"capital": list(c.capital_aliases), "currency": currency,
+            "language": list(c.languages)}
+
+
 def known_names() -> set[str]:
     """Every country and capital name (casefolded): invented names must avoid them."""
     out: set[str] = set()
@@ -362,5 +374,6 @@ __all__ = [
     "build_country_currency",
     "build_country_language",
     "countries",
+    "country_values",
     "known_names",
 ]

@@ -328,23 +328,13 @@ class LongformSubject:
         return LONGFORM_PROMPT.format(name=self.name)
 
 
-def _country_values(c: Country) -> dict[str, list[str]]:
-    currency = countries_mod._currency_variants(c.currency_name) if c.currency_name else []
-    currency += [f"{q} {v}" for v in list(currency) for q in (c.demonym, *c.names) if q]
-    currency += countries_mod._CURRENCY_EXTRA.get(c.currency_code, [])
-    if c.currency_code:
-        currency.append(c.currency_code)
-    return {"capital": list(c.capital_aliases), "currency": currency,
-            "language": list(c.languages)}
-
-
 @functools.lru_cache(maxsize=1)
 def attribute_values() -> dict[str, dict[str, list[str]]]:
     """attribute -> country ISO -> its values, over every country (the "another entity's
     value" side of long-form claim labelling)."""
     out: dict[str, dict[str, list[str]]] = {a: {} for a in LONGFORM_ATTRIBUTES}
     for iso, c in countries_mod.countries().items():
-        for attr, values in _country_values(c).items():
+        for attr, values in countries_mod.country_values(c).items():
             out[attr][iso] = values
     return out
 
@@ -352,7 +342,7 @@ def attribute_values() -> dict[str, dict[str, list[str]]]:
 def longform_subjects(n_real: int | None = None, n_invented: int = 30, *, seed: int = 0
                       ) -> list[LongformSubject]:
     """Held-out real countries (all, or ``n_real`` of them) and ``n_invented`` invented ones."""
-    real = [LongformSubject(f"country:{c.iso}", c.name, False, _country_values(c))
+    real = [LongformSubject(f"country:{c.iso}", c.name, False, countries_mod.country_values(c))
             for c in heldout_countries()]
     if n_real is not None and n_real < len(real):
         real = sorted(random.Random(f"longform:{seed}").sample(real, n_real),

@@ -19,6 +19,7 @@ from probes.datasets import (
     currencies,
     elements,
     languages,
+    longform,
     national_days,
     us_states,
 )
@@ -113,8 +114,15 @@ _BREADTH_MAKERS: dict[str, tuple[object, Callable]] = {
     "national_day": (national_days, _country_name),
     **{t: (country_facts, _country_name) for t in country_facts.PHRASINGS},
 }
+_BREADTH_MAKERS.update({
+    "longform_country": (longform, _country_name),
+    "longform_state": (longform, _country_name),
+    "longform_element": (longform, _element_name),
+    "longform_language": (longform, _language_name),
+})
 for _topic, (_module, _make) in _BREADTH_MAKERS.items():
-    _domain = getattr(_module, "DOMAIN", None) or country_facts.DOMAINS[_topic]
+    _domain = (getattr(_module, "DOMAIN", None) or country_facts.DOMAINS.get(_topic)
+               or longform.PROFILES[_topic].domain)
     TEMPLATES[f"invented_{_topic}"] = (_domain, _topic, _module.PHRASINGS[_topic][0], _make)
 # Codes are short by nature; every other invented name has at least five letters.
 _SHORT_OK = {f"invented_{t}" for t in ("language_from_code", "currency_from_code",
@@ -124,6 +132,8 @@ _MODULES = (countries, elements, us_states, languages, currencies, airports, nat
 
 
 def _shots(real_topic: str) -> list[Shot]:
+    if real_topic in longform.PROFILES:
+        return longform.shots(real_topic)
     for module in _MODULES:
         if real_topic in module.SHOTS:
             return module.shots(real_topic)
@@ -163,6 +173,9 @@ def build_invented(*, per_template: int = 30, seed: int = 0,
     for topic in templates or list(TEMPLATES):
         domain, real_topic, pattern, make = TEMPLATES[topic]
         shots = _shots(real_topic)
+        # A long-form twin is labelled claim by claim, with the real topic's budget.
+        extra = ({"answer_type": "claims", "max_tokens": longform.MAX_TOKENS}
+                 if real_topic in longform.PROFILES else {})
         made = 0
         for _ in range(per_template * 50):
             if made >= per_template:
@@ -186,6 +199,7 @@ def build_invented(*, per_template: int = 30, seed: int = 0,
                     question=pattern.format(name=name),
                     invented=True,
                     shots=shots,
+                    **extra,
                 )
             )
     return out

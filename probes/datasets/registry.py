@@ -20,6 +20,7 @@ from probes.datasets import (
     elements,
     invented,
     languages,
+    longform,
     national_days,
     us_states,
 )
@@ -42,7 +43,7 @@ class Topic:
 
 
 _MODULES = (countries, elements, us_states, languages, currencies, airports, national_days,
-            country_facts)
+            country_facts, longform)
 
 
 def phrasings_of(topic: str) -> tuple[str, ...]:
@@ -131,6 +132,9 @@ TOPICS: dict[str, Topic] = {
         _topic("country_german_name", "country_names", "a country's name in German",
                country_facts.build_country_german_name),
     ]
+    + [_topic(name, p.domain, "a few sentences about an entity (" + ", ".join(p.attributes)
+              + "), labelled claim by claim", longform.builder(name))
+       for name, p in longform.PROFILES.items()]
     + [_invented_topic(name) for name in invented.TEMPLATES]
 }
 
@@ -142,10 +146,15 @@ CORE_TOPICS: tuple[str, ...] = (
 )
 # Every real topic with its invented twin: the breadth training set.
 BREADTH_TOPICS: tuple[str, ...] = tuple(TOPICS)
+# The long-form (multi-claim) topics and their twins.
+LONGFORM_TOPICS: tuple[str, ...] = tuple(
+    n for n in TOPICS if n.removeprefix("invented_") in longform.PROFILES)
 # Named selections ``build_dataset`` (and ``--topics``) accept beside topic names; "core"
 # keeps the three original domains with their invented twins.
 SELECTIONS: dict[str, tuple[str, ...]] = {
     "breadth": BREADTH_TOPICS,
+    "longform": LONGFORM_TOPICS,
+    "short": tuple(n for n in TOPICS if n not in LONGFORM_TOPICS),
     "core": tuple(n for n, t in TOPICS.items()
                   if n in CORE_TOPICS or (t.invented and n.removeprefix("invented_")
                                           in CORE_TOPICS)),
@@ -248,6 +257,6 @@ def questions_hash(questions: Iterable[Question]) -> str:
     return digest.hexdigest()[:16]
 
 
-__all__ = ["BREADTH_TOPICS", "CORE_TOPICS", "SELECTIONS", "TOPICS", "Topic", "build_dataset",
+__all__ = ["BREADTH_TOPICS", "CORE_TOPICS", "LONGFORM_TOPICS", "SELECTIONS", "TOPICS", "Topic", "build_dataset",
            "phrasings_of", "resolve_topics", "questions_hash", "read_questions",
            "write_questions"]

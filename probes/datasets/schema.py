@@ -12,7 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-AnswerType = Literal["text", "number", "symbol"]
+# "claims": a few sentences, labelled claim by claim against ``Question.values``
+# (probes.labeling.label_claims) instead of as one short answer.
+AnswerType = Literal["text", "number", "symbol", "claims"]
 # plain: few-shot "Q:/A:" completion; chat: the shots as earlier turns of a chat;
 # chat_zero_shot: the question alone in a chat; mixed: one of those three per question,
 # picked by a seeded hash (``PromptRenderer.styles_for``), so a capture covers every style
@@ -57,6 +59,10 @@ class Question(BaseModel):
     # Which of the topic's wordings the question uses (``probes.datasets.phrasing``);
     # None for a question written outside the registry (users' data, held-out sets).
     phrasing: int | None = Field(None, ge=0)
+    # Long-form questions (answer_type "claims"): every true value per attribute, and the
+    # generation budget such an answer needs (None: the capture's default).
+    values: dict[str, list[str]] = Field(default_factory=dict)
+    max_tokens: int | None = Field(None, ge=1, le=512)
 
     @field_validator("answers")
     @classmethod

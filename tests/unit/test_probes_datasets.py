@@ -108,6 +108,8 @@ def test_invented_entities_do_not_exist_and_are_reproducible() -> None:
     known = countries.known_names() | elements.known_names() | us_states.known_names()
     for q in a:
         assert q.invented and q.subject.casefold() not in known
+        if q.answer_type == "claims":  # long form: tests/unit/test_probes_longform.py
+            continue
         assert label_answer(q, " Paris").label == "fabrication"
         assert label_answer(q, " There is no such place.").label == "refusal"
 

@@ -14,6 +14,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
+from probes.datasets.facts import unique
 from probes.datasets.schema import Question, Shot
 from probes.datasets.sources import countryinfo_records, geonames, language_name
 
@@ -145,15 +146,6 @@ class Country:
     capital_aliases: list[str] = field(default_factory=list)
 
 
-def _unique(items: list[str]) -> list[str]:
-    seen: dict[str, str] = {}
-    for item in items:
-        item = item.strip()
-        if item and item.casefold() not in seen:
-            seen[item.casefold()] = item
-    return list(seen.values())
-
-
 def _language_names(code: str) -> list[str]:
     name = language_name(code) or _LANGUAGE_FALLBACK.get(code)
     if not name:
@@ -177,7 +169,7 @@ def countries() -> dict[str, Country]:
         ci = info.get(iso)
         if ci is None or int(g.get("population") or 0) < MIN_POPULATION:
             continue
-        capitals = _unique([str(g.get("capital") or ""), str(ci.get("capital") or "")])
+        capitals = unique([str(g.get("capital") or ""), str(ci.get("capital") or "")])
         capitals = [c for c in capitals if "/" not in c]
         names = [g["name"], str(ci.get("name") or "")]
         names += [s for s in ci.get("altSpellings", []) if len(s) > 3 and not s.isupper()]
@@ -187,12 +179,12 @@ def countries() -> dict[str, Country]:
         out[iso] = Country(
             iso=iso,
             name=g["name"],
-            names=_unique(names),
+            names=unique(names),
             capitals=capitals,
             currency_code=str(g.get("currencycode") or (codes[0] if codes else "")),
             currency_name=str(g.get("currencyname") or ""),
             demonym=str(ci.get("demonym") or ""),
-            languages=_unique(languages),
+            languages=unique(languages),
             continent=str(g.get("continentcode") or ""),
             population=int(g.get("population") or 0),
         )
@@ -223,7 +215,7 @@ def _add_capital_aliases(table: dict[str, Country]) -> None:
                 ):
                     continue  # "Andorra" must not count as Andorra la Vella
                 aliases.append(alt)
-        country.capital_aliases = _unique(country.capitals + aliases)
+        country.capital_aliases = unique(country.capitals + aliases)
 
 
 def _shared_currency_names(table: dict[str, Country]) -> set[str]:
@@ -242,8 +234,8 @@ def _q(topic: str, country: Country, question: str, answers: list[str],
         entity=f"country:{country.iso}",
         subject=country.name,
         question=question,
-        answers=_unique(answers),
-        near_misses=_unique(near or []),
+        answers=unique(answers),
+        near_misses=unique(near or []),
         shots=shots(topic),
     )
 

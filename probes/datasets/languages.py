@@ -17,6 +17,7 @@ from probes.datasets.schema import Question, Shot
 from probes.datasets.sources import import_package
 
 DOMAIN = "languages"
+MIN_SPEAKERS = 1_000_000
 _SHOT_LANGUAGES = {"fr", "ja", "sv", "ru", "de", "es", "el"}
 # ISO 15924 codes of combinations of scripts ("Jpan" = Han + Hiragana + Katakana): their
 # names ("Japanese", "Simplified") are no answer to "which script".
@@ -72,6 +73,7 @@ class Language:
     names: list[str]
     script: str  # English name of its usual script ("" for a composite one)
     autonym: str
+    speakers: int
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,12 +96,14 @@ def languages() -> dict[str, Language]:
                               .script_name()))
         out[code] = Language(code=code, name=name,
                              names=unique([name, *_language_names(code)]),
-                             script=script, autonym=str(tag.autonym()))
+                             script=script, autonym=str(tag.autonym()),
+                             speakers=int(tag.speaking_population()))
     return out
 
 
 def _rows() -> list[Language]:
-    return [lang for code, lang in sorted(languages().items()) if code not in _SHOT_LANGUAGES]
+    return [lang for code, lang in sorted(languages().items())
+            if code not in _SHOT_LANGUAGES and lang.speakers >= MIN_SPEAKERS]
 
 
 def _q(topic: str, lang: Language, slot: str, answers: list[str], *,
@@ -120,9 +124,13 @@ def build_language_from_code() -> list[Question]:
 
 
 def build_language_script() -> list[Question]:
+    """Languages whose script is not named after them ("Thai" is written in Thai: the
+    answer would be a copy of the question, which no claim span judges)."""
     return [_q("language_script", lang, lang.name,
                [lang.script, *_SCRIPT_ALIASES.get(lang.script, [])])
-            for lang in _rows() if lang.script]
+            for lang in _rows() if lang.script
+            and lang.script.casefold() not in lang.name.casefold()
+            and lang.name.casefold() not in lang.script.casefold()]
 
 
 def build_language_autonym() -> list[Question]:

@@ -76,6 +76,8 @@ def _languages() -> Iterable[tuple[str, str, dict[str, list[str]]]]:
     """Script and own name (when it differs from the English one: "Nauru" about Nauru
     would match any claim naming the island). ISO codes are lowercase: never a claim."""
     for code, lang in sorted(languages.languages().items()):
+        if lang.speakers < languages.MIN_SPEAKERS:
+            continue
         script = [lang.script, *languages._SCRIPT_ALIASES.get(lang.script, [])] \
             if lang.script else []
         autonym = [] if lang.autonym.casefold() in {n.casefold() for n in lang.names} \

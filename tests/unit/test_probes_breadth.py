@@ -101,6 +101,8 @@ def test_languages() -> None:
     assert _label(script["Hindi"], " Devanagari script") == "retrieval"
     assert _label(script["Italian"], " The Roman alphabet") == "retrieval"  # alias
     assert "Chinese" not in script  # a composite script has no one-word answer
+    assert "Thai" not in script and "Greek" not in script  # the answer would copy the name
+    assert "Avestan" not in code and "Kuanyama" not in code  # under a million speakers
     autonym = _by_subject(languages.build_language_autonym())
     assert _label(autonym["Italian"], " italiano") == "retrieval"
     assert "Russian" not in autonym  # not in Latin letters

@@ -140,7 +140,7 @@ def label_claims(question: Question, completion: str, *, prompt: str) -> list[An
             if wrong:
                 label, why = "fabrication", wrong
         out.append(AnswerLabel(
-            label=label if label in TRAINABLE else "ambiguous",  # type: ignore[arg-type]
+            label=label if label in TRAINABLE else "ambiguous",
             reason=why if label in TRAINABLE else f"{label}: {why}",
             span=(claim.start, claim.end), answer=claim.text))
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Any
 
 from probes.datasets.countries import ascii_fold, countries
 from probes.datasets.facts import fact, shot_list
@@ -61,7 +62,7 @@ def _open_us_state(subdivision: str) -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def airports() -> list[dict]:
+def airports() -> list[dict[str, Any]]:
     """Records of the asked airports, sorted by IATA code."""
     table = countries()
     big = {(c["countrycode"], ascii_fold(c["name"]).casefold())

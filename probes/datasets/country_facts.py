@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 
 from probes.datasets.countries import SHOT_COUNTRIES, Country, ascii_fold, countries
 from probes.datasets.facts import fact, shot_list
@@ -75,7 +76,7 @@ def shots(topic: str) -> list[Shot]:
     return shot_list(SHOTS, topic)
 
 
-def _build(topic: str, answers: Callable[[Country, dict], list[str]],
+def _build(topic: str, answers: Callable[[Country, dict[str, Any]], list[str]],
            answer_type: AnswerType = "text") -> list[Question]:
     info = countryinfo_records()
     out = []
@@ -90,10 +91,10 @@ def _build(topic: str, answers: Callable[[Country, dict], list[str]],
     return out
 
 
-def _foreign(lang: str) -> Callable[[Country, dict], list[str]]:
+def _foreign(lang: str) -> Callable[[Country, dict[str, Any]], list[str]]:
     """The country's name in ``lang``, when it is written in Latin letters and differs
     from the English one (else the question would be a copy task)."""
-    def get(c: Country, record: dict) -> list[str]:
+    def get(c: Country, record: dict[str, Any]) -> list[str]:
         name = str((record.get("translations") or {}).get(lang) or "")
         folded = ascii_fold(name)
         if not _LATIN.fullmatch(folded) or folded.casefold() in {
@@ -119,7 +120,7 @@ def build_country_tld() -> list[Question]:
 
 
 def build_country_demonym() -> list[Question]:
-    def get(c: Country, r: dict) -> list[str]:
+    def get(c: Country, r: dict[str, Any]) -> list[str]:
         d = c.demonym
         if not d or not _LATIN.fullmatch(ascii_fold(d)):
             return []
@@ -128,7 +129,7 @@ def build_country_demonym() -> list[Question]:
 
 
 def build_country_native_name() -> list[Question]:
-    def get(c: Country, r: dict) -> list[str]:
+    def get(c: Country, r: dict[str, Any]) -> list[str]:
         native = str(r.get("nativeName") or "")
         folded = ascii_fold(native)
         if (not _LATIN.fullmatch(folded) or len(folded) < len(native) - 2

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from probes.datasets.countries import _CURRENCY_EXTRA, countries
+from probes.datasets.countries import _CURRENCY_EXTRA, Country, countries
 from probes.datasets.facts import fact, shot_list, unique
 from probes.datasets.heldout_entities import is_heldout_entity
 from probes.datasets.schema import Question, Shot
@@ -65,12 +65,12 @@ def _unit_names(name: str) -> list[str]:
 def currencies() -> dict[str, Currency]:
     """Currencies used by a country that is not held out, with their accepted names."""
     pycountry = import_package("pycountry")
-    users: dict[str, list] = {}
+    users: dict[str, list[Country]] = {}
     for c in countries().values():
         if c.currency_code:
             users.setdefault(c.currency_code, []).append(c)
     units: dict[str, set[str]] = {}
-    table: dict[str, tuple[str, list, list[str]]] = {}
+    table: dict[str, tuple[str, list[Country], list[str]]] = {}
     for cur in pycountry.currencies:
         code = cur.alpha_3
         open_users = [c for c in users.get(code, []) if not is_heldout_entity(f"country:{c.iso}")]

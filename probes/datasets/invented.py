@@ -10,6 +10,7 @@ domain together.
 from __future__ import annotations
 
 import random
+from types import ModuleType
 from collections.abc import Callable
 
 from probes.datasets import (
@@ -23,7 +24,7 @@ from probes.datasets import (
     national_days,
     us_states,
 )
-from probes.datasets.schema import Question, Shot
+from probes.datasets.schema import AnswerType, Question, Shot
 from probes.datasets.sources import import_package
 
 _COUNTRY_SUFFIXES = ("onia", "avia", "istan", "ania", "oria", "esia", "ovia", "aria")
@@ -69,7 +70,7 @@ def _airport_name(fake, rng: random.Random) -> str:
 
 
 def _code(length: int, taken: Callable[[], set[str] | frozenset[str]], upper: bool
-          ) -> Callable:
+          ) -> Callable[..., str]:
     """Codes of ``length`` letters that no real entity has (``taken``, casefolded)."""
     def make(fake, rng: random.Random) -> str:
         code = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length))
@@ -100,7 +101,7 @@ TEMPLATES: dict[str, tuple[str, str, str, Callable]] = {
                                  "In what year did {name} become a US state?", _country_name),
 }
 # The breadth topics' twins: the pattern is always the real topic's first phrasing.
-_BREADTH_MAKERS: dict[str, tuple[object, Callable]] = {
+_BREADTH_MAKERS: dict[str, tuple[ModuleType, Callable[..., str]]] = {
     "language_code": (languages, _language_name),
     "language_from_code": (languages, _code(2, languages.known_codes, upper=False)),
     "language_script": (languages, _language_name),
@@ -174,8 +175,9 @@ def build_invented(*, per_template: int = 30, seed: int = 0,
         domain, real_topic, pattern, make = TEMPLATES[topic]
         shots = _shots(real_topic)
         # A long-form twin is labelled claim by claim, with the real topic's budget.
-        extra = ({"answer_type": "claims", "max_tokens": longform.MAX_TOKENS}
-                 if real_topic in longform.PROFILES else {})
+        is_long = real_topic in longform.PROFILES
+        answer_type: AnswerType = "claims" if is_long else "text"
+        max_tokens = longform.MAX_TOKENS if is_long else None
         made = 0
         for _ in range(per_template * 50):
             if made >= per_template:
@@ -199,7 +201,8 @@ def build_invented(*, per_template: int = 30, seed: int = 0,
                     question=pattern.format(name=name),
                     invented=True,
                     shots=shots,
-                    **extra,
+                    answer_type=answer_type,
+                    max_tokens=max_tokens,
                 )
             )
     return out

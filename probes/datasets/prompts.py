@@ -104,10 +104,10 @@ class PromptRenderer:
         if style == "plain":
             return plain_prompt(question)
         if style in ("chat", "chat_zero_shot"):
-            return self.tokenizer.apply_chat_template(
+            return str(self.tokenizer.apply_chat_template(
                 chat_messages(question, shots=style == "chat"), tokenize=False,
                 add_generation_prompt=True,
-            )
+            ))
         raise ValueError(f"cannot render prompt style {style!r} ({'|'.join(CONCRETE_STYLES)}; "
                          "mixed picks one per question: PromptRenderer.styles_for)")
 

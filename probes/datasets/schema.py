@@ -58,11 +58,11 @@ class Question(BaseModel):
     shots: list[Shot] = Field(default_factory=list)
     # Which of the topic's wordings the question uses (``probes.datasets.phrasing``);
     # None for a question written outside the registry (users' data, held-out sets).
-    phrasing: int | None = Field(None, ge=0)
+    phrasing: int | None = Field(default=None, ge=0)
     # Long-form questions (answer_type "claims"): every true value per attribute, and the
     # generation budget such an answer needs (None: the capture's default).
     values: dict[str, list[str]] = Field(default_factory=dict)
-    max_tokens: int | None = Field(None, ge=1, le=512)
+    max_tokens: int | None = Field(default=None, ge=1, le=512)
 
     @field_validator("answers")
     @classmethod

@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "active one)")
     p.add_argument("--styles", nargs="+", choices=STYLES, default=list(STYLES))
     p.add_argument("--topics", nargs="+", help="held-out topics, e.g. heldout_region_country "
-                   "heldout_region_country_invented (default: all; probes/datasets/heldout.py)")
+                   "heldout_region_country_invented, or domains, e.g. time_zones units "
+                   "(default: all; probes/datasets/heldout.py)")
     p.add_argument("--limit-per-topic", type=int, help="at most this many questions per topic")
     p.add_argument("--invented-per-topic", type=int, default=24)
     p.add_argument("--longform-real", type=int, help="real countries asked in long form "

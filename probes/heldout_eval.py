@@ -377,10 +377,20 @@ def _flag_share(items: list[Item]) -> dict[str, Any]:
     return {"claims": n, "flagged": k, "share": k / n if n else None}
 
 
+def _slices(items: list[Item], key: Callable[[Item], str], cfg: EvalConfig
+            ) -> dict[str, dict[str, Any]]:
+    """AUROC block and label counts per value of ``key`` (topic family, domain)."""
+    groups: dict[str, list[Item]] = {}
+    for i in items:
+        groups.setdefault(key(i), []).append(i)
+    return {k: {**_auroc_block(g, cfg), "labels": _counts(g)} for k, g in sorted(groups.items())}
+
+
 def summarise(items: list[Item], jobs: list[Job], replies: dict[str, Reply],
               cfg: EvalConfig) -> dict[str, Any]:
     styles: dict[str, Any] = {}
     topics: dict[str, dict[str, Any]] = {}
+    domains: dict[str, dict[str, Any]] = {}
     verdicts: dict[str, Any] = {}
     present = [s for s in cfg.styles if any(i.style == s for i in items)]
     for style in present:
@@ -389,9 +399,8 @@ def summarise(items: list[Item], jobs: list[Job], replies: dict[str, Reply],
         styles[style]["labels"] = _counts(its)
         if style in SHORT_STYLES:
             verdicts[style] = _answer_verdicts(its)
-            topics[style] = {fam: {**_auroc_block([i for i in its if i.family == fam], cfg),
-                                   "labels": _counts([i for i in its if i.family == fam])}
-                             for fam in sorted({i.family for i in its})}
+            topics[style] = _slices(its, lambda i: i.family, cfg)
+            domains[style] = _slices(its, lambda i: ho.domain_of(i.family), cfg)
     short = [i for i in items if i.style in SHORT_STYLES]
     if short:
         styles["short (plain + chat)"] = _auroc_block(short, cfg)
@@ -413,7 +422,10 @@ def summarise(items: list[Item], jobs: list[Job], replies: dict[str, Reply],
     errors = [r.error for r in replies.values() if r.error]
     per_answer = [i for i in items if i.style in SHORT_STYLES]
     return {
-        "styles": styles, "topics": topics, "verdicts": verdicts, "longform": longform,
+        "styles": styles, "topics": topics, "domains": domains, "verdicts": verdicts,
+        "longform": longform,
+        # domains no training topic covers (the per-domain table marks them)
+        "domains_heldout_only": sorted(ho.HELDOUT_ONLY_DOMAINS),
         "response_verdict": verdicts.get("short (plain + chat)", {}),
         "requests": {
             "sent": len(jobs), "errors": len(errors), "error_examples": errors[:5],

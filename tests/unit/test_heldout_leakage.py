@@ -5,13 +5,16 @@ topic, real and invented, in the wording each question was given) and every word
 every training topic, against every held-out topic and long-form subject. A *fact* leaks
 when a training question names a held-out subject (outside its own subject) and carries
 one of that subject's held-out values among its answers ("GHS" -> "Ghana cedi" would
-tell training a held-out country's currency).
+tell training a held-out country's currency). Whole domains are held out too
+(``heldout.HELDOUT_ONLY_DOMAINS``: time zones, units): no training topic or question may
+belong to one, use its entity kind, or answer with an IANA zone identifier.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from zoneinfo import available_timezones
 
 import pytest
 
@@ -69,6 +72,23 @@ def leaked_facts(training: Sequence[Question], facts: dict[str, set[str]]) -> li
             for value in facts[name]:
                 if any(contains_words(a, value) for a in answers):
                     out.append(f"{q.id}: {name} -> {value}")
+    return out
+
+
+def heldout_domain_leaks(training: Sequence[Question]) -> list[str]:
+    """``question id: why`` for every training question of a held-out-only domain: its
+    domain, its entity's kind, or an answer that is an IANA zone identifier ("Asia/Kolkata",
+    links included), whatever topic it was filed under."""
+    kinds = set(heldout.HELDOUT_ONLY_DOMAINS.values())
+    zones = {normalize(z) for z in available_timezones() if "/" in z}
+    out = []
+    for q in training:
+        if q.domain in heldout.HELDOUT_ONLY_DOMAINS:
+            out.append(f"{q.id}: domain {q.domain}")
+        if q.entity.partition(":")[0] in kinds:
+            out.append(f"{q.id}: entity {q.entity}")
+        out += [f"{q.id}: answer {a!r} is a time zone" for a in q.answers
+                if normalize(a) in zones]
     return out
 
 
@@ -175,3 +195,34 @@ def test_the_fact_check_catches_a_leak(held: list[Question], facts: dict[str, se
     finally:
         currencies.currencies.cache_clear()
     assert leaked_facts(unfiltered, facts)
+
+
+def test_no_heldout_only_domain_reaches_training(training: list[Question]) -> None:
+    assert not [t.name for t in TOPICS.values() if t.domain in heldout.HELDOUT_ONLY_DOMAINS]
+    assert not heldout_domain_leaks(training)
+    # and the held-out set does ask about them, with facts the fact check knows
+    held_domains = {heldout.domain_of(t) for t in heldout.TOPICS}
+    assert set(heldout.HELDOUT_ONLY_DOMAINS) <= held_domains
+
+
+def test_the_domain_and_fact_checks_catch_a_planted_leak(
+        held: list[Question], facts: dict[str, set[str]]) -> None:
+    """A held-out-only domain's question, entity or zone answer filed under a training
+    topic is caught, and so is any new-domain fact asked in a training wording."""
+    def planted(**kw: object) -> Question:
+        base = {"id": "country_capital:leak", "topic": "country_capital",
+                "domain": "geography", "entity": "country:ZZ", "subject": "Wakanda",
+                "question": "What is the capital of Wakanda?", "answers": ["Birnin Zana"]}
+        return Question.model_validate({**base, **kw})
+
+    assert not heldout_domain_leaks([planted()])
+    assert heldout_domain_leaks([planted(domain="time_zones")])
+    assert heldout_domain_leaks([planted(entity="unit:newton")])
+    assert heldout_domain_leaks([planted(answers=["Asia/Calcutta"])])  # a link name too
+    for topic in ("heldout_city_timezone", "heldout_city_utc_offset", "heldout_unit_symbol",
+                  "heldout_unit_quantity"):
+        fact = next(q for q in held if q.topic == topic)
+        leak = planted(id=f"city_country:{topic}", topic="city_country",
+                       question=f"Unlike Wakanda, what does {fact.subject} have?",
+                       answers=fact.answers[:1])
+        assert leaked_facts([leak], facts), topic

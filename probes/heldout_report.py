@@ -88,17 +88,23 @@ def markdown(result: dict[str, Any]) -> str:
                   "| style | domain | n (fab / ret) | served probe | -min log-prob | "
                   "probe - min log-prob |", "| --- | --- | ---: | --- | --- | --- |"]
         lines += _slice_rows(domains, lambda dom: f"{dom} *" if dom in unseen else dom)
-    lf = result.get("longform") or {}
-    if lf:
-        def share(key: str) -> str:
-            s = lf.get(key) or {}
+    for key, prompt, what in (
+            ("longform", "Tell me about <country>: its capital, its currency and its "
+             "languages.", "countries"),
+            ("longform_city", "Tell me about the time in <city>: its time zone and its offset "
+             "from UTC.", "cities")):
+        lf = result.get(key) or {}
+        if not lf:
+            continue
+
+        def share(name: str, lf: dict[str, Any] = lf) -> str:
+            s = lf.get(name) or {}
             return f"{_pct(s.get('share'))} of {s.get('claims', 0)}"
-        lines += ["", f"Long form ({lf.get('responses', 0)} answers to \"Tell me about <country>: "
-                  "its capital, its currency and its languages.\"), claim spans flagged: real "
-                  f"held-out countries {share('real_all_claims')} (claims matching the "
-                  f"country's true values {share('real_retrieval_claims')}; matching another "
-                  f"country's values {share('real_fabrication_claims')}); invented countries "
-                  f"{share('invented_claims')}."]
+        lines += ["", f"Long form ({lf.get('responses', 0)} answers to \"{prompt}\"), claim "
+                  f"spans flagged: real held-out {what} {share('real_all_claims')} (claims "
+                  f"matching the subject's true values {share('real_retrieval_claims')}; "
+                  f"matching another's values {share('real_fabrication_claims')}); invented "
+                  f"{what} {share('invented_claims')}."]
     req = result.get("requests") or {}
     al = result.get("alignment") or {}
     lines += ["", f"{req.get('sent', 0)} requests, {req.get('errors', 0)} failed, "

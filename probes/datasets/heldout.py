@@ -131,8 +131,13 @@ INVENTED_TOPICS = tuple(f"{t}_invented" for t in TEMPLATES)
 TOPICS = REAL_TOPICS + INVENTED_TOPICS
 
 
+_LONGFORM_DOMAINS = {"longform_country": "geography", "longform_city": "time_zones"}
+
+
 def domain_of(topic: str) -> str:
-    """The domain of a held-out topic or its invented twin."""
+    """The domain of a held-out topic, its invented twin, or a long-form family."""
+    if topic in _LONGFORM_DOMAINS:
+        return _LONGFORM_DOMAINS[topic]
     return TEMPLATES[topic.removesuffix("_invented")][0]
 
 
@@ -493,19 +498,25 @@ LONGFORM_ATTRIBUTES = ("capital", "currency", "language")
 LONGFORM_PROMPT = "Tell me about {name}: its capital, its currency and its languages."
 
 
+LONGFORM_CITY_PROMPT = "Tell me about the time in {name}: its time zone and its offset from UTC."
+
+
 @dataclass(frozen=True)
 class LongformSubject:
-    """A country the long-form style asks about, with every true value per attribute
+    """A subject the long-form style asks about (a country, or a city's time in the
+    held-out-only time-zone domain: ``family``), with every true value per attribute
     (empty for an invented one)."""
 
     entity: str
     name: str
     invented: bool
     values: dict[str, list[str]] = field(default_factory=dict)
+    family: str = "longform_country"
 
     @property
     def prompt(self) -> str:
-        return LONGFORM_PROMPT.format(name=self.name)
+        template = LONGFORM_CITY_PROMPT if self.family == "longform_city" else LONGFORM_PROMPT
+        return template.format(name=self.name)
 
 
 @functools.lru_cache(maxsize=1)
@@ -537,6 +548,7 @@ __all__ = [
     "INVENTED_TOPICS",
     "PHRASINGS",
     "LONGFORM_ATTRIBUTES",
+    "LONGFORM_CITY_PROMPT",
     "LONGFORM_PROMPT",
     "REAL_TOPICS",
     "TEMPLATES",
@@ -547,5 +559,42 @@ __all__ = [
     "domain_of",
     "heldout_countries",
     "invented_subjects",
+    "longform_city_subjects",
+    "longform_other_values",
     "longform_subjects",
 ]
+
+
+# ----------------------------------------------------------------------------- long form, cities
+def _city_values(c: domains_mod.CityZone) -> dict[str, list[str]]:
+    return {"time zone": [*c.zone_names, *c.abbreviations],
+            "utc offset": [f for h in c.offsets for f in domains_mod.offset_forms(h)]}
+
+
+def longform_city_subjects(n_real: int = 30, n_invented: int = 30, *, seed: int = 0
+                           ) -> list[LongformSubject]:
+    """Cities of the time-zone pool the short topics do not ask about (``n_real``, in pool
+    order) and ``n_invented`` invented ones, for the long form of a held-out-only domain."""
+    pool = _city_pool()[2 * CITY_ZONE_TOPIC_SIZE:]
+    real = [LongformSubject(f"city:{c.geonameid}", c.name, False, _city_values(c),
+                            family="longform_city") for c in pool[:n_real]]
+    fake = [LongformSubject(invented_entity(name), name, True, family="longform_city")
+            for name in invented_subjects("city", n_invented, seed=seed + 303)]
+    return real + fake
+
+
+@functools.lru_cache(maxsize=1)
+def _zone_values() -> dict[str, dict[str, list[str]]]:
+    """attribute -> IANA zone -> its values, over every zone a GeoNames city uses."""
+    out: dict[str, dict[str, list[str]]] = {"time zone": {}, "utc offset": {}}
+    for c in domains_mod.city_zones():
+        for attr, values in _city_values(c).items():
+            out[attr].setdefault(c.zone, values)
+    return out
+
+
+def longform_other_values(family: str) -> dict[str, dict[str, list[str]]]:
+    """The "another entity's value" side of long-form claim labelling for a family:
+    other countries' capitals, currencies and languages, or other zones' names and
+    offsets (a city's own values are checked first, so sharing a zone is no contrast)."""
+    return _zone_values() if family == "longform_city" else attribute_values()

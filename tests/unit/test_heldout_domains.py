@@ -191,3 +191,33 @@ def test_domains_select_topics_and_slice_the_served_summary() -> None:
                                                                    "retrieval": 1}
     assert "| plain | units * | 2 (1 / 1) |" in markdown(result)
     assert "| plain | geography | 1 (1 / 0) |" in markdown(result)
+
+
+def test_city_long_form_labels_claims_against_tzdata() -> None:
+    from probes import heldout_eval as he
+    from test_heldout_metrics import _scores  # GetScores as the client returns it
+
+    subjects = heldout.longform_city_subjects(5, 3)
+    real = [s for s in subjects if not s.invented]
+    assert len(real) == 5 and sum(s.invented for s in subjects) == 3
+    asked = {q.entity for q in heldout.build_heldout(["time_zones"])}
+    assert not {s.entity for s in subjects} & asked  # other cities than the short topics'
+    zones = {c.geonameid: c for c in hd.city_zones()}
+    s = real[0]
+    city = zones[int(s.entity.partition(":")[2])]
+    assert s.values["time zone"][0] == city.zone and s.family == "longform_city"
+    assert s.prompt == heldout.LONGFORM_CITY_PROMPT.format(name=s.name)
+    wrong = next(z for z in ("Asia/Tokyo", "America/Chicago") if z not in city.zone_names)
+    own = hd.offset_forms(city.offsets[0])[0]
+    text = f"{s.name} uses {city.zone}, not {wrong}; it is {own}."
+    spans = [(text.index(x), text.index(x) + len(x), n, n + 1, 0.5)
+             for n, x in enumerate((city.zone, wrong, own))]
+    job = he.Job("longform", "longform_city_real", s.family, s.entity, s.name, False,
+                 longform=s, request_id="r")
+    reply = he.Reply(text=text, logprobs=[-0.1] * 9, tops=[[-0.1]] * 9,
+                     scores=_scores(text, spans))
+    items = he.label_longform(job, reply, "p")
+    assert [i.label for i in items] == ["retrieval", "fabrication", "retrieval"]
+    result = he.summarise(items, [job], {}, he.EvalConfig(bootstrap=0, styles=["longform"]))
+    assert result["longform_city"]["responses"] == 1 and not result["longform"]
+    assert set(result["domains"]["longform"]) == {"time_zones"}

@@ -75,6 +75,11 @@ def leaked_facts(training: Sequence[Question], facts: dict[str, set[str]]) -> li
     return out
 
 
+def _longform() -> list[heldout.LongformSubject]:
+    """Every long-form subject: countries and (held-out-only domain) cities."""
+    return heldout.longform_subjects() + heldout.longform_city_subjects()
+
+
 def heldout_domain_leaks(training: Sequence[Question]) -> list[str]:
     """``question id: why`` for every training question of a held-out-only domain: its
     domain, its entity's kind, or an answer that is an IANA zone identifier ("Asia/Kolkata",
@@ -108,7 +113,7 @@ def test_no_heldout_entity_reaches_training(training: list[Question],
     train_entities = {q.entity for q in training}
     leaked = sorted({q.entity for q in held} & train_entities)
     assert not leaked, leaked
-    longform = {s.entity for s in heldout.longform_subjects()}
+    longform = {s.entity for s in _longform()}
     assert not sorted(longform & train_entities)
 
 
@@ -124,12 +129,12 @@ def test_no_heldout_subject_question_or_template_reaches_training(
         assert _template(q) not in train_templates, q.id
         for shot in q.shots:  # the held-out wording is new even in its examples
             assert _fold(shot.question) not in train_questions | train_shots, q.id
-    for s in heldout.longform_subjects():
+    for s in _longform():
         if s.invented:
             assert _fold(s.name) not in train_subjects, s.name
     # no training question mentions a held-out invented subject anywhere in its text
     invented = {_fold(q.subject) for q in held if q.invented}
-    invented |= {_fold(s.name) for s in heldout.longform_subjects() if s.invented}
+    invented |= {_fold(s.name) for s in _longform() if s.invented}
     text = " ".join(_fold(q.question) for q in training)
     assert not [n for n in invented if re.search(rf"\b{re.escape(n)}\b", text)]
 
@@ -160,7 +165,7 @@ def test_heldout_selection_is_stable_and_spares_few_shot_entities() -> None:
 
 @pytest.fixture(scope="module")
 def facts(held: list[Question]) -> dict[str, set[str]]:
-    return heldout_facts(held, heldout.longform_subjects())
+    return heldout_facts(held, _longform())
 
 
 def test_no_training_wording_is_a_heldout_wording(held: list[Question]) -> None:

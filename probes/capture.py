@@ -42,7 +42,14 @@ from probes.datasets.prompts import STOP, PromptRenderer
 from probes.datasets.registry import questions_hash
 from probes.datasets.schema import PromptStyle, Question
 from probes.datasets.user import UserRecord
-from probes.labeling import TRAINABLE, AnswerLabel, claim_for_answer, label_answer, token_span
+from probes.labeling import (
+    TRAINABLE,
+    AnswerLabel,
+    claim_for_answer,
+    label_answer,
+    label_claims,
+    token_span,
+)
 from probes.server import CaptureServer, private_channel, start_capture_server
 from probes.store import CaptureManifest, CaptureRecord, CaptureStore, SpanEntry
 from probes.tap import RowCollector
@@ -119,7 +126,7 @@ def question_jobs(questions: Sequence[Question], styles: Sequence[PromptStyle],
         raise LaunchError(f"this model can do none of the prompt styles {list(styles)}")
     styles = usable
     for q in questions:
-        for style in styles:
+        for style in renderer.styles_for(q, styles):  # "mixed": one style per question
             job_id = f"{q.id}|{style}"
             record = CaptureRecord(
                 id=job_id, source="questions", question_id=q.id, topic=q.topic,
@@ -191,8 +198,9 @@ class _Runner:
             if forced:
                 body.update(max_tokens=1, prompt_logprobs=self.settings.logprobs)
             else:
-                body.update(max_tokens=self.settings.max_tokens, stop=STOP,
-                            logprobs=self.settings.logprobs)
+                budget = (job.question.max_tokens if job.question is not None
+                          and job.question.max_tokens else self.settings.max_tokens)
+                body.update(max_tokens=budget, stop=STOP, logprobs=self.settings.logprobs)
             resp = self.client.post(f"{self.base_url}/v1/completions", json=body,
                                     headers={"X-Request-Id": key},
                                     timeout=self.settings.request_timeout_s)
@@ -240,13 +248,36 @@ class _Runner:
             "completion": text, "num_prompt_tokens": n_prompt, "num_generated": n_gen,
             "finish_reason": choice.get("finish_reason"),
         })
-        result = label_answer(job.question, text)
         assert isinstance(job.prompt, str)
+        if job.question.answer_type == "claims":
+            return record, self._claims(job, text, choice, offsets, token_ids, token_lps, tops,
+                                        n_prompt, n_gen, record)
+        result = label_answer(job.question, text)
         entry, positions = self._span(result, offsets, len(text), token_ids, token_lps, tops,
                                       n_prompt, n_gen, trainable_last=n_gen - 2,
                                       claim_of=(text, job.prompt))
         record.spans = [entry]
         return record, [(entry, positions)]
+
+    def _claims(self, job: Job, text: str, choice: dict, offsets: list[int],
+                token_ids: list[int], token_lps: list[float], tops: list, n_prompt: int,
+                n_gen: int, record: CaptureRecord) -> list[tuple[SpanEntry, Any]]:
+        """Every claim span of a long-form answer, labelled one by one
+        (:func:`probes.labeling.label_claims`); a claim that reaches the end of an answer cut
+        off at ``max_tokens`` may be cut itself and is left out."""
+        assert job.question is not None and isinstance(job.prompt, str)
+        cut = choice.get("finish_reason") == "length"
+        end = len(text.rstrip())
+        pairs = []
+        for result in label_claims(job.question, text, prompt=job.prompt):
+            if cut and result.span is not None and result.span[1] >= end \
+                    and result.label in TRAINABLE:
+                result = result.model_copy(update={
+                    "label": "ambiguous", "reason": f"cut off at max_tokens ({result.reason})"})
+            pairs.append(self._span(result, offsets, len(text), token_ids, token_lps, tops,
+                                    n_prompt, n_gen, trainable_last=n_gen - 2))
+        record.spans = [p[0] for p in pairs]
+        return pairs
 
     def _forced(self, job: Job, choice: dict) -> tuple[CaptureRecord,
                                                        list[tuple[SpanEntry, Any]]]:

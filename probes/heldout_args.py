@@ -29,12 +29,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "active one)")
     p.add_argument("--styles", nargs="+", choices=STYLES, default=list(STYLES))
     p.add_argument("--topics", nargs="+", help="held-out topics, e.g. heldout_region_country "
-                   "heldout_region_country_invented (default: all; probes/datasets/heldout.py)")
+                   "heldout_region_country_invented, or domains, e.g. time_zones units "
+                   "(default: all; probes/datasets/heldout.py)")
     p.add_argument("--limit-per-topic", type=int, help="at most this many questions per topic")
     p.add_argument("--invented-per-topic", type=int, default=24)
     p.add_argument("--longform-real", type=int, help="real countries asked in long form "
                    "(default: every held-out country)")
     p.add_argument("--longform-invented", type=int, default=30)
+    p.add_argument("--longform-cities", type=int, default=30, help="real and as many invented "
+                   "cities asked about their time zone in long form (0: none)")
     p.add_argument("--concurrency", type=int, default=12)
     p.add_argument("--enforce-eager", action="store_true", help="start serve without "
                    "torch.compile (a faster start when the machine is busy)")
@@ -55,6 +58,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         probe_name=args.probe_name, styles=args.styles, topics=args.topics,
         limit_per_topic=args.limit_per_topic, invented_per_topic=args.invented_per_topic,
         longform_real=args.longform_real, longform_invented=args.longform_invented,
+        longform_cities=args.longform_cities,
         concurrency=args.concurrency, enforce_eager=args.enforce_eager, bootstrap=args.bootstrap, seed=args.seed, out=args.out,
         plot=not args.no_plot, save_to_probe=args.save_to_probe,
         progress=not args.no_progress)

@@ -74,6 +74,8 @@ class EvalConfig(BaseModel):
     invented_per_topic: int = Field(ho.INVENTED_PER_TOPIC, ge=1)
     longform_real: int | None = Field(None, ge=0)
     longform_invented: int = Field(30, ge=0)
+    # real and invented cities asked about their time (long form of a held-out-only domain)
+    longform_cities: int = Field(30, ge=0)
     concurrency: int = Field(12, ge=1, le=64)
     enforce_eager: bool = False  # start serve without torch.compile (faster start on a busy box)
     max_tokens_plain: int = Field(16, ge=1)
@@ -135,6 +137,10 @@ def build_jobs(cfg: EvalConfig) -> list[Job]:
         for s in ho.longform_subjects(cfg.longform_real, cfg.longform_invented, seed=cfg.seed):
             jobs.append(Job("longform", "longform_invented" if s.invented else "longform_real",
                             "longform_country", s.entity, s.name, s.invented, longform=s))
+        for s in ho.longform_city_subjects(cfg.longform_cities, cfg.longform_cities,
+                                           seed=cfg.seed):
+            jobs.append(Job("longform", f"{s.family}_{'invented' if s.invented else 'real'}",
+                            s.family, s.entity, s.name, s.invented, longform=s))
     tag = uuid.uuid4().hex[:8]
     for i, job in enumerate(jobs):
         job.request_id = f"heldout-{tag}-{i}"
@@ -338,7 +344,7 @@ def label_longform(job: Job, reply: Reply, probe: str) -> list[Item]:
         item = Item(**{**asdict(base)})
         label, why = hm.label_longform_claim(
             span.text, subject=subject.name, invented=subject.invented, values=subject.values,
-            other_values=ho.attribute_values(), prompt=subject.prompt,
+            other_values=ho.longform_other_values(subject.family), prompt=subject.prompt,
             entity_key=subject.entity.partition(":")[2])
         item.label, item.reason = label, why
         _fill(item, span, reply)
@@ -377,43 +383,62 @@ def _flag_share(items: list[Item]) -> dict[str, Any]:
     return {"claims": n, "flagged": k, "share": k / n if n else None}
 
 
+def _longform_block(items: list[Item], jobs: list[Job], family: str) -> dict[str, Any]:
+    """Flag shares of one long-form family's claims (real: all, matching the subject's
+    values, matching another subject's; invented: every non-echo claim)."""
+    lf = [i for i in items if i.style == "longform" and i.family == family
+          and i.token_span is not None]
+    if not lf:
+        return {}
+    real = [i for i in lf if not i.invented]
+    fake = [i for i in lf if i.invented and i.label != "echo"]
+    return {
+        "real_all_claims": _flag_share(real),
+        "real_retrieval_claims": _flag_share([i for i in real if i.label == "retrieval"]),
+        "real_fabrication_claims": _flag_share([i for i in real if i.label == "fabrication"]),
+        "invented_claims": _flag_share(fake),
+        "labels": _counts([i for i in items if i.style == "longform" and i.family == family]),
+        "responses": sum(1 for j in jobs if j.style == "longform" and j.family == family),
+    }
+
+
+def _slices(items: list[Item], key: Callable[[Item], str], cfg: EvalConfig
+            ) -> dict[str, dict[str, Any]]:
+    """AUROC block and label counts per value of ``key`` (topic family, domain)."""
+    groups: dict[str, list[Item]] = {}
+    for i in items:
+        groups.setdefault(key(i), []).append(i)
+    return {k: {**_auroc_block(g, cfg), "labels": _counts(g)} for k, g in sorted(groups.items())}
+
+
 def summarise(items: list[Item], jobs: list[Job], replies: dict[str, Reply],
               cfg: EvalConfig) -> dict[str, Any]:
     styles: dict[str, Any] = {}
     topics: dict[str, dict[str, Any]] = {}
+    domains: dict[str, dict[str, Any]] = {}
     verdicts: dict[str, Any] = {}
     present = [s for s in cfg.styles if any(i.style == s for i in items)]
     for style in present:
         its = [i for i in items if i.style == style]
         styles[style] = _auroc_block(its, cfg)
         styles[style]["labels"] = _counts(its)
+        topics[style] = _slices(its, lambda i: i.family, cfg)
+        domains[style] = _slices(its, lambda i: ho.domain_of(i.family), cfg)
         if style in SHORT_STYLES:
             verdicts[style] = _answer_verdicts(its)
-            topics[style] = {fam: {**_auroc_block([i for i in its if i.family == fam], cfg),
-                                   "labels": _counts([i for i in its if i.family == fam])}
-                             for fam in sorted({i.family for i in its})}
     short = [i for i in items if i.style in SHORT_STYLES]
     if short:
         styles["short (plain + chat)"] = _auroc_block(short, cfg)
         verdicts["short (plain + chat)"] = _answer_verdicts(short)
-    longform: dict[str, Any] = {}
-    lf = [i for i in items if i.style == "longform" and i.token_span is not None]
-    if lf:
-        real = [i for i in lf if not i.invented]
-        fake = [i for i in lf if i.invented and i.label != "echo"]
-        longform = {
-            "real_all_claims": _flag_share(real),
-            "real_retrieval_claims": _flag_share([i for i in real if i.label == "retrieval"]),
-            "real_fabrication_claims": _flag_share([i for i in real
-                                                    if i.label == "fabrication"]),
-            "invented_claims": _flag_share(fake),
-            "labels": _counts([i for i in items if i.style == "longform"]),
-            "responses": sum(1 for j in jobs if j.style == "longform"),
-        }
+    longform = _longform_block(items, jobs, "longform_country")
+    longform_city = _longform_block(items, jobs, "longform_city")
     errors = [r.error for r in replies.values() if r.error]
     per_answer = [i for i in items if i.style in SHORT_STYLES]
     return {
-        "styles": styles, "topics": topics, "verdicts": verdicts, "longform": longform,
+        "styles": styles, "topics": topics, "domains": domains, "verdicts": verdicts,
+        "longform": longform, "longform_city": longform_city,
+        # domains no training topic covers (the per-domain table marks them)
+        "domains_heldout_only": sorted(ho.HELDOUT_ONLY_DOMAINS),
         "response_verdict": verdicts.get("short (plain + chat)", {}),
         "requests": {
             "sent": len(jobs), "errors": len(errors), "error_examples": errors[:5],

@@ -7,6 +7,7 @@ server (``benchmarks/update_readme.py`` calls :func:`markdown`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,20 @@ def _ci(block: dict[str, Any] | None, *, signed: bool = False) -> str:
     if block.get("lo") is None:
         return fmt.format(block["point"])
     return f"{fmt.format(block['point'])} [{fmt.format(block['lo'])}, {fmt.format(block['hi'])}]"
+
+
+def _slice_rows(slices: dict[str, dict[str, Any]], name: Callable[[str], str]) -> list[str]:
+    """Table rows of per-style slices (topics, domains): n, AUROCs with CIs, margin."""
+    rows = []
+    for style, groups in slices.items():
+        for key, b in groups.items():
+            a = b.get("auroc") or {}
+            rows.append(
+                f"| {style} | {name(key)} | {b.get('n', 0)} "
+                f"({b.get('n_fabrication', 0)} / {b.get('n_retrieval', 0)}) | "
+                f"{_ci(a.get('probe'))} | {_ci(a.get('neg_min_logprob'))} | "
+                f"{_ci(b.get('probe_minus_baseline'), signed=True)} |")
+    return rows
 
 
 def _pct(x: float | None) -> str:
@@ -65,25 +80,31 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "Per held-out topic (real and invented subjects of one template):", "",
                   "| style | topic | n (fab / ret) | served probe | -min log-prob | "
                   "probe - min log-prob |", "| --- | --- | ---: | --- | --- | --- |"]
-        for style, fams in topics.items():
-            for fam, b in fams.items():
-                a = b.get("auroc") or {}
-                lines.append(
-                    f"| {style} | {fam.removeprefix('heldout_')} | {b.get('n', 0)} "
-                    f"({b.get('n_fabrication', 0)} / {b.get('n_retrieval', 0)}) | "
-                    f"{_ci(a.get('probe'))} | {_ci(a.get('neg_min_logprob'))} | "
-                    f"{_ci(b.get('probe_minus_baseline'), signed=True)} |")
-    lf = result.get("longform") or {}
-    if lf:
-        def share(key: str) -> str:
-            s = lf.get(key) or {}
+        lines += _slice_rows(topics, lambda fam: fam.removeprefix("heldout_"))
+    domains = result.get("domains") or {}
+    if domains:
+        unseen = set(result.get("domains_heldout_only") or ())
+        lines += ["", "Per domain (* = a domain no training topic covers):", "",
+                  "| style | domain | n (fab / ret) | served probe | -min log-prob | "
+                  "probe - min log-prob |", "| --- | --- | ---: | --- | --- | --- |"]
+        lines += _slice_rows(domains, lambda dom: f"{dom} *" if dom in unseen else dom)
+    for key, prompt, what in (
+            ("longform", "Tell me about <country>: its capital, its currency and its "
+             "languages.", "countries"),
+            ("longform_city", "Tell me about the time in <city>: its time zone and its offset "
+             "from UTC.", "cities")):
+        lf = result.get(key) or {}
+        if not lf:
+            continue
+
+        def share(name: str, lf: dict[str, Any] = lf) -> str:
+            s = lf.get(name) or {}
             return f"{_pct(s.get('share'))} of {s.get('claims', 0)}"
-        lines += ["", f"Long form ({lf.get('responses', 0)} answers to \"Tell me about <country>: "
-                  "its capital, its currency and its languages.\"), claim spans flagged: real "
-                  f"held-out countries {share('real_all_claims')} (claims matching the "
-                  f"country's true values {share('real_retrieval_claims')}; matching another "
-                  f"country's values {share('real_fabrication_claims')}); invented countries "
-                  f"{share('invented_claims')}."]
+        lines += ["", f"Long form ({lf.get('responses', 0)} answers to \"{prompt}\"), claim "
+                  f"spans flagged: real held-out {what} {share('real_all_claims')} (claims "
+                  f"matching the subject's true values {share('real_retrieval_claims')}; "
+                  f"matching another's values {share('real_fabrication_claims')}); invented "
+                  f"{what} {share('invented_claims')}."]
     req = result.get("requests") or {}
     al = result.get("alignment") or {}
     lines += ["", f"{req.get('sent', 0)} requests, {req.get('errors', 0)} failed, "

@@ -110,8 +110,46 @@ def _numbers(text: str) -> list[int]:
     return [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", text)]
 
 
+def label_claims(question: Question, completion: str, *, prompt: str) -> list[AnswerLabel]:
+    """One label per claim span (:func:`detector.claims.find_claims` with the ``prompt`` the
+    model read) of a long-form answer (``answer_type == "claims"``).
+
+    The rule is the held-out long form's
+    (:func:`probes.heldout_metrics.label_longform_claim`) against ``question.values`` and
+    the other entities' values of the topic's contrast attributes
+    (:func:`probes.datasets.longform.other_values`), plus numbers a cue announces
+    ("atomic number of 2", :func:`probes.datasets.longform.contradicted_number`):
+    retrieval, fabrication, or ambiguous (an echo of the prompt, or a claim matching no
+    known value), left out of training.
+    """
+    from probes.datasets.longform import contradicted_number, other_values
+    from probes.heldout_metrics import label_longform_claim
+
+    if question.answer_type != "claims":
+        raise ValueError(f"question {question.id!r} is not a long-form question")
+    others = {} if question.invented else other_values(question.topic.removeprefix(
+        "invented_"))
+    out = []
+    for claim in find_claims(completion, prompt=prompt):
+        label, why = label_longform_claim(
+            claim.text, subject=question.subject, invented=question.invented,
+            values=question.values, other_values=others, prompt=question.question,
+            entity_key=question.entity)
+        if label == "unlabelled" and not question.invented:
+            wrong = contradicted_number(question, completion, claim.start, claim.text)
+            if wrong:
+                label, why = "fabrication", wrong
+        out.append(AnswerLabel(
+            label=label if label in TRAINABLE else "ambiguous",
+            reason=why if label in TRAINABLE else f"{label}: {why}",
+            span=(claim.start, claim.end), answer=claim.text))
+    return out
+
+
 def label_answer(question: Question, completion: str) -> AnswerLabel:
     """Label one completion of ``question`` (see the module docstring for the rules)."""
+    if question.answer_type == "claims":
+        raise ValueError(f"question {question.id!r} is long-form: label it with label_claims")
     first_line = completion.split("\n", 1)[0]
     span = extract_answer(completion, context=f"{question.question} {question.subject}")
     if is_refusal(first_line):
@@ -205,6 +243,7 @@ __all__ = [
     "extract_answer",
     "is_refusal",
     "label_answer",
+    "label_claims",
     "normalize",
     "token_offsets",
     "token_span",

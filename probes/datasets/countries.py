@@ -14,6 +14,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
+from probes.datasets.facts import unique
 from probes.datasets.schema import Question, Shot
 from probes.datasets.sources import countryinfo_records, geonames, language_name
 
@@ -103,6 +104,22 @@ SHOTS = {
         ("In which country is the city of Mombasa?", "Kenya"),
     ],
 }
+# Wordings of each question (the first is the one the builders write; see
+# probes.datasets.phrasing). None may match a held-out template (test_heldout_leakage).
+PHRASINGS = {
+    "country_capital": ("What is the capital of {name}?", "{name}'s capital city is which city?",
+                        "Name the capital of {name}.", "Which city is the capital of {name}?"),
+    "country_currency": ("What is the currency of {name}?", "Which currency is used in {name}?",
+                         "Name the official currency of {name}."),
+    "country_language": ("What is the official language of {name}?",
+                         "Which language is official in {name}?",
+                         "Name an official language of {name}."),
+    "country_continent": ("On which continent is {name}?", "{name} lies on which continent?",
+                          "Name the continent where {name} is located."),
+    "city_country": ("In which country is the city of {name}?",
+                     "{name} is a city in which country?",
+                     "Name the country where the city of {name} lies."),
+}
 SHOT_COUNTRIES = {"FR", "JP", "KE", "MX", "SE", "BR"}
 
 
@@ -129,15 +146,6 @@ class Country:
     capital_aliases: list[str] = field(default_factory=list)
 
 
-def _unique(items: list[str]) -> list[str]:
-    seen: dict[str, str] = {}
-    for item in items:
-        item = item.strip()
-        if item and item.casefold() not in seen:
-            seen[item.casefold()] = item
-    return list(seen.values())
-
-
 def _language_names(code: str) -> list[str]:
     name = language_name(code) or _LANGUAGE_FALLBACK.get(code)
     if not name:
@@ -161,7 +169,7 @@ def countries() -> dict[str, Country]:
         ci = info.get(iso)
         if ci is None or int(g.get("population") or 0) < MIN_POPULATION:
             continue
-        capitals = _unique([str(g.get("capital") or ""), str(ci.get("capital") or "")])
+        capitals = unique([str(g.get("capital") or ""), str(ci.get("capital") or "")])
         capitals = [c for c in capitals if "/" not in c]
         names = [g["name"], str(ci.get("name") or "")]
         names += [s for s in ci.get("altSpellings", []) if len(s) > 3 and not s.isupper()]
@@ -171,12 +179,12 @@ def countries() -> dict[str, Country]:
         out[iso] = Country(
             iso=iso,
             name=g["name"],
-            names=_unique(names),
+            names=unique(names),
             capitals=capitals,
             currency_code=str(g.get("currencycode") or (codes[0] if codes else "")),
             currency_name=str(g.get("currencyname") or ""),
             demonym=str(ci.get("demonym") or ""),
-            languages=_unique(languages),
+            languages=unique(languages),
             continent=str(g.get("continentcode") or ""),
             population=int(g.get("population") or 0),
         )
@@ -207,7 +215,7 @@ def _add_capital_aliases(table: dict[str, Country]) -> None:
                 ):
                     continue  # "Andorra" must not count as Andorra la Vella
                 aliases.append(alt)
-        country.capital_aliases = _unique(country.capitals + aliases)
+        country.capital_aliases = unique(country.capitals + aliases)
 
 
 def _shared_currency_names(table: dict[str, Country]) -> set[str]:
@@ -226,8 +234,8 @@ def _q(topic: str, country: Country, question: str, answers: list[str],
         entity=f"country:{country.iso}",
         subject=country.name,
         question=question,
-        answers=_unique(answers),
-        near_misses=_unique(near or []),
+        answers=unique(answers),
+        near_misses=unique(near or []),
         shots=shots(topic),
     )
 
@@ -331,6 +339,18 @@ def build_city_country(*, min_population: int = 1_000_000, per_country: int = 3)
     return out
 
 
+def country_values(c: Country) -> dict[str, list[str]]:
+    """Every accepted value of a country's capital, currency and languages: what a claim
+    of a long-form answer about it is checked against (held-out and training long form)."""
+    currency = _currency_variants(c.currency_name) if c.currency_name else []
+    currency += [f"{q} {v}" for v in list(currency) for q in (c.demonym, *c.names) if q]
+    currency += _CURRENCY_EXTRA.get(c.currency_code, [])
+    if c.currency_code:
+        currency.append(c.currency_code)
+    return {"capital": list(c.capital_aliases), "currency": currency,
+            "language": list(c.languages)}
+
+
 def known_names() -> set[str]:
     """Every country and capital name (casefolded): invented names must avoid them."""
     out: set[str] = set()
@@ -346,5 +366,6 @@ __all__ = [
     "build_country_currency",
     "build_country_language",
     "countries",
+    "country_values",
     "known_names",
 ]

@@ -35,6 +35,21 @@ SHOTS = {
     ],
 }
 
+PHRASINGS = {
+    "element_symbol": ("What is the chemical symbol of {name}?",
+                       "Which symbol stands for the element {name}?",
+                       "Give the chemical symbol for {name}."),
+    "element_number": ("What is the atomic number of {name}?",
+                       "How many protons does an atom of {name} have?",
+                       "Give the atomic number of {name}."),
+    "element_from_symbol": ("Which chemical element has the symbol {name}?",
+                            "The chemical symbol {name} stands for which element?",
+                            "Name the element whose symbol is {name}."),
+    "element_discoverer": ("Who discovered the chemical element {name}?",
+                           "Which scientist discovered {name}?",
+                           "Name the discoverer of the element {name}."),
+}
+
 # Discoverer strings that name institutions or nobody in particular.
 _NOT_A_PERSON = re.compile(
     r"ancient|known|laborator|institut|universit|research|centre|center|society|team|"

@@ -9,7 +9,12 @@
     A:
 
 ``chat``: the same shots as earlier user/assistant turns, rendered with the model's own
-chat template (so it needs the tokenizer). Both stop at the end of the line.
+chat template (so it needs the tokenizer); ``chat_zero_shot``: the question alone, as a
+user would ask it. Neither passes a system message, so the template's own default system
+prompt applies where it has one (SmolLM2's names the assistant): the prompt a served chat
+request without a system message gets. ``mixed`` renders each question in one of the
+three, picked by a hash of its id (:meth:`PromptRenderer.styles_for`). All stop at the end
+of the line.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from probes.datasets.schema import PromptStyle, Question
+from probes.datasets.phrasing import choose
+from probes.datasets.schema import CONCRETE_STYLES, PromptStyle, Question
 
 logger = logging.getLogger(__name__)
 
 STOP = ["\n"]
+PROMPT_STYLE_NAMES = get_args(PromptStyle)
 
 
 def plain_prompt(question: Question) -> str:
@@ -32,9 +39,11 @@ def plain_prompt(question: Question) -> str:
     return "\n".join(parts)
 
 
-def chat_messages(question: Question) -> list[dict[str, str]]:
+def chat_messages(question: Question, *, shots: bool = True) -> list[dict[str, str]]:
+    """The chat turns: the shots as earlier exchanges (unless ``shots=False``), then the
+    question. No system turn: the chat template's default applies."""
     messages: list[dict[str, str]] = []
-    for s in question.shots:
+    for s in question.shots if shots else []:
         messages += [{"role": "user", "content": s.question},
                      {"role": "assistant", "content": s.answer}]
     messages.append({"role": "user", "content": question.question})
@@ -60,8 +69,11 @@ class PromptRenderer:
 
     def unsupported(self, style: PromptStyle) -> str | None:
         """Why this model cannot be prompted in ``style``, or None when it can."""
-        if style == "chat" and not getattr(self.tokenizer, "chat_template", None):
+        if style in ("chat", "chat_zero_shot") and not getattr(self.tokenizer, "chat_template",
+                                                                 None):
             return "the model's tokenizer has no chat template"
+        if style not in PROMPT_STYLE_NAMES:
+            return f"unknown prompt style {style!r} ({'|'.join(PROMPT_STYLE_NAMES)})"
         return None
 
     def usable_styles(self, styles: Sequence[PromptStyle]) -> list[PromptStyle]:
@@ -75,14 +87,29 @@ class PromptRenderer:
                 usable.append(style)
         return usable
 
+    def styles_for(self, question: Question, styles: Sequence[PromptStyle],
+                   *, seed: int = 0) -> list[PromptStyle]:
+        """The concrete styles ``question`` is asked in: ``styles`` with ``mixed`` replaced
+        by one usable concrete style picked by a hash of ``(seed, question id)``."""
+        out: list[PromptStyle] = []
+        for style in styles:
+            if style == "mixed":
+                usable = [s for s in CONCRETE_STYLES if self.unsupported(s) is None]
+                style = usable[choose(f"style:{question.id}", len(usable), seed)]
+            if style not in out:
+                out.append(style)
+        return out
+
     def render(self, question: Question, style: PromptStyle) -> str:
         if style == "plain":
             return plain_prompt(question)
-        if style == "chat":
-            return self.tokenizer.apply_chat_template(
-                chat_messages(question), tokenize=False, add_generation_prompt=True
-            )
-        raise ValueError(f"unknown prompt style {style!r} (plain|chat)")
+        if style in ("chat", "chat_zero_shot"):
+            return str(self.tokenizer.apply_chat_template(
+                chat_messages(question, shots=style == "chat"), tokenize=False,
+                add_generation_prompt=True,
+            ))
+        raise ValueError(f"cannot render prompt style {style!r} ({'|'.join(CONCRETE_STYLES)}; "
+                         "mixed picks one per question: PromptRenderer.styles_for)")
 
 
 __all__ = ["STOP", "PromptRenderer", "chat_messages", "plain_prompt"]

@@ -12,9 +12,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-AnswerType = Literal["text", "number", "symbol"]
-PromptStyle = Literal["plain", "chat"]
-PROMPT_STYLES: tuple[PromptStyle, ...] = ("plain", "chat")
+# "claims": a few sentences, labelled claim by claim against ``Question.values``
+# (probes.labeling.label_claims) instead of as one short answer.
+AnswerType = Literal["text", "number", "symbol", "claims"]
+# plain: few-shot "Q:/A:" completion; chat: the shots as earlier turns of a chat;
+# chat_zero_shot: the question alone in a chat; mixed: one of those three per question,
+# picked by a seeded hash (``PromptRenderer.styles_for``), so a capture covers every style
+# with one request per question.
+PromptStyle = Literal["plain", "chat", "chat_zero_shot", "mixed"]
+PROMPT_STYLES: tuple[PromptStyle, ...] = ("plain", "chat", "chat_zero_shot", "mixed")
+CONCRETE_STYLES: tuple[PromptStyle, ...] = ("plain", "chat", "chat_zero_shot")
 
 
 class Shot(BaseModel):
@@ -49,6 +56,13 @@ class Question(BaseModel):
     answer_type: AnswerType = "text"
     invented: bool = False
     shots: list[Shot] = Field(default_factory=list)
+    # Which of the topic's wordings the question uses (``probes.datasets.phrasing``);
+    # None for a question written outside the registry (users' data, held-out sets).
+    phrasing: int | None = Field(default=None, ge=0)
+    # Long-form questions (answer_type "claims"): every true value per attribute, and the
+    # generation budget such an answer needs (None: the capture's default).
+    values: dict[str, list[str]] = Field(default_factory=dict)
+    max_tokens: int | None = Field(default=None, ge=1, le=512)
 
     @field_validator("answers")
     @classmethod
@@ -64,4 +78,4 @@ class Question(BaseModel):
         return self
 
 
-__all__ = ["PROMPT_STYLES", "AnswerType", "PromptStyle", "Question", "Shot"]
+__all__ = ["CONCRETE_STYLES", "PROMPT_STYLES", "AnswerType", "PromptStyle", "Question", "Shot"]

@@ -26,6 +26,18 @@ SHOTS = {
     ],
 }
 
+PHRASINGS = {
+    "state_capital": ("What is the capital of the US state of {name}?",
+                      "Which city is the state capital of {name}?",
+                      "Name the capital city of the US state of {name}."),
+    "state_abbreviation": ("What is the postal abbreviation of the US state of {name}?",
+                           "Which two-letter postal code stands for {name}?",
+                           "Give the USPS abbreviation of {name}."),
+    "state_statehood": ("In what year did {name} become a US state?",
+                        "{name} was admitted to the Union in which year?",
+                        "Give the year {name} joined the United States."),
+}
+
 
 def shots(topic: str) -> list[Shot]:
     return [Shot(question=q, answer=a) for q, a in SHOTS[topic]]

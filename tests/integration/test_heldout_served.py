@@ -28,6 +28,7 @@ def test_heldout_harness_end_to_end(vllm_server, model_dir: Path, tmp_path: Path
                          topics=["heldout_us_city_state", "heldout_us_city_state_invented",
                                  "heldout_calling_code"],
                          limit_per_topic=2, longform_real=1, longform_invented=1,
+                         longform_cities=1,
                          max_tokens_longform=40, concurrency=4, bootstrap=20,
                          out=tmp_path / "heldout.json", progress=False)
         result = run(cfg)
@@ -37,7 +38,7 @@ def test_heldout_harness_end_to_end(vllm_server, model_dir: Path, tmp_path: Path
     saved = json.loads((tmp_path / "heldout.json").read_text())
     assert saved["probe"]["name"] == "smoke"
     req = saved["requests"]
-    assert req["sent"] == 2 * 6 + 2 and req["errors"] == 0, req
+    assert req["sent"] == 2 * 6 + 2 + 2 and req["errors"] == 0, req
     assert req["with_verdict_entry"] == req["sent"], req  # every answer got a verdict
     assert set(req["states"]) == {"REQUEST_STATE_FINISHED"}, req
     assert set(saved["styles"]) >= {"plain", "chat", "longform"}
@@ -46,7 +47,7 @@ def test_heldout_harness_end_to_end(vllm_server, model_dir: Path, tmp_path: Path
                                        "mean_entropy"}
     assert set(saved["verdicts"]) >= {"plain", "chat"}
     assert set(saved["topics"]["plain"]) == {"heldout_us_city_state", "heldout_calling_code"}
-    assert saved["longform"]["responses"] == 2
+    assert saved["longform"]["responses"] == 2 and saved["longform_city"]["responses"] == 2
     answers = [json.loads(line) for line in
                (tmp_path / "heldout-answers.jsonl").read_text().splitlines()]
     assert {a["request_id"] for a in answers} and all(a["label"] != "error" for a in answers)

@@ -68,3 +68,43 @@ def test_user_spans_are_kept_as_drawn() -> None:
     entry, positions = span(result, prompt=None)
     assert entry.chars == (a, a + 11) and entry.tokens == (5, 8)
     assert positions is not None
+
+
+def _longform_choice(text: str, pieces: list[str], finish: str) -> dict:
+    offsets = tokens_of(text, pieces)
+    n = len(pieces) + (1 if finish == "stop" else 0)
+    return {"text": text, "token_ids": list(range(n)), "prompt_token_ids": list(range(20)),
+            "finish_reason": finish,
+            "logprobs": {"text_offset": offsets + [len(text)] * (n - len(pieces)),
+                         "token_logprobs": [-0.5] * n,
+                         "top_logprobs": [{"a": -0.5, "b": -1.0}] * n}}
+
+
+@pytest.mark.parametrize("finish", ["stop", "length"])
+def test_a_longform_answer_stores_one_labelled_span_per_claim(finish: str) -> None:
+    """Long-form questions (answer_type "claims") are labelled claim by claim; a claim at
+    the end of an answer cut off at max_tokens is left out."""
+    import threading
+
+    from probes.capture import Job
+    from probes.datasets.registry import TOPICS
+    from probes.store import CaptureRecord
+
+    peru = next(q for q in TOPICS["longform_country"].build() if q.subject == "Peru")
+    text = " Its capital is Lima, it uses the Chilean Peso and it lies in South America"
+    pieces = [" Its", " capital", " is", " Lima", ",", " it", " uses", " the", " Chilean",
+              " Peso", " and", " it", " lies", " in", " South", " America"]
+    r = runner()
+    r.generated_tokens = r.prompt_tokens = 0
+    r._lock = threading.Lock()
+    job = Job("j", CaptureRecord(id="j", source="questions", question_id=peru.id,
+                                 topic=peru.topic, domain=peru.domain, group=peru.entity,
+                                 subject=peru.subject, style="chat_zero_shot",
+                                 question=peru.question), peru.question, question=peru)
+    record, pairs = r._generated(job, _longform_choice(text, pieces, finish))
+    got = {e.text: e.label for e in record.spans}
+    assert got["Lima"] == "retrieval" and got["Chilean Peso"] == "fabrication"
+    assert got["South America"] == ("retrieval" if finish == "stop" else "ambiguous")
+    assert len(pairs) == len(record.spans)
+    lima = next(p for e, p in pairs if e.text == "Lima")
+    assert lima == (20 + 3 - 1, 20 + 4 - 1)  # token " Lima" is the 4th generated

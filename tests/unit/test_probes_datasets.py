@@ -24,8 +24,9 @@ def test_every_topic_builds_questions_with_ground_truth() -> None:
     assert set(counts) == set(TOPICS)
     assert all(n >= 25 for n in counts.values()), counts
     for q in questions:
-        assert q.question.endswith("?")
-        assert len(q.shots) == 3
+        assert q.question.endswith(("?", ".")), q.question
+        assert len(q.shots) >= 2, q.id
+        assert q.phrasing is not None
         if q.invented:
             assert not q.answers and q.entity.startswith("invented:")
         else:
@@ -107,6 +108,8 @@ def test_invented_entities_do_not_exist_and_are_reproducible() -> None:
     known = countries.known_names() | elements.known_names() | us_states.known_names()
     for q in a:
         assert q.invented and q.subject.casefold() not in known
+        if q.answer_type == "claims":  # long form: tests/unit/test_probes_longform.py
+            continue
         assert label_answer(q, " Paris").label == "fabrication"
         assert label_answer(q, " There is no such place.").label == "refusal"
 
@@ -146,3 +149,44 @@ def test_prompts_plain_and_chat() -> None:
 def test_normalisation_is_shared_with_labelling() -> None:
     assert normalize("  The São Tomé!") == "sao tome"
     assert normalize("St. Paul") == normalize("Saint Paul")
+
+
+def test_chat_styles_use_the_templates_default_system_prompt(tokenizer) -> None:
+    """With the real SmolLM2 tokenizer: no system turn of ours, so its template's own
+    default system prompt opens both chat styles; zero-shot has no earlier turns."""
+    q = _by_subject(countries.build_country_capital())["Peru"]
+    renderer = PromptRenderer(tokenizer=tokenizer)
+    few = renderer.render(q, "chat")
+    zero = renderer.render(q, "chat_zero_shot")
+    default = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    system = default[: default.index("x")].rsplit("<|im_start|>user", 1)[0]
+    assert "<|im_start|>system" in system and "SmolLM" in system
+    for text in (few, zero):
+        assert text.startswith(system) and text.count("<|im_start|>system") == 1
+        assert text.endswith("What is the capital of Peru?<|im_end|>\n<|im_start|>assistant\n")
+    assert "Paris" in few and "Paris" not in zero
+    assert zero.count("<|im_start|>user") == 1 and few.count("<|im_start|>user") == 4
+
+
+def test_mixed_style_picks_one_style_per_question_reproducibly() -> None:
+    class Chat:
+        chat_template = "x"
+
+        def apply_chat_template(self, msgs, tokenize, add_generation_prompt):
+            return "".join(f"<{m['role']}>{m['content']}" for m in msgs) + "<assistant>"
+
+    questions = countries.build_country_capital()
+    renderer = PromptRenderer(tokenizer=Chat())
+    picked = [renderer.styles_for(q, ["mixed"]) for q in questions]
+    assert all(len(p) == 1 for p in picked)
+    assert Counter(p[0] for p in picked).keys() == {"plain", "chat", "chat_zero_shot"}
+    assert picked == [renderer.styles_for(q, ["mixed"]) for q in questions]
+    assert renderer.styles_for(questions[0], ["plain", "chat"]) == ["plain", "chat"]
+    with pytest.raises(ValueError, match="mixed picks one per question"):
+        renderer.render(questions[0], "mixed")
+
+    class PlainOnly:
+        chat_template = None
+
+    plain_only = PromptRenderer(tokenizer=PlainOnly())
+    assert {plain_only.styles_for(q, ["mixed"])[0] for q in questions} == {"plain"}

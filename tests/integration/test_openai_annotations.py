@@ -24,14 +24,12 @@ from support import (
     wait_for_engine,
 )
 
-from detector.artifact import default_probe_dir
+from detector.artifact import default_probe_dir, load_probe, probe_token_features
 from detector.client import DetectorClient
 from detector.openai_middleware import place_spans
 
 pytestmark = pytest.mark.vllm
 
-# The default probe reads layers 16 and 20.
-PROBE_LAYERS = [16, 20]
 # Generous on a shared 2-core machine: the bound only matters when the sidecar is slow.
 BOUND_S = 10.0
 ANNOTATE = {"X-Lie-Detector": "annotate"}
@@ -55,8 +53,12 @@ def served(model_dir, tmp_path_factory) -> Served:
     # start_vllm's channel: the sidecar binds it first, so vLLM is told its gRPC address.
     channel = f"ipc://{workdir}/channel/channel.sock"
     sidecar = start_sidecar(channel, workdir / "sidecar", probes=[probe], model_dir=model_dir)
+    # The engine captures what the shipped probe reads and computes the token features its
+    # verdict reads, as `lie-detector serve` would.
+    meta = load_probe(probe).metadata
     try:
-        server = start_vllm(model_dir, workdir, layers=PROBE_LAYERS, annotate=True, env_extra={
+        server = start_vllm(model_dir, workdir, layers=meta.layers, annotate=True, env_extra={
+            "LIE_DETECTOR_TOKEN_FEATURES": ",".join(probe_token_features([meta])),
             "LIE_DETECTOR_ANNOTATE_GRPC_ADDRESS": sidecar.grpc_address,
             "LIE_DETECTOR_ANNOTATE_TIMEOUT_S": str(BOUND_S)})
     except Exception:

@@ -575,6 +575,8 @@ class RequestStore:
                 list(rec.generated_ns), [t for t in rec.prompt_tail if t >= 0], {},
                 rec.finished, rec.incomplete, rec.created, rec.updated,
                 rec.version, rec.nbytes, stop=rec.stop,
+                # Verdicts read the generated tokens' log-probabilities (detector.verdict).
+                features={name: list(v) for name, v in rec.features.items()},
             )
             return copy, rec.token_scores(self.columns)
 

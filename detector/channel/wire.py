@@ -196,7 +196,9 @@ class StepHeader(BaseModel):
     def _rows_partition(self, info: ValidationInfo) -> StepHeader:
         refused: list[RefusedRows] = list((info.context or {}).get("refused", ()))
         end = 0
-        for r in sorted([*self.requests, *refused], key=lambda r: r.row_offset):
+        shares = sorted([*self.requests, *refused], key=lambda r: r.row_offset) if refused \
+            else self.requests
+        for r in shares:
             if r.row_offset != end:
                 raise ValueError("request rows must be consecutive and start at 0")
             end += r.num_rows

@@ -460,10 +460,12 @@ class RequestStore:
 
     def _refuse_rows(self, refused: RefusedRows, seq: int) -> None:
         """One request's share of a step did not validate (``wire.decode`` kept its
-        step-mates'): that request, when known, is incomplete. The lock is held."""
+        step-mates'): that request, when known and still running, is incomplete (one the
+        engine ended is settled, as in :meth:`ingest`). The lock is held."""
         self.refused_rows += 1
         rec = self._records.get(refused.req_id) if refused.req_id is not None else None
-        if rec is not None and rec.incomplete is None:
+        settled = rec is not None and rec.finished and not rec.inferred_end
+        if rec is not None and not settled and rec.incomplete is None:
             rec.incomplete = f"the channel refused its part of a step ({refused.reason})"
             rec.version += 1
             self.incomplete += 1

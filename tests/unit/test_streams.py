@@ -216,6 +216,12 @@ def test_a_refused_share_makes_its_request_incomplete_and_no_other() -> None:
     assert store.snapshot("B")[0].incomplete is None
     assert store.snapshot("B")[0].generated == [50, 51, 52, 53]
     assert store.refused_rows == 2
+    # A request the engine ended is settled: a refused share naming it changes nothing.
+    feed_request(store, "C", seq + 1)
+    ended = header(seq + 10, [])
+    ended.refused = [RefusedRows(req_id="C", row_offset=0, num_rows=0, reason="forged")]
+    ingest(store, ended)
+    assert store.snapshot("C")[0].incomplete is None
 
 
 # ------------------------------------------------------------------ ingest

@@ -8,8 +8,20 @@
 * not streamed: one more top-level field, ``"lie_detector"``, spliced into vLLM's own JSON
   (every other byte as vLLM wrote it; Content-Length fixed) and the header
   ``X-Lie-Detector-Verdict: ok``;
-* streamed: vLLM's events pass through as they come; the ``data: [DONE]`` event is held back
-  and preceded by one event ``data: {"lie_detector": {...}}``.
+* streamed: vLLM's events pass through as each is complete (the stream is read by SSE event
+  boundaries, never by substring); the terminal ``data: [DONE]`` event is held back and
+  preceded by one event ``data: {"lie_detector": {...}}``.
+
+The verdict always describes the response it is attached to, whatever ids clients send:
+vLLM builds the response id from ``X-Request-Id``, so two requests sent with one header
+share it. The middleware therefore gives each annotated request an id of its own: vLLM sees
+``X-Request-Id: {client's id}~ld{16 random hex}`` (the client's id is its header, else the
+body's ``request_id``, else a fresh uuid) and the sidecar is asked by that id alone. The
+tag is taken out of every byte the client gets back (the response id, an echoed
+``X-Request-Id`` header), so the client sees the ids it would have seen without the
+middleware; ``lie_detector.request_id`` keeps it, the one id that names this response alone
+at the sidecar (``GetScores``). (A body ``request_id`` that is not printable latin-1 cannot
+travel in a header: such a request gets a fresh uuid as its id.)
 
 Every other request is handed to vLLM untouched. The middleware fails open: when the
 sidecar is absent, errs, or has no final scores within ``LIE_DETECTOR_ANNOTATE_TIMEOUT_S``,
@@ -30,6 +42,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import secrets
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +53,7 @@ from typing import Any
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from detector.channel.ids import bounded
 from detector.client import AsyncDetectorClient, DetectorError, Scores, Span, TLSConfig
 from detector.log_throttle import LogThrottle
 
@@ -57,7 +73,10 @@ VERDICT_HEADER = b"x-lie-detector-verdict"
 REASON_HEADER = b"x-lie-detector-reason"
 FIELD = "lie_detector"
 PATHS = ("/v1/completions", "/v1/chat/completions")
-DONE = b"data: [DONE]"
+REQUEST_ID_HEADER = b"x-request-id"
+DONE = "[DONE]"
+# One SSE event held while it is incomplete; past this the stream is passed through as it is.
+MAX_EVENT_BYTES = 16 << 20
 # Past the bound on the sidecar call (which the gRPC deadline enforces), a little for the
 # reply to be decoded before the middleware stops waiting regardless.
 _GRACE_S = 0.25
@@ -191,6 +210,8 @@ class _Request:
 
     n: int = 1
     parsed: bool = True
+    # The body's ``request_id`` (vLLM's id for the request when no X-Request-Id is sent).
+    request_id: str | None = None
 
 
 def _parse_request(body: bytes) -> _Request:
@@ -201,7 +222,28 @@ def _parse_request(body: bytes) -> _Request:
     if not isinstance(data, dict):
         return _Request(parsed=False)
     n = data.get("n")
-    return _Request(n=n if isinstance(n, int) and not isinstance(n, bool) else 1)
+    request_id = data.get("request_id")
+    return _Request(n=n if isinstance(n, int) and not isinstance(n, bool) else 1,
+                    request_id=request_id if isinstance(request_id, str) else None)
+
+
+def _own_id(headers: Sequence[tuple[bytes, bytes]], request: _Request) -> tuple[bytes, bytes]:
+    """(the X-Request-Id vLLM is to see, the tag in it): the client's id with a tag only this
+    request has. The client's id is what vLLM would have used: its header, else the body's
+    ``request_id``, else (as vLLM) a fresh uuid."""
+    tag = b"~ld" + secrets.token_hex(8).encode()
+    sent = [v for k, v in headers if k.lower() == REQUEST_ID_HEADER]
+    if sent:
+        base = bytes(sent[0])
+    else:
+        base = uuid.uuid4().hex.encode()
+        rid = request.request_id
+        if rid is not None and rid.isprintable():
+            try:
+                base = rid.encode("latin-1")
+            except UnicodeEncodeError:
+                pass
+    return base + tag, tag
 
 
 def _choice_text(choice: Any) -> str | None:
@@ -217,50 +259,123 @@ def _choice_text(choice: Any) -> str | None:
     return None
 
 
+class SSEEvents:
+    """Splits a byte stream into Server-Sent Events as the spec does: lines end with CRLF,
+    LF or CR, and an empty line ends an event. :meth:`feed` returns each event complete
+    (its bytes up to and including the empty line), in order, as soon as its end has
+    arrived; nothing inside a line (a JSON string holding ``data: [DONE]``) can end one.
+    The events' bytes put together are the stream's, byte for byte (an event ended by a CR
+    whose LF comes in the next read is followed by that LF alone, as an empty "event")."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self._event_start = 0  # where the event being read starts in the buffer
+        self._line_start = 0
+        self._scan = 0  # where to look for the next line end
+        self._after_cr = False  # the last byte read was a CR: an LF next belongs to it
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an event not yet complete."""
+        return len(self.buffer) - self._event_start
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The events that ``data`` completes."""
+        buf = self.buffer
+        buf += data
+        events: list[bytes] = []
+        i = self._scan
+        while i < len(buf):
+            if self._after_cr:
+                self._after_cr = False
+                if buf[i] == 0x0A:  # CRLF split between two reads: one line end
+                    i += 1
+                    if self._event_start == i - 1:  # the CR ended an event: the LF too
+                        events.append(bytes(buf[i - 1:i]))
+                        self._event_start = i
+                    self._line_start = i
+                    continue
+            m = _LINE_END.search(buf, i)
+            if m is None:
+                i = len(buf)
+                break
+            j = m.start()
+            end = j + 1
+            if buf[j] == 0x0D:
+                if end < len(buf):
+                    end += buf[end] == 0x0A
+                else:
+                    self._after_cr = True
+            if j == self._line_start:  # an empty line: the event is complete
+                events.append(bytes(buf[self._event_start:end]))
+                self._event_start = end
+            self._line_start = i = end
+        if self._event_start:
+            del buf[:self._event_start]
+            i -= self._event_start
+            self._line_start -= self._event_start
+            self._event_start = 0
+        self._scan = i
+        return events
+
+    def rest(self) -> bytes:
+        """What is left when the stream ended: an event never completed (or b"")."""
+        rest = bytes(self.buffer)
+        self.buffer.clear()
+        self._event_start = self._line_start = self._scan = 0
+        self._after_cr = False
+        return rest
+
+
+_LINE_END = re.compile(rb"[\r\n]")
+_LINE_SPLIT = re.compile(rb"\r\n|\r|\n")
+
+
+def event_data(event: bytes) -> str | None:
+    """The data of one SSE event (its ``data`` lines joined by newlines, as the spec says),
+    or None when it has no ``data`` line (comments, other fields only)."""
+    data: list[str] = []
+    for line in _LINE_SPLIT.split(event):
+        if not line or line.startswith(b":"):
+            continue
+        name, colon, value = line.partition(b":")
+        if name != b"data":
+            continue
+        if colon and value.startswith(b" "):
+            value = value[1:]
+        data.append(value.decode("utf-8", "replace"))
+    return "\n".join(data) if data else None
+
+
 @dataclass
 class _StreamState:
     """What the middleware reads of a streamed response as it passes by."""
 
-    response_id: str | None = None
     texts: dict[int, list[str]] = field(default_factory=dict)
     error: str | None = None
-    buffer: bytes = b""
 
-    def feed(self, data: bytes) -> None:
-        self.buffer += data
-        *events, self.buffer = self.buffer.split(b"\n\n")
-        for event in events:
-            self._event(event)
-
-    def _event(self, event: bytes) -> None:
-        for line in event.split(b"\n"):
-            if not line.startswith(b"data:"):
+    def event(self, payload: str) -> None:
+        """One event's data (not the terminal ``[DONE]``)."""
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            self.error = "an event that is not JSON"
+            return
+        if not isinstance(data, dict):
+            return
+        if "error" in data:
+            self.error = "vLLM sent an error event"
+            return
+        for choice in data.get("choices") or ():
+            if not isinstance(choice, dict):
                 continue
-            payload = line[5:].strip()
-            if not payload or payload == b"[DONE]":
-                continue
-            try:
-                data = json.loads(payload)
-            except ValueError:
-                self.error = "an event that is not JSON"
-                continue
-            if not isinstance(data, dict):
-                continue
-            if "error" in data:
-                self.error = "vLLM sent an error event"
-                continue
-            if self.response_id is None and isinstance(data.get("id"), str):
-                self.response_id = data["id"]
-            for choice in data.get("choices") or ():
-                if not isinstance(choice, dict):
-                    continue
-                index = choice.get("index", 0)
-                piece = choice.get("text")
-                if piece is None and isinstance(choice.get("delta"), dict):
-                    piece = choice["delta"].get("content")
-                parts = self.texts.setdefault(index if isinstance(index, int) else -1, [])
-                if isinstance(piece, str):
-                    parts.append(piece)
+            index = choice.get("index", 0)
+            piece = choice.get("text")
+            if piece is None and isinstance(choice.get("delta"), dict):
+                piece = choice["delta"].get("content")
+            parts = self.texts.setdefault(index if isinstance(index, int) else -1, [])
+            if isinstance(piece, str):
+                parts.append(piece)
 
 
 # ---- the middleware -------------------------------------------------------------------------
@@ -330,7 +445,15 @@ class LieDetectorMiddleware:
         async def replayed() -> Message:
             return replay.pop(0) if replay else await receive()
 
-        exchange = _Exchange(self, _parse_request(body), send)
+        request = _parse_request(body)
+        headers = list(scope.get("headers") or ())
+        own_id, tag = _own_id(headers, request)
+        scope = {**scope, "headers": [(k, v) for k, v in headers
+                                      if k.lower() != REQUEST_ID_HEADER]
+                 + [(REQUEST_ID_HEADER, own_id)]}
+        # The id the hook sends for it (detector.channel.ids): vLLM reads headers as latin-1.
+        exchange = _Exchange(self, request, send, tag=tag,
+                             lookup_id=bounded(own_id.decode("latin-1")))
         await self.app(scope, replayed, exchange.send)
 
     # -- the verdict
@@ -346,9 +469,10 @@ class LieDetectorMiddleware:
             self._client_loop = loop
         return self._client
 
-    async def verdict(self, response_id: str | None, texts: dict[int, str | None],
+    async def verdict(self, lookup_id: str, texts: dict[int, str | None],
                       request: _Request) -> dict[str, Any]:
-        """The ``lie_detector`` field; raises :class:`Unavailable`."""
+        """The ``lie_detector`` field of the response to the request vLLM knows by
+        ``lookup_id`` (the id the middleware gave it); raises :class:`Unavailable`."""
         if self.settings is None:
             raise Unavailable("misconfigured", f"bad LIE_DETECTOR_ANNOTATE_* settings "
                                                f"({self.config_error})")
@@ -358,12 +482,10 @@ class LieDetectorMiddleware:
         text = texts.get(0)
         if text is None:
             raise Unavailable("no-text", "the choice has no text content")
-        if not response_id:
-            raise Unavailable("no-id", "the response has no id")
         bound = self.settings.timeout_s
         try:
             scores = await asyncio.wait_for(
-                self._get_client().get_scores(response_id, wait_until_finished=True,
+                self._get_client().get_scores(lookup_id, wait_until_finished=True,
                                               timeout=bound),
                 bound + _GRACE_S)
         except DetectorError as exc:
@@ -386,19 +508,22 @@ class LieDetectorMiddleware:
 
 
 class _Exchange:
-    """One annotated response on its way out: ``send`` is what vLLM calls."""
+    """One annotated response on its way out: ``send`` is what vLLM calls. ``tag`` is taken
+    out of every byte the client gets; ``lookup_id`` is what the sidecar is asked by."""
 
-    def __init__(self, owner: LieDetectorMiddleware, request: _Request, send: Send) -> None:
+    def __init__(self, owner: LieDetectorMiddleware, request: _Request, send: Send, *,
+                 tag: bytes, lookup_id: str) -> None:
         self.owner = owner
         self.request = request
         self.downstream = send
+        self.tag = tag
+        self.lookup_id = lookup_id
         self.mode = "pass"
         self.start: Message | None = None
         self.chunks: list[bytes] = []
+        self.events = SSEEvents()
         self.stream = _StreamState()
-        self.stream_ok = True
-        self.carry = b""  # a streamed chunk's tail that may begin the [DONE] event
-        self.held_done = b""
+        self.held: list[bytes] = []  # the terminal [DONE] event and anything after it
 
     async def send(self, message: Message) -> None:
         kind = message.get("type")
@@ -411,9 +536,15 @@ class _Exchange:
         else:
             await self.downstream(message)
 
+    def _untagged(self, data: bytes) -> bytes:
+        return data.replace(self.tag, b"") if self.tag in data else data
+
     async def _start(self, message: Message) -> None:
         try:
-            headers = list(message.get("headers") or ())
+            # vLLM's --enable-request-id-headers echoes the id it was given.
+            headers = [(k, self._untagged(v) if k.lower() == REQUEST_ID_HEADER else v)
+                       for k, v in message.get("headers") or ()]
+            message = {**message, "headers": headers}
             status = message.get("status")
             content_type = b""
             for name, value in headers:
@@ -445,21 +576,18 @@ class _Exchange:
         self.chunks.append(bytes(message.get("body", b"")))
         if message.get("more_body", False):
             return
-        original = b"".join(self.chunks)
+        original = self._untagged(b"".join(self.chunks))
         assert self.start is not None
         start = self.start
         try:
             body, extra = await self._annotate_json(original)
-            headers = [(k, v) for k, v in start.get("headers") or ()
-                       if k.lower() != b"content-length"]
-            headers += [(b"content-length", str(len(body)).encode())] + extra
-            start = {**start, "headers": headers}
         except Exception:
             logger.exception("lie-detector middleware: response passed through unchanged")
-            body = original
-            start = {**start, "headers": list(start.get("headers") or ())
-                     + _verdict_headers("internal-error")}
-        await self.downstream(start)
+            body, extra = original, _verdict_headers("internal-error")
+        headers = [(k, v) for k, v in start.get("headers") or ()
+                   if k.lower() != b"content-length"]
+        headers += [(b"content-length", str(len(body)).encode())] + extra
+        await self.downstream({**start, "headers": headers})
         await self.downstream({**message, "body": body, "more_body": False})
 
     async def _annotate_json(self, original: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
@@ -476,8 +604,7 @@ class _Exchange:
                 raise Unavailable("no-choices", "the response has no choices")
             texts = {c.get("index", i) if isinstance(c, dict) else i: _choice_text(c)
                      for i, c in enumerate(choices)}
-            response_id = data.get("id") if isinstance(data.get("id"), str) else None
-            field_value = await self.owner.verdict(response_id, texts, self.request)
+            field_value = await self.owner.verdict(self.lookup_id, texts, self.request)
         except Unavailable as exc:
             self.owner.note_unavailable(exc.code)
             return original, _verdict_headers(exc.code)
@@ -491,52 +618,64 @@ class _Exchange:
 
     async def _sse_body(self, message: Message) -> None:
         more = bool(message.get("more_body", False))
-        data = self.carry + bytes(message.get("body", b""))
-        self.carry = b""
-        forward = data
+        data = bytes(message.get("body", b""))
         try:
-            if self.held_done:
-                self.held_done += data  # nothing follows [DONE] in vLLM's streams
-                forward = b""
-            else:
-                at = data.find(DONE)
-                if at >= 0:
-                    forward, self.held_done = data[:at], data[at:]
-                elif more:
-                    keep = _partial_suffix(data, DONE)
-                    if keep:
-                        forward, self.carry = data[:-keep], data[-keep:]
-            if self.stream_ok:
-                try:
-                    self.stream.feed(forward)
-                except Exception:
-                    self.stream_ok = False
-                    logger.exception("lie-detector middleware: stream not understood")
+            forward = self._events(self.events.feed(data))
+            too_long = more and self.events.pending > MAX_EVENT_BYTES
         except Exception:
-            logger.exception("lie-detector middleware: stream passed through")
-            forward, self.held_done, self.carry = data, b"", b""
+            logger.exception("lie-detector middleware: stream not understood")
+            forward, too_long = b"", True
+        if too_long:  # passed on as it is from here: no final event
+            self.owner.note_unavailable("stream-not-understood")
             self.mode = "pass"
+            forward += b"".join(self.held) + self.events.rest()
+            self.held = []
+            await self.downstream({**message, "body": forward})
+            return
         if more:
             if forward:
                 await self.downstream({**message, "body": forward})
             return
-        tail = forward + self.carry
-        try:
-            event = await self._final_event()
-        except Exception:
-            logger.exception("lie-detector middleware: no final event")
+        rest = self.events.rest()
+        if rest:  # the stream ended inside an event: a final event would be spliced into it
+            self.owner.note_unavailable("stream-error")
             event = b""
-        await self.downstream({**message, "body": tail + event + self.held_done,
-                               "more_body": False})
+        else:
+            try:
+                event = await self._final_event()
+            except Exception:
+                logger.exception("lie-detector middleware: no final event")
+                event = b""
+        await self.downstream({**message, "body": forward + self._untagged(rest) + event
+                               + b"".join(self.held), "more_body": False})
+
+    def _events(self, events: list[bytes]) -> bytes:
+        """The complete events to pass on now; the terminal ``[DONE]`` and whatever follows
+        it are held for the end."""
+        out = []
+        for event in events:
+            event = self._untagged(event)
+            if self.held:
+                self.held.append(event)
+                continue
+            data = event_data(event)
+            if data == DONE:
+                self.held.append(event)
+                continue
+            if data is not None:
+                try:
+                    self.stream.event(data)
+                except Exception:  # e.g. JSON nested past the recursion limit
+                    self.stream.error = "an event that could not be read"
+            out.append(event)
+        return b"".join(out)
 
     async def _final_event(self) -> bytes:
         try:
-            if not self.stream_ok:
-                raise Unavailable("internal-error", "the stream was not understood")
             if self.stream.error:
                 raise Unavailable("stream-error", self.stream.error)
             texts: dict[int, str | None] = {i: "".join(p) for i, p in self.stream.texts.items()}
-            value = await self.owner.verdict(self.stream.response_id, texts, self.request)
+            value = await self.owner.verdict(self.lookup_id, texts, self.request)
         except Unavailable as exc:
             self.owner.note_unavailable(exc.code)
             value = unavailable(exc.code, exc.detail)
@@ -549,11 +688,3 @@ class _Exchange:
 
 def _verdict_headers(code: str) -> list[tuple[bytes, bytes]]:
     return [(VERDICT_HEADER, b"unavailable"), (REASON_HEADER, code.encode("ascii", "replace"))]
-
-
-def _partial_suffix(data: bytes, marker: bytes) -> int:
-    """The length of the longest tail of ``data`` that is a proper prefix of ``marker``."""
-    for k in range(min(len(marker) - 1, len(data)), 0, -1):
-        if data.endswith(marker[:k]):
-            return k
-    return 0

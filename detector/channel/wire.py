@@ -11,12 +11,19 @@ Rows of request ``r`` are ``rows[:, r.row_offset : r.row_offset + r.num_rows]`` 
 of that slice is the residual stream at position ``r.first_position + j`` after reading
 token ``r.input_token_ids[j]``. Everything the sidecar needs to attribute a row is in the
 same message, so a dropped message can lose rows but never shift them onto another request.
+
+A step is checked request by request: one request's share that does not validate (an id
+too long, a token outside the vocabulary) is refused alone (``StepHeader.refused``) and its
+step-mates' rows are kept, as long as where its rows lie (``row_offset``, ``num_rows``) can
+be read. The hook sends ids in bounded form (``detector.channel.ids``), so an id a client
+chose never gets a request refused.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -27,8 +34,11 @@ from pydantic import (
     FiniteFloat,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
+
+from detector.channel.ids import MAX_ID_CHARS
 
 WIRE_VERSION = 1
 MAX_ROWS_PER_STEP = 1 << 20
@@ -115,7 +125,7 @@ class RequestRows(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    req_id: str = Field(max_length=512)
+    req_id: str = Field(max_length=MAX_ID_CHARS)
     row_offset: Annotated[int, Field(ge=0)]
     num_rows: Annotated[int, Field(ge=0)]
     first_position: Annotated[int, Field(ge=0, le=MAX_POSITION)]
@@ -141,6 +151,27 @@ class RequestRows(BaseModel):
         return self
 
 
+class RefusedRows(BaseModel):
+    """A request's share of a step that did not validate: its rows are skipped, its
+    step-mates' kept. Made by :func:`decode`, never sent."""
+
+    model_config = ConfigDict(frozen=True)
+
+    # Its id when that could be read (at most MAX_ID_CHARS), else None.
+    req_id: str | None
+    row_offset: Annotated[int, Field(ge=0)]
+    num_rows: Annotated[int, Field(ge=0)]
+    reason: str
+
+
+class _RowSpan(BaseModel):
+    """The least a request's share must say for its rows to be told from its step-mates'."""
+
+    row_offset: Annotated[int, Field(ge=0)]
+    num_rows: Annotated[int, Field(ge=0)]
+    req_id: Any = None
+
+
 class StepHeader(BaseModel):
     """One engine step: every request that ran in it, and the requests that ended."""
 
@@ -158,28 +189,44 @@ class StepHeader(BaseModel):
     # Steps waiting in the hook's queue when this one was sent.
     queue_depth: Annotated[int, Field(ge=0)] = 0
 
+    # Requests whose share did not validate (see RefusedRows); set by decode, never sent.
+    refused: list[RefusedRows] = Field(default_factory=list, exclude=True)
+
     @model_validator(mode="after")
-    def _rows_partition(self) -> StepHeader:
+    def _rows_partition(self, info: ValidationInfo) -> StepHeader:
+        refused: list[RefusedRows] = list((info.context or {}).get("refused", ()))
         end = 0
-        for r in self.requests:
+        shares = sorted([*self.requests, *refused], key=lambda r: r.row_offset) if refused \
+            else self.requests
+        for r in shares:
             if r.row_offset != end:
                 raise ValueError("request rows must be consecutive and start at 0")
             end += r.num_rows
         if end != self.num_rows:
             raise ValueError(f"requests cover {end} rows, header says {self.num_rows}")
+        kept = []
+        for r in self.requests:
+            problem = self._beyond_engine(r)
+            if problem:
+                refused.append(RefusedRows(req_id=r.req_id, row_offset=r.row_offset,
+                                           num_rows=r.num_rows, reason=problem))
+            else:
+                kept.append(r)
+        self.requests, self.refused = kept, refused
+        return self
+
+    def _beyond_engine(self, r: RequestRows) -> str:
+        """What of ``r`` this engine cannot have sent ("" when nothing)."""
         vocab = self.engine.vocab_size or MAX_TOKEN_ID
         length = self.engine.max_model_len or MAX_POSITION
-        for r in self.requests:
-            for name in ("input_token_ids", "sampled_token_ids"):
-                ids = getattr(r, name)
-                if ids and not (0 <= min(ids) and max(ids) < vocab):
-                    raise ValueError(f"{name} of {r.req_id!r} outside the vocabulary "
-                                     f"(0..{vocab - 1})")
-            if r.num_prompt_tokens > length or \
-                    r.first_position + r.num_rows + len(r.sampled_token_ids) > length + 1:
-                raise ValueError(f"positions of {r.req_id!r} beyond the engine's context "
-                                 f"length {length}")
-        return self
+        for name in ("input_token_ids", "sampled_token_ids"):
+            ids = getattr(r, name)
+            if ids and not (0 <= min(ids) and max(ids) < vocab):
+                return f"{name} outside the vocabulary (0..{vocab - 1})"
+        if r.num_prompt_tokens > length or \
+                r.first_position + r.num_rows + len(r.sampled_token_ids) > length + 1:
+            return f"positions beyond the engine's context length {length}"
+        return ""
 
 
 class Heartbeat(BaseModel):
@@ -294,9 +341,7 @@ def decode(frames: list[bytes | memoryview]) -> Message:
     try:
         header = _HEADER.validate_json(head_raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise WireError(f"invalid header at {where or 'top'}: {first['msg']}") from None
+        header = _step_without_bad_requests(head_raw, exc)
     if isinstance(header, (Heartbeat, CaptureStatus)):
         if len(frames[1]):
             raise WireError(f"{header.kind} carries {len(frames[1])} bytes of rows")
@@ -311,6 +356,40 @@ def decode(frames: list[bytes | memoryview]) -> Message:
         return header, torch.empty(shape, dtype=torch_dtype)
     flat = torch.frombuffer(bytearray(payload), dtype=torch_dtype)
     return header, flat.view(shape)
+
+
+def _invalid(exc: ValidationError) -> WireError:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return WireError(f"invalid header at {where or 'top'}: {first['msg']}")
+
+
+def _step_without_bad_requests(head_raw: bytes, exc: ValidationError) -> StepHeader:
+    """A step whose only faults lie in some requests' shares, with those refused; raise
+    ``WireError`` when anything else is wrong or a bad share's rows cannot be placed."""
+    bad: dict[int, str] = {}
+    for error in exc.errors():
+        loc = error["loc"]
+        if len(loc) < 3 or loc[:2] != ("step", "requests") or not isinstance(loc[2], int):
+            raise _invalid(exc) from None
+        where = ".".join(str(p) for p in loc[3:])
+        bad.setdefault(loc[2], f"{where or 'request'}: {error['msg']}")
+    raw = json.loads(head_raw)
+    refused = []
+    for i, reason in bad.items():
+        try:
+            span = _RowSpan.model_validate(raw["requests"][i])
+        except (ValidationError, LookupError, TypeError):
+            raise _invalid(exc) from None
+        req_id = span.req_id if isinstance(span.req_id, str) and \
+            len(span.req_id) <= MAX_ID_CHARS else None
+        refused.append(RefusedRows(req_id=req_id, row_offset=span.row_offset,
+                                   num_rows=span.num_rows, reason=one_line(reason, 200)))
+    raw["requests"] = [r for i, r in enumerate(raw["requests"]) if i not in bad]
+    try:
+        return StepHeader.model_validate(raw, context={"refused": refused})
+    except ValidationError as again:
+        raise _invalid(again) from None
 
 
 def now_ns() -> int:

@@ -9,6 +9,9 @@ dropped message never shifts a token onto the wrong row.
 A step is opened when its rows exist (``open_step``) and closed when its sampled tokens
 are known (``close_step``). With asynchronous scheduling the tokens of step t arrive after
 step t+1 was launched; closing happens in step order, so histories stay exact.
+
+Ids go out in the channel's bounded form (``detector.channel.ids.bounded_engine_id``): a
+client's long or odd X-Request-Id must never get a step refused.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from detector.channel.ids import bounded_engine_id
 from detector.channel.publisher import ChannelPublisher, PendingStep
 from detector.channel.wire import DTYPES, RequestRows, StopRule
 
@@ -125,7 +129,7 @@ class StepAssembler:
                 }
                 requests.append(
                     RequestRows.model_construct(
-                        req_id=req.req_id,
+                        req_id=bounded_engine_id(req.req_id),
                         row_offset=offset,
                         num_rows=req.num_rows,
                         first_position=req.first_position,
@@ -155,7 +159,7 @@ class StepAssembler:
                 time_ns=step.time_ns,
                 rows=step.rows,
                 requests=requests,
-                finished=step.finished,
+                finished=[bounded_engine_id(r) for r in step.finished],
                 hook_ns=step.hook_ns + hook_ns,
                 ready=step.ready,
                 prepare=_features_attacher(later) if later is not None else None,

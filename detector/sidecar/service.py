@@ -42,7 +42,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name
 # A health entry of its own: SERVING while the in-engine hook is heard from. Kept apart from
 # the overall status, so a sidecar that starts before vLLM is ready without a hook.
 HOOK_HEALTH_NAME = "liedetector.v1.Hook"
-MAX_ID_LENGTH = 512
+# Ids clients chose can be long (vLLM takes headers up to 4 MB); a long one is looked up by
+# the bounded form the hook sent (detector.channel.ids).
+MAX_ID_LENGTH = 1 << 17
 # Threads for health checks, reflection and calls that do not wait (GetScores, ListProbes,
 # LoadProbe): never taken by streams or waits.
 QUICK_WORKERS = 16
@@ -87,7 +89,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         deadline = time.monotonic() + wait_s
         self._await_known(request_id, wait_s, context)
         # Resolved once: a newer request that takes the id meanwhile is not this one.
-        engine_id, sharing = self.store.resolve_shared(request_id)
+        engine_id, sharing = self._resolve(request_id, context)
         if request.wait_until_finished:
             self.store.wait(engine_id, until_finished=True,
                             timeout_s=max(0.0, deadline - time.monotonic()))
@@ -145,7 +147,7 @@ class DetectorService(pb_grpc.DetectorServicer):
                 ) -> Iterator[pb.ScoresUpdate]:
         self._await_known(request_id, min(self.appear_wait_s, _budget(context)), context)
         # The stream follows the request the id names now, even if a newer one takes it.
-        engine_id, sharing = self.store.resolve_shared(request_id)
+        engine_id, sharing = self._resolve(request_id, context)
         sent_tokens = 0
         sent_spans: set[tuple] = set()
         last_update = -float("inf")
@@ -158,7 +160,7 @@ class DetectorService(pb_grpc.DetectorServicer):
             snap = self.store.snapshot(engine_id)
             if snap is None:
                 context.abort(grpc.StatusCode.NOT_FOUND,
-                              f"request {request_id!r} expired while streaming")
+                              f"request {_shown(request_id)} expired while streaming")
             record = snap[0]
             done = record.finished
             columns = self.store.columns
@@ -226,11 +228,23 @@ class DetectorService(pb_grpc.DetectorServicer):
     # ----------------------------------------------------------------- helpers
     def _unknown(self, request_id: str) -> str:
         """NOT_FOUND's message; it says why nothing is captured when capture is off."""
-        message = f"request {request_id!r} is not known (never seen, or expired)"
+        message = f"request {_shown(request_id)} is not known (never seen, or expired)"
         capture = self.registry.capture()
         if capture.off is not None:
             message += f"; {capture.summary()}"
         return message
+
+    def _resolve(self, request_id: str, context: grpc.ServicerContext) -> tuple[str, int]:
+        """The engine id ``request_id`` names (the newest request known by it) and how many
+        share it. An id that several running requests share (a reused X-Request-Id) names
+        none of them: FAILED_PRECONDITION, rather than one caller's scores for another's."""
+        engine_id, sharing, running = self.store.resolve_shared(request_id)
+        if running > 1:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"request id {_shown(request_id)} names {running} requests running "
+                          f"now (a reused X-Request-Id); ask by a unique one (the engine "
+                          f"request id, or the lie_detector annotation's request_id)")
+        return engine_id, sharing
 
     def _await_known(self, request_id: str, wait_s: float, context: grpc.ServicerContext) -> None:
         deadline = time.monotonic() + wait_s
@@ -298,6 +312,11 @@ def _state(record: RequestRecord) -> int:
     if record.incomplete:
         return pb.REQUEST_STATE_INCOMPLETE
     return pb.REQUEST_STATE_FINISHED if record.finished else pb.REQUEST_STATE_RUNNING
+
+
+def _shown(request_id: str) -> str:
+    """An id for a message: quoted, long ones cut."""
+    return repr(request_id if len(request_id) <= 80 else request_id[:77] + "...")
 
 
 def _check_id(request_id: str, context: grpc.ServicerContext) -> str:

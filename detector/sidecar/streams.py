@@ -8,7 +8,7 @@ probabilities and resolves them per token when read.
 
 Requests are found by their engine id (``cmpl-X-0-1a2b3c4d``), by the response id the API
 client sees (``cmpl-X`` / ``chatcmpl-X``) and by the ``X-Request-Id`` they were sent with
-(``X``).
+(``X``); long or odd ids by the bounded form the hook sends (``detector.channel.ids``).
 
 Hybrid probes also read each generated token's features (log-probability, entropy),
 which arrive with the token (``RequestRows.sampled_logprobs``/``sampled_entropies``); the
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -29,58 +28,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from detector.channel.wire import RequestRows, StepHeader, StopRule
+from detector.channel.ids import lookup_forms, request_aliases
+from detector.channel.wire import RefusedRows, RequestRows, StepHeader, StopRule
 from detector.log_throttle import LogThrottle
 from detector.verdict import VerdictModel
 
 logger = logging.getLogger(__name__)
 
-_INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
-_PROMPT_INDEX = re.compile(r"^(cmpl-.+)-(\d+)$")
 _ROW_OVERHEAD = 96  # bytes of dict entry + array header per stored row, roughly
 MAX_GAP = 1 << 16  # missing tokens filled in at once; more is treated as corrupt
 # Prompt tokens kept per request: the last few prime decoding of the first generated piece,
 # all of them tell a claim from a name copied from the prompt (detector.claims).
 PROMPT_TAIL = 256
-
-
-def request_aliases(req_id: str) -> list[str]:
-    """Every id an API client may know a request by, most specific first."""
-    aliases = [req_id]
-    external = _INTERNAL_SUFFIX.sub("", req_id)
-    if external != req_id:
-        aliases.append(external)
-    m = _PROMPT_INDEX.match(external)
-    if m:  # /v1/completions: cmpl-{X}-{prompt index}; the response id is cmpl-{X}
-        response_id = m.group(1)
-        if m.group(2) == "0":
-            aliases.append(response_id)
-        aliases.append(response_id[len("cmpl-"):] + ("" if m.group(2) == "0" else f"-{m.group(2)}"))
-    elif external.startswith("chatcmpl-"):
-        aliases.append(external[len("chatcmpl-"):])
-    return list(dict.fromkeys(a for a in aliases if a))
-
-
-@dataclass(frozen=True, slots=True)
-class ClientIds:
-    """The ids an API client knows a request by, read from the engine's id."""
-
-    response_id: str
-    x_request_id: str | None
-    prompt_index: int | None
-
-
-def client_ids(engine_id: str) -> ClientIds:
-    """``cmpl-X-0-1a2b3c4d`` -> response ``cmpl-X``, X-Request-Id ``X``, prompt 0;
-    ``chatcmpl-X-1a2b3c4d`` -> ``chatcmpl-X``, ``X`` (vLLM's ids, as in
-    :func:`request_aliases`)."""
-    external = _INTERNAL_SUFFIX.sub("", engine_id)
-    m = _PROMPT_INDEX.match(external)
-    if m:
-        return ClientIds(m.group(1), m.group(1)[len("cmpl-"):], int(m.group(2)))
-    if external.startswith("chatcmpl-") and len(external) > len("chatcmpl-"):
-        return ClientIds(external, external[len("chatcmpl-"):], None)
-    return ClientIds(external, None, None)
 
 
 @dataclass(slots=True)
@@ -209,6 +168,7 @@ class RequestStore:
         # be shared (a reused X-Request-Id, a retry): a lookup returns the newest request.
         self._aliases: dict[str, list[str]] = {}
         self.refused_finished = 0  # steps that tried to change an ended request
+        self.refused_rows = 0  # requests' shares of steps that did not validate
         self._bytes = 0
         self._last_seq: dict[str, int] = {}
         # Highest step seq recorded per engine (heartbeats do not move it): a step at or
@@ -224,6 +184,7 @@ class RequestStore:
         self.gaps = 0
         self._gap_log = LogThrottle()
         self._refusal_log = LogThrottle()
+        self._rows_log = LogThrottle()
         self._engine_id: str | None = None
         self.columns: ProbeColumns | None = None
         self.evicted = 0
@@ -361,6 +322,8 @@ class RequestStore:
                     rec.finished = True
                     rec.inferred_end = False
                     rec.version += 1
+            for refused in header.refused:
+                self._refuse_rows(refused, header.seq)
             self._enforce_bounds(now)
             self._cond.notify_all()
         return True
@@ -516,6 +479,23 @@ class RequestStore:
                 if not ids:
                     del self._aliases[alias]
 
+    def _refuse_rows(self, refused: RefusedRows, seq: int) -> None:
+        """One request's share of a step did not validate (``wire.decode`` kept its
+        step-mates'): that request, when known and still running, is incomplete (one the
+        engine ended is settled, as in :meth:`ingest`). The lock is held."""
+        self.refused_rows += 1
+        rec = self._records.get(refused.req_id) if refused.req_id is not None else None
+        settled = rec is not None and rec.finished and not rec.inferred_end
+        if rec is not None and not settled and rec.incomplete is None:
+            rec.incomplete = f"the channel refused its part of a step ({refused.reason})"
+            rec.version += 1
+            self.incomplete += 1
+        if self._rows_log.ready():
+            shown = refused.req_id[:64] if refused.req_id is not None else "(unreadable id)"
+            logger.warning("step %d: the part of request %s was refused (%s); the other "
+                           "requests of the step are kept (%d refused so far)", seq, shown,
+                           refused.reason, self.refused_rows)
+
     def _refuse_finished(self, req_id: str, seq: int) -> None:
         self.refused_finished += 1
         if self._refusal_log.ready():
@@ -536,19 +516,30 @@ class RequestStore:
             return True
 
     # ----------------------------------------------------------------- reading
+    def _known_by(self, request_id: str) -> list[str]:
+        """The engine ids of the requests known by ``request_id`` (its own engine id, an
+        X-Request-Id or a response id, long or odd ones in the hook's bounded form),
+        oldest first; the lock is held."""
+        for form in lookup_forms(request_id):
+            ids = self._aliases.get(form)
+            if ids:
+                return ids
+        return []
+
     def _lookup(self, request_id: str) -> str | None:
-        """The engine id of the newest request known by ``request_id`` (its own engine id,
-        an X-Request-Id or a response id); the lock is held."""
-        ids = self._aliases.get(request_id)
+        """The engine id of the newest request known by ``request_id``; the lock is held."""
+        ids = self._known_by(request_id)
         return ids[-1] if ids else None
 
-    def resolve_shared(self, request_id: str) -> tuple[str, int]:
+    def resolve_shared(self, request_id: str) -> tuple[str, int, int]:
         """The engine id ``request_id`` names now (the newest request known by it; the id
-        itself when none is) and how many requests are known by it (more than one: the id
-        was reused)."""
+        itself when none is), how many requests are known by it (more than one: the id
+        was reused) and how many of those are still running (more than one: the id cannot
+        tell which one the caller means)."""
         with self._cond:
-            return (self._lookup(request_id) or request_id,
-                    len(self._aliases.get(request_id, ())))
+            ids = self._known_by(request_id)
+            running = sum(1 for i in ids if not self._records[i].finished)
+            return (ids[-1] if ids else request_id, len(ids), running)
 
     def resolve(self, request_id: str) -> str | None:
         with self._cond:

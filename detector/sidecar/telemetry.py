@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from detector import __version__
 from detector.log_throttle import LogThrottle
-from detector.sidecar.streams import client_ids
+from detector.channel.ids import client_ids
 
 if TYPE_CHECKING:
     from detector.claims import ResponseVerdict

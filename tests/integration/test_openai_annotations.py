@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +23,11 @@ from support import (
     start_sidecar,
     start_vllm,
     wait_for_engine,
+    wait_until,
 )
 
 from detector.artifact import default_probe_dir, load_probe, probe_token_features
-from detector.client import DetectorClient
+from detector.client import DetectorClient, Scores
 from detector.openai_middleware import place_spans
 
 pytestmark = pytest.mark.vllm
@@ -225,6 +227,172 @@ def test_two_choices_say_unavailable(served: Served) -> None:
     assert resp.status_code == 200 and len(resp.json()["choices"]) == 2
     assert resp.headers["x-lie-detector-verdict"] == "unavailable"
     assert resp.headers["x-lie-detector-reason"] == "multiple-choices"
+
+
+# ---- issue 23: hostile ids and framing ---------------------------------------------------------
+
+def own_scores(field: dict, text: str, sidecar: SidecarProcess, *, echo: str = "") -> Scores:
+    """The sidecar's scores of the request the annotation names (its ``request_id`` is that
+    request's own id), checked to be this response's: the same text (after the ``echo``ed
+    prompt), the same verdicts, and the spans placed in it as the field has them."""
+    assert field["status"] == "ok", field
+    with DetectorClient(sidecar.grpc_address) as client:
+        scores = client.get_scores(field["request_id"])
+    assert scores.requests_with_id == 1
+    assert echo + scores.text == text, (scores.text, text)
+    assert field["state"] == scores.state.name == "FINISHED", field
+    assert field["verdicts"] == [
+        {"probe": v.probe, "score": v.score, "threshold": v.threshold, "flagged": v.flagged,
+         "claims": v.claims, "flagged_claims": v.flagged_claims} for v in scores.verdicts]
+    placed, dropped = place_spans(scores.claims, scores.text, text)
+    assert field["spans_dropped"] == dropped == 0
+    assert [(s["char_start"], s["char_end"], s["text"], s["score"]) for s in field["spans"]] \
+        == [(s.char_start, s.char_end, s.text, s.score) for s in placed]
+    for span in field["spans"]:
+        assert text[span["char_start"]:span["char_end"]] == span["text"]
+    return scores
+
+
+def every_token_scored(scores: Scores) -> bool:
+    """Every token that has a row: the shipped probe reads each token's own row, and vLLM
+    never computes the last token's."""
+    return all(t.scored and t.scores for t in scores.tokens[:-1])
+
+
+def _post(base_url: str, path: str, body: dict, headers: dict) -> httpx.Response:
+    return httpx.post(base_url + path, json=body, headers=headers, timeout=300)
+
+
+def _id_of(n: int) -> bytes:
+    """An id of exactly ``n`` bytes, unique to this run."""
+    return (uuid.uuid4().hex * (n // 32 + 1)).encode()[:n]
+
+
+def test_hostile_ids_cost_only_their_own_request(served: Served) -> None:
+    """Issue 23: a 600-character X-Request-Id got every engine step holding it refused, so
+    the annotated requests sharing those steps came back INCOMPLETE. Ids of 0, 1, 513, 600
+    and 65,536 bytes and non-ASCII ones (header and body), annotated or not, beside four
+    normal annotated requests: the normal ones finish with every token scored, and every
+    hostile one vLLM accepts is found by its own id, finished and scored too."""
+    base = served.server.base_url
+    model = _served_model(base)
+    hostile: list[tuple[bytes | None, dict, bool]] = [
+        (x, {}, False) for x in (b"", b"q", _id_of(513), _id_of(600), _id_of(65536),
+                                 "r\u00e9q\u00eate-\u20ac-\u2713".encode())]
+    hostile += [(None, {"request_id": "\u20ac-body-" + uuid.uuid4().hex}, False),
+                (_id_of(600), {}, True), (_id_of(65536), {}, True)]
+    normal_ids = [f"normal-{uuid.uuid4().hex[:8]}-{i}" for i in range(4)]
+
+    def body(extra: dict, max_tokens: int) -> dict:
+        return {"model": model, "prompt": PROMPT, "max_tokens": max_tokens,
+                "temperature": 0.0, "ignore_eos": True, **extra}
+
+    with ThreadPoolExecutor(len(normal_ids) + len(hostile)) as pool:
+        normal = [pool.submit(_post, base, "/v1/completions", body({}, 24),
+                              {**ANNOTATE, "X-Request-Id": x}) for x in normal_ids]
+        odd = [pool.submit(_post, base, "/v1/completions", body(extra, 16),
+                           {**(ANNOTATE if annotated else {}),
+                            **({} if x is None else {"X-Request-Id": x})})
+               for x, extra, annotated in hostile]
+        normal_replies = [f.result() for f in normal]
+        odd_replies = [f.result() for f in odd]
+    for resp in normal_replies:
+        assert resp.status_code == 200 and resp.headers["x-lie-detector-verdict"] == "ok"
+        data = resp.json()
+        scores = own_scores(data["lie_detector"], data["choices"][0]["text"], served.sidecar)
+        assert not scores.incomplete_reason
+        assert len(scores.tokens) == data["usage"]["completion_tokens"] == 24
+        assert every_token_scored(scores)
+    with DetectorClient(served.sidecar.grpc_address) as client:
+        for (x, extra, annotated), resp in zip(hostile, odd_replies):
+            if resp.status_code != 200:  # vLLM may refuse some: then only the above matters
+                assert 400 <= resp.status_code < 500, resp.status_code
+                continue
+            data = resp.json()
+            asked = x.decode() if x else extra.get("request_id")
+            if annotated:
+                assert resp.headers["x-lie-detector-verdict"] == "ok"
+                assert data["id"] == f"cmpl-{asked}"  # the client's id, as vLLM makes it
+                own_scores(data["lie_detector"], data["choices"][0]["text"], served.sidecar)
+            if not asked or annotated:
+                continue
+            scores = client.get_scores(f"cmpl-{asked}")
+            assert scores.state.name == "FINISHED" and not scores.incomplete_reason
+            assert len(scores.tokens) == data["usage"]["completion_tokens"] == 16
+            assert every_token_scored(scores)
+
+
+def _read(api: str, resp: httpx.Response, stream: bool) -> tuple[str, str, dict]:
+    """(response id, returned text, lie_detector field) of one annotated response."""
+    assert resp.status_code == 200
+    if not stream:
+        assert resp.headers["x-lie-detector-verdict"] == "ok"
+        data = resp.json()
+        return data["id"], returned_text(api, data["choices"][0]), data["lie_detector"]
+    events = sse_events(resp.content)
+    assert events[-1] == b"data: [DONE]"
+    chunks = [json.loads(e.removeprefix(b"data: ")) for e in events[:-2]]
+    final = json.loads(events[-2].removeprefix(b"data: "))
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]}
+    return chunks[0]["id"], streamed_text(api, chunks), final["lie_detector"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_requests_sharing_an_id_each_get_their_own_verdict(served: Served, api: str,
+                                                           stream: bool) -> None:
+    """Issue 23: vLLM builds the response id from X-Request-Id, so A (48 tokens) and B (8
+    tokens) sent with one header shared it, and A's response carried B's verdict (18 of 18
+    tries). Each annotation now describes its own response: its spans index that text and
+    equal that request's own scores; the client still sees the response id vLLM makes from
+    its header."""
+    base = served.server.base_url
+    shared = f"shared-{uuid.uuid4().hex[:8]}"
+    headers = {**ANNOTATE, "X-Request-Id": shared}
+    bodies = []
+    for question, max_tokens in (("Who wrote Hamlet?", 48), (QUESTION, 8)):
+        body = {**body_for(base, api, stream=stream), "max_tokens": max_tokens,
+                "ignore_eos": True}
+        if api == "chat":
+            body["messages"] = [{"role": "user", "content": question}]
+        else:
+            body["prompt"] = f"Q: {question}\nA:"
+        bodies.append(body)
+    with ThreadPoolExecutor(2) as pool, DetectorClient(served.sidecar.grpc_address) as client:
+        first = pool.submit(_post, base, path_for(api), bodies[0], headers)
+
+        def running() -> bool:  # A is generating: B goes in while it runs
+            try:
+                return bool(client.get_scores(shared).tokens)
+            except Exception:
+                return False
+        wait_until(running, 120, 0.05, "the first request to run")
+        second = pool.submit(_post, base, path_for(api), bodies[1], headers)
+        replies = [first.result(), second.result()]
+    kind = "chatcmpl" if api == "chat" else "cmpl"
+    seen = []
+    for resp, max_tokens in zip(replies, (48, 8)):
+        response_id, text, field = _read(api, resp, stream)
+        assert response_id == f"{kind}-{shared}"
+        scores = own_scores(field, text, served.sidecar)
+        assert len(scores.tokens) == max_tokens
+        seen.append(field["request_id"])
+    assert seen[0] != seen[1]
+
+
+def test_sse_syntax_in_an_echoed_prompt_keeps_the_stream_whole(served: Served) -> None:
+    """Issue 23: an echoed prompt holding ``data: [DONE]`` made the middleware splice its
+    final event into the first event's JSON string and hold the rest of the stream back.
+    Every event parses, the verdict comes just before the real [DONE], and it describes
+    the text the client got."""
+    prompt = 'Say "data: [DONE]"\n\ndata: [DONE]\r\n: ping\r\rid: 7\n\nQ: ' + QUESTION + "\nA:"
+    body = {**body_for(served.server.base_url, "completions", stream=True), "prompt": prompt,
+            "echo": True}
+    resp = httpx.post(served.server.base_url + "/v1/completions", json=body, headers=ANNOTATE,
+                      timeout=300)
+    _, text, field = _read("completions", resp, stream=True)
+    assert text.startswith(prompt) and len(text) > len(prompt)
+    own_scores(field, text, served.sidecar, echo=prompt)
 
 
 # Last: the sidecar does not come back.

@@ -21,6 +21,7 @@ from support import complete, complete_many, scrape_metrics, start_sidecar, wait
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.client import DetectorClient, RequestState
+from detector.sidecar.service import MAX_ID_LENGTH
 
 pytestmark = pytest.mark.vllm
 
@@ -98,8 +99,11 @@ def test_error_statuses(stub, tmp_path, probe_dir) -> None:
         grpc.StatusCode.NOT_FOUND
     assert code(stub.GetScores, pb.GetScoresRequest(request_id=""))[0] == \
         grpc.StatusCode.INVALID_ARGUMENT
+    # A long id is looked up (in the hook's bounded form); past the bound it is refused.
     assert code(stub.GetScores, pb.GetScoresRequest(request_id="x" * 600))[0] == \
-        grpc.StatusCode.INVALID_ARGUMENT
+        grpc.StatusCode.NOT_FOUND
+    assert code(stub.GetScores, pb.GetScoresRequest(request_id="x" * (MAX_ID_LENGTH + 1)))[0] \
+        == grpc.StatusCode.INVALID_ARGUMENT
     assert code(stub.LoadProbe, pb.LoadProbeRequest(path=""))[0] == \
         grpc.StatusCode.INVALID_ARGUMENT
     # Admin calls need the token.

@@ -26,6 +26,7 @@ from tiny_engine import engine, make_step, probe, schedule
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.sidecar.app import Sidecar, SidecarSettings
+from detector.sidecar.service import MAX_ID_LENGTH
 
 TOKEN = "fuzz-admin-token"
 ADMIN = (("authorization", f"Bearer {TOKEN}"),)
@@ -153,7 +154,7 @@ def test_random_request_ids(channel, request_id: str, kind: str) -> None:
     _assert_actionable(code, f"{kind} {request_id[:40]!r}")
     if oversized:
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    elif not request_id or len(request_id) > 512 or not request_id.isprintable():
+    elif not request_id or len(request_id) > MAX_ID_LENGTH or not request_id.isprintable():
         assert code == grpc.StatusCode.INVALID_ARGUMENT
     if request_id in ("A", "B") and kind != "stream":
         assert code == grpc.StatusCode.OK

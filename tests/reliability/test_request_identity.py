@@ -5,8 +5,10 @@ are not: an ``X-Request-Id`` (and the response id built from it, ``cmpl-<id>``) 
 twice, by a retry or by someone who wants a victim's verdicts to go unseen. The rule: a
 lookup by a shared id returns the newest request, says how many share the id
 (``requests_with_id``) and names the one returned (``engine_request_id``, which is unique
-and can be asked for). A stream follows the request its id named when it started. A
-request the engine has ended is settled: a later step naming it is refused.
+and can be asked for); an id several running requests share names none of them
+(FAILED_PRECONDITION). A stream follows the request its id named when it started. A
+request the engine has ended is settled: a later step naming it is refused. Ids too long or
+odd for the channel travel bounded and are still found by the ids the client knows.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from __future__ import annotations
 import threading
 import time
 
+import grpc
 import pytest
 from support import free_port
 from tiny_engine import probe, single_request
 
-from detector.client import DetectorClient, RequestState
+from detector.channel.ids import bounded_engine_id
+from detector.client import DetectorClient, DetectorError, RequestState
 from detector.sidecar.app import Sidecar, SidecarSettings
 
 FIRST = "cmpl-abc-0-aaaaaaaa"   # vLLM's id for X-Request-Id "abc", first request
@@ -105,3 +109,37 @@ def test_a_step_naming_an_ended_request_is_refused(sidecar, client) -> None:
     assert [s.probability for t in after.tokens for s in t.scores] == \
         [s.probability for t in before.tokens for s in t.scores]
     assert sidecar.store.refused_finished == len(forged)
+
+
+def test_an_id_several_running_requests_share_names_none_of_them(sidecar, client) -> None:
+    """Two requests in flight with one X-Request-Id: a read by it used to return the newest,
+    silently the other caller's scores. It is refused, saying why; each one's unique id
+    reads it, and once one has ended the id names the newest again (issue 23)."""
+    first, second = single_request(FIRST, PROMPT, [101, 102, 103]), \
+        single_request(SECOND, PROMPT, [201, 202], seq0=3)
+    _feed(sidecar, first[:2])  # running
+    _feed(sidecar, _renumbered(second[:1], seq0=2))  # running too, under the same id
+    for asked in ("abc", "cmpl-abc", "cmpl-abc-0"):
+        for call in (lambda: client.get_scores(asked),
+                     lambda: list(client.stream_scores(asked, timeout=10))):
+            with pytest.raises(DetectorError) as err:
+                call()
+            assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION, asked
+            assert "2 requests running" in err.value.details, err.value.details
+    assert client.get_scores(FIRST).engine_request_id == FIRST
+    assert client.get_scores(SECOND).engine_request_id == SECOND
+    _feed(sidecar, _renumbered(first[2:], seq0=3))  # the first ends
+    reply = client.get_scores("abc")
+    assert reply.engine_request_id == SECOND and reply.requests_with_id == 2
+
+
+@pytest.mark.parametrize("x", ["y" * 600, "z" * 65536, "r\u00e9q\u00eate"])
+def test_a_long_or_odd_id_is_read_by_the_ids_the_client_knows(sidecar, client, x) -> None:
+    """The hook sends the bounded form of such an id; GetScores finds it by the full one,
+    as sent (UTF-8) or as vLLM read the header's bytes (latin-1)."""
+    seen = x.encode().decode("latin-1")
+    engine_id = bounded_engine_id(f"cmpl-{seen}-0-aaaaaaaa")
+    _feed(sidecar, single_request(engine_id, PROMPT, [101, 102]))
+    for asked in (x, seen, f"cmpl-{x}", f"cmpl-{seen}-0-aaaaaaaa"):
+        reply = client.get_scores(asked)
+        assert reply.engine_request_id == engine_id and _tokens(reply) == [101, 102]

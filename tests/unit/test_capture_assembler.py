@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from detector.channel.ids import bounded_engine_id
 from detector.channel.publisher import PendingStep
 from detector.channel.wire import EngineInfo, StepHeader, decode, encode_step
 from detector.hooks.capture import ScheduledRequest, StepAssembler
@@ -246,3 +247,25 @@ def test_output_tokens_include_this_steps_sample_before_close() -> None:
     asm.close_step(step, {"B": [42]})
     rerun = sched("B", 0, 5, PROMPT_B)  # recomputed from scratch after a preemption
     assert asm.output_tokens(rerun, [42]) == [40, 41, 42]
+
+
+def test_a_long_client_id_goes_out_bounded_and_its_step_mates_intact(asm: StepAssembler) -> None:
+    """vLLM takes X-Request-Ids of any length (issue 23 sent 600 characters); the channel
+    carries 512. The hook sends the bounded form (detector.channel.ids), in the step's
+    requests and in its finished list, so the step passes validation whole."""
+    long_id = f"chatcmpl-{'x' * 600}-deadbeef"
+    odd_id = "cmpl-caf\u00c3\u00a9\n-0-1a2b3c4d"
+    steps = [run_step(asm, [sched(long_id, 0, 3, PROMPT_B), sched("B", 0, 3, PROMPT_B),
+                            sched(odd_id, 0, 3, PROMPT_B)],
+                      {long_id: [40], "B": [41], odd_id: [42]}),
+             run_step(asm, [sched(long_id, 3, 1, PROMPT_B), sched("B", 3, 1, PROMPT_B)],
+                      {long_id: [43], "B": [44]}, finished=(long_id, odd_id))]
+    for step in steps:
+        header = as_message(step)
+        assert not header.refused
+        assert header.requests[1].req_id == "B"
+    sent = [r.req_id for r in steps[0].requests]
+    assert sent == [bounded_engine_id(long_id), "B", bounded_engine_id(odd_id)]
+    assert all(len(i) <= 512 and i.isprintable() and i.isascii() for i in sent)
+    assert steps[1].finished == [bounded_engine_id(long_id), bounded_engine_id(odd_id)]
+    assert inputs(steps[1])[bounded_engine_id(long_id)] == [40]

@@ -21,7 +21,7 @@ import pytest
 from detector.claims import ResponseVerdict
 from detector.sidecar.analysis import RequestAnalysis
 from detector.sidecar.streams import RequestRecord
-from detector.sidecar.streams import client_ids
+from detector.channel.ids import client_ids
 from detector.sidecar.telemetry import (
     EVENT_NAME,
     EvaluationEvents,

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from detector.channel.wire import EngineInfo, RequestRows, StepHeader
+from detector.channel.ids import MAX_ID_CHARS, bounded, bounded_engine_id, client_ids
+from detector.channel.wire import EngineInfo, RefusedRows, RequestRows, StepHeader
 from detector.sidecar import streams
 from detector.sidecar.streams import (
     RequestStore,
@@ -122,6 +123,105 @@ def test_aliases_resolve_in_the_store() -> None:
     assert store.resolve("nope") is None
     rec, _ = store.snapshot("xyz")
     assert rec.req_id == "chatcmpl-xyz-deadbeef"
+
+
+# ------------------------------------------------------------------ ids clients chose
+# X-Request-Ids vLLM takes (headers up to 4 MB, read as latin-1) that the channel cannot carry
+# as they are: issue 23 sent 600 characters and every step holding the request was refused.
+HOSTILE_IDS = ["", "a", "x" * 513, "y" * 600, "z" * 65536, "r\u00e9q\u00eate \u00e0 moi",
+               "caf\u00e9".encode().decode("latin-1"), "tab\there", "a\nb", "\u20ac" * 300]
+TAG = "~ld0123456789abcdef"
+
+
+@pytest.mark.parametrize("x", HOSTILE_IDS, ids=lambda x: f"{len(x)}-chars")
+@pytest.mark.parametrize("tag", ["", TAG])
+def test_any_client_id_travels_bounded_and_is_found_by_every_name(x: str, tag: str) -> None:
+    store = RequestStore()
+    engine_ids = {"completions": f"cmpl-{x}{tag}-0-1a2b3c4d", "chat": f"chatcmpl-{x}{tag}-deadbeef"}
+    seq = 0
+    sent = {}
+    for api, engine_id in engine_ids.items():
+        wire_id = bounded_engine_id(engine_id)
+        assert len(wire_id) <= MAX_ID_CHARS and wire_id.isascii() and wire_id.isprintable()
+        assert bounded_engine_id(wire_id) == wire_id  # a bounded id stays as it is
+        if len(x) <= 200 and x.isascii() and x.isprintable():
+            assert wire_id == engine_id  # plain ids travel unchanged
+        else:  # a recognisable prefix, then the digest
+            assert wire_id.startswith(engine_id[:len("cmpl-")]) and "~h" in wire_id
+        seq = feed_request(store, wire_id, seq)
+        sent[api] = wire_id
+    completion, chat = sent["completions"], sent["chat"]
+    xt = x + tag
+    for asked, want in [(engine_ids["completions"], completion), (f"cmpl-{xt}-0", completion),
+                        (f"cmpl-{xt}", completion), (engine_ids["chat"], chat),
+                        (f"chatcmpl-{xt}", chat)]:
+        assert store.resolve(asked) == want, asked[:40]
+        if tag and asked not in engine_ids.values():
+            # The client's own ids (it never sees the middleware's tag) find it too.
+            assert store.resolve(asked.replace(tag, "")) == want, asked[:40]
+    for asked in {xt, x}:  # the X-Request-Id: the newest of the two (an empty one is no id)
+        if asked:
+            assert store.resolve(asked) == chat
+
+
+def test_long_ids_with_one_prefix_stay_apart() -> None:
+    a, b = "p" * 600 + "1", "p" * 600 + "2"
+    assert bounded(a) != bounded(b)
+    assert bounded(a).startswith("p" * 48 + "~h") and len(bounded(a)) == 48 + 2 + 32
+    store = RequestStore()
+    seq = feed_request(store, bounded_engine_id(f"chatcmpl-{a}-deadbeef"), 0, tokens=(1, 2))
+    feed_request(store, bounded_engine_id(f"chatcmpl-{b}-deadbeef"), seq, tokens=(3, 4))
+    assert store.snapshot(a)[0].generated == [1, 2]
+    assert store.snapshot(b)[0].generated == [3, 4]
+
+
+def test_a_utf8_id_is_found_as_vllm_read_its_bytes() -> None:
+    """vLLM reads header bytes as latin-1; a client asks by the text it sent (UTF-8)."""
+    meant = "r\u00e9q-\u20ac"
+    engine_id = bounded_engine_id(f"chatcmpl-{meant.encode().decode('latin-1')}-deadbeef")
+    store = RequestStore()
+    feed_request(store, engine_id, 0)
+    assert store.resolve(meant) == store.resolve(f"chatcmpl-{meant}") == engine_id
+
+
+def test_client_ids_leave_the_middleware_tag_out() -> None:
+    ids = client_ids(f"cmpl-abc{TAG}-0-1a2b3c4d")
+    assert (ids.response_id, ids.x_request_id, ids.prompt_index) == ("cmpl-abc", "abc", 0)
+    ids = client_ids(f"chatcmpl-abc{TAG}-deadbeef")
+    assert (ids.response_id, ids.x_request_id) == ("chatcmpl-abc", "abc")
+
+
+def test_requests_running_under_one_id_are_counted() -> None:
+    """resolve_shared says how many requests an id names and how many of them run: the
+    service refuses to pick one of several running (a reused X-Request-Id)."""
+    store = RequestStore()
+    seq = feed_request(store, "cmpl-abc-0-aaaaaaaa", 0, finish=False)
+    assert store.resolve_shared("abc") == ("cmpl-abc-0-aaaaaaaa", 1, 1)
+    seq = feed_request(store, "cmpl-abc-0-bbbbbbbb", seq, finish=False)
+    assert store.resolve_shared("abc") == ("cmpl-abc-0-bbbbbbbb", 2, 2)
+    assert store.resolve_shared("cmpl-abc-0-aaaaaaaa") == ("cmpl-abc-0-aaaaaaaa", 1, 1)
+    ingest(store, header(seq, [], ["cmpl-abc-0-aaaaaaaa"]))
+    assert store.resolve_shared("abc") == ("cmpl-abc-0-bbbbbbbb", 2, 1)
+
+
+def test_a_refused_share_makes_its_request_incomplete_and_no_other() -> None:
+    store = RequestStore()
+    seq = feed_request(store, "A", 0, finish=False)
+    seq = feed_request(store, "B", seq, finish=False)
+    step = header(seq, [rr("B", 6, [52], 4, [53])])
+    step.refused = [RefusedRows(req_id="A", row_offset=1, num_rows=1, reason="req_id: bad"),
+                    RefusedRows(req_id=None, row_offset=2, num_rows=1, reason="req_id: long")]
+    ingest(store, step)
+    assert "refused" in store.snapshot("A")[0].incomplete
+    assert store.snapshot("B")[0].incomplete is None
+    assert store.snapshot("B")[0].generated == [50, 51, 52, 53]
+    assert store.refused_rows == 2
+    # A request the engine ended is settled: a refused share naming it changes nothing.
+    feed_request(store, "C", seq + 1)
+    ended = header(seq + 10, [])
+    ended.refused = [RefusedRows(req_id="C", row_offset=0, num_rows=0, reason="forged")]
+    ingest(store, ended)
+    assert store.snapshot("C")[0].incomplete is None
 
 
 # ------------------------------------------------------------------ ingest

@@ -256,6 +256,18 @@ def test_negative_row_offset() -> None:
     assert_rejected(frames_from(head, payload), "row_offset")
 
 
+def assert_refused_alone(frames: list, index: int, req_id: str | None, *words: str) -> None:
+    """Request ``index``'s share is refused; the step and its other requests are kept."""
+    header, rows = decode(frames)
+    assert isinstance(header, StepHeader) and rows is not None
+    (refused,) = header.refused
+    assert refused.req_id == req_id and refused.row_offset == [0, 3, 4][index]
+    for word in words:
+        assert word.lower() in refused.reason.lower(), (word, refused.reason)
+    assert [r.req_id for r in header.requests] == [f"r{i}" for i in range(3) if i != index]
+    assert "refused" not in header.model_dump_json()  # never sent on
+
+
 @pytest.mark.parametrize("delta", [-1, 1])
 def test_input_token_ids_length_differs_from_num_rows(delta: int) -> None:
     head, payload = valid_frames()
@@ -264,7 +276,7 @@ def test_input_token_ids_length_differs_from_num_rows(delta: int) -> None:
         ids.pop()
     else:
         ids.append(5)
-    assert_rejected(frames_from(head, payload), "invalid header", "input_token_ids")
+    assert_refused_alone(frames_from(head, payload), 0, "r0", "input_token_ids")
 
 
 @pytest.mark.parametrize(
@@ -327,10 +339,32 @@ def test_missing_engine() -> None:
     assert_rejected(frames_from(head, payload), "engine")
 
 
-def test_overlong_req_id() -> None:
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_an_overlong_req_id_costs_that_request_alone(index: int) -> None:
+    """A 600-character id used to get every step holding it refused, and with it the rows
+    of every other request in those steps (issue 23)."""
+    head, payload = valid_frames()
+    head["requests"][index]["req_id"] = "x" * 513
+    assert_refused_alone(frames_from(head, payload), index, None, "req_id", "512")
+
+
+@pytest.mark.parametrize("change", [
+    {"row_offset": "three"}, {"num_rows": -1}, {"row_offset": None}, "not a dict"])
+def test_a_share_whose_rows_cannot_be_placed_refuses_the_step(change) -> None:
+    """Without where its rows lie, no row of the step can be attributed safely."""
+    head, payload = valid_frames()
+    if isinstance(change, dict):
+        head["requests"][1].update(change, req_id="y" * 600)
+    else:
+        head["requests"][1] = change
+    assert_rejected(frames_from(head, payload), "invalid header", "requests.1")
+
+
+def test_a_bad_share_with_another_fault_refuses_the_step() -> None:
     head, payload = valid_frames()
     head["requests"][0]["req_id"] = "x" * 513
-    assert_rejected(frames_from(head, payload), "req_id")
+    head["seq"] = -1
+    assert_rejected(frames_from(head, payload), "invalid header")
 
 
 # ------------------------------------------------------------------ fuzz
@@ -353,9 +387,10 @@ def _assert_consistent(message) -> None:
     assert 0 < eng.hidden_size <= 65536
     assert 0 <= header.num_rows <= MAX_ROWS_PER_STEP
     end = 0
-    for r in header.requests:
+    for r in sorted([*header.requests, *header.refused], key=lambda r: r.row_offset):
         assert r.row_offset == end
-        assert len(r.input_token_ids) == r.num_rows >= 0
+        if isinstance(r, RequestRows):
+            assert len(r.input_token_ids) == r.num_rows >= 0
         end += r.num_rows
     assert end == header.num_rows
 
@@ -427,10 +462,11 @@ def test_fuzzed_messages_decode_consistently_or_raise_wire_error() -> None:
 ])
 def test_token_ids_outside_any_vocabulary_are_refused(field: str, value: int,
                                                        words: tuple[str, ...]) -> None:
-    """A token id of 2**70 used to be accepted; reading that request then failed (UNKNOWN)."""
+    """A token id of 2**70 used to be accepted; reading that request then failed (UNKNOWN).
+    That request's share is refused, its step-mates' kept."""
     head, payload = valid_frames()
     head["requests"][0][field][0] = value
-    assert_rejected(frames_from(head, payload), "invalid header", *words)
+    assert_refused_alone(frames_from(head, payload), 0, "r0", *words)
 
 
 def test_token_ids_past_the_engines_vocabulary_are_refused() -> None:
@@ -438,7 +474,7 @@ def test_token_ids_past_the_engines_vocabulary_are_refused() -> None:
     head["engine"]["vocab_size"] = 300
     assert decode(frames_from(head, payload))  # every id below 300: accepted
     head["requests"][2]["input_token_ids"][0] = 300
-    assert_rejected(frames_from(head, payload), "outside the vocabulary (0..299)")
+    assert_refused_alone(frames_from(head, payload), 2, "r2", "outside the vocabulary (0..299)")
 
 
 def test_positions_past_the_engines_context_length_are_refused() -> None:
@@ -447,10 +483,11 @@ def test_positions_past_the_engines_context_length_are_refused() -> None:
     head["engine"]["max_model_len"] = 64
     assert decode(frames_from(head, payload))
     head["requests"][0]["first_position"] = 1_000_000
-    assert_rejected(frames_from(head, payload), "beyond the engine's context length 64")
+    assert_refused_alone(frames_from(head, payload), 0, "r0",
+                         "beyond the engine's context length 64")
     head["requests"][0]["first_position"] = 0
     head["requests"][0]["num_prompt_tokens"] = 65
-    assert_rejected(frames_from(head, payload), "context length 64")
+    assert_refused_alone(frames_from(head, payload), 0, "r0", "context length 64")
 
 
 def test_a_heartbeat_cannot_claim_more_drops_than_steps() -> None:

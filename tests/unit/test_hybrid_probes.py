@@ -27,7 +27,6 @@ from detector.channel.wire import (
     EngineInfo,
     RequestRows,
     StepHeader,
-    WireError,
     decode,
     encode_step,
 )
@@ -283,16 +282,21 @@ def test_wire_decodes_messages_without_token_features() -> None:
 @pytest.mark.parametrize("bad", [{"sampled_logprobs": [-1.0, -2.0]},
                                  {"sampled_entropies": []}])
 def test_wire_refuses_features_that_do_not_match_the_tokens(bad: dict) -> None:
+    """That request's share is refused (its step-mates' would be kept: issue 23)."""
     doc = json.loads(_header().model_dump_json())
     doc["requests"][0].update(bad)
-    with pytest.raises(WireError, match="one value per sampled token"):
-        decode([json.dumps(doc).encode(), bytes(len(CAPTURED) * H * 4)])
+    back, _ = decode([json.dumps(doc).encode(), bytes(len(CAPTURED) * H * 4)])
+    (refused,) = back.refused
+    assert refused.req_id == doc["requests"][0]["req_id"]
+    assert "one value per sampled token" in refused.reason
+    assert doc["requests"][0]["req_id"] not in [r.req_id for r in back.requests]
 
 
 def test_wire_refuses_non_finite_features() -> None:
     raw = _header(sampled_logprobs=[-1.0]).model_dump_json().replace("-1.0", "NaN")
-    with pytest.raises(WireError, match="sampled_logprobs"):
-        decode([raw.encode(), bytes(len(CAPTURED) * H * 4)])
+    back, _ = decode([raw.encode(), bytes(len(CAPTURED) * H * 4)])
+    (refused,) = back.refused  # that request's share alone (issue 23)
+    assert "sampled_logprobs" in refused.reason
 
 
 # ----------------------------------------------------------------------------- hook side

@@ -21,7 +21,6 @@ from detector.channel.wire import (
     RequestRows,
     StepHeader,
     StopRule,
-    WireError,
     decode,
     encode_step,
 )
@@ -268,11 +267,15 @@ def test_messages_without_stop_fields_still_decode() -> None:
     {"strings": ["\n"], "include_in_output": "sometimes"},
 ])
 def test_oversized_or_odd_stop_rules_are_refused(bad: dict) -> None:
+    """The request's share is refused alone (issue 23: one request's bad field costs only
+    that request)."""
     raw = frames(one_step(None))
     head = json.loads(raw[0])
     head["requests"][0]["stop"] = bad
-    with pytest.raises(WireError, match="stop"):
-        decode([json.dumps(head).encode(), raw[1]])
+    header, _ = decode([json.dumps(head).encode(), raw[1]])
+    (refused,) = header.refused
+    assert refused.req_id == head["requests"][0]["req_id"] and "stop" in refused.reason
+    assert not header.requests
 
 
 # ------------------------------------------------------------------ hook and store

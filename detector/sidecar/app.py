@@ -93,6 +93,8 @@ class SidecarSettings(BaseSettings):
     # client's deadline): a request can wait in vLLM's queue, and steps behind a backlog.
     stream_appear_wait_s: float = Field(60.0, ge=0, le=3600)
     shutdown_grace_s: float = Field(5.0, ge=0)
+    # A gRPC thread idle this long ends: the pool shrinks back after a burst of streams.
+    grpc_idle_thread_s: float = Field(30.0, gt=0, le=3600)
     # TLS for gRPC; with a client CA, mutual TLS (clients must present a cert it signed).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -269,7 +271,8 @@ class Sidecar:
             credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file,
                                              settings.tls_client_ca_file)
         self.server, self.health, self.grpc_port = build_server(
-            self.service, settings.grpc_address, credentials=credentials)
+            self.service, settings.grpc_address, credentials=credentials,
+            idle_thread_s=settings.grpc_idle_thread_s)
         self.pipeline.on_hook_state.append(self._hook_health)
         self._stopping = threading.Event()
         self._stopped = threading.Event()

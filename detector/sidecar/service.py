@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from detector.artifact import (
 from detector.claims import ResponseVerdict, sentences
 from detector.sidecar.analysis import Analyzer, RequestAnalysis
 from detector.sidecar.registry import HeardCapture, LoadedProbe, ProbeRegistry
+from detector.sidecar.pool import ElasticThreadPool
 from detector.sidecar.security import AdminGuard, is_loopback
 from detector.sidecar.spans import SpanVerdict
 from detector.sidecar.streams import ProbeColumns, RequestRecord, RequestStore
@@ -63,6 +63,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         # which probe scores, not read any file the sidecar can.
         self.probe_roots = tuple(probe_roots)
         self.max_streams = max_streams
+        self.pool: ElasticThreadPool | None = None  # the server's threads (build_server)
         # A stream re-judges its whole answer per update: at most one update per interval
         # per stream keeps that off the scoring thread's back (a lagging sidecar makes the
         # hook drop steps) however fast the engine steps and however long the answer.
@@ -425,17 +426,20 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
 
 
 def build_server(service: DetectorService, address: str, *, quick_workers: int = QUICK_WORKERS,
-                 credentials: grpc.ServerCredentials | None = None
+                 credentials: grpc.ServerCredentials | None = None,
+                 idle_thread_s: float = 30.0
                  ) -> tuple[grpc.Server, health.HealthServicer, int]:
     """A gRPC server with the detector, the standard health service and reflection.
 
     The sync server ties a thread to each call: the pool has one per long call the service
     admits (``max_streams`` streams and as many waits) plus ``quick_workers`` that they can
     never take, so health checks and quick calls are never queued behind streams. Threads
-    start on demand."""
+    start on demand and end after ``idle_thread_s`` without work (``pool.ElasticThreadPool``),
+    so a burst of streams leaves no threads behind."""
+    service.pool = ElasticThreadPool(2 * service.max_streams + quick_workers,
+                                     idle_s=idle_thread_s, thread_name_prefix="grpc")
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2 * service.max_streams + quick_workers,
-                                   thread_name_prefix="grpc"),
+        service.pool,
         options=[("grpc.max_receive_message_length", 1 << 20)],
         interceptors=[MalformedRequestInterceptor()],
     )

@@ -1,0 +1,88 @@
+"""The gRPC server's threads end after a burst (issue 23, finding 7): the pool kept ~300
+threads for ever after a burst of streams."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+from support import start_inprocess_sidecar
+
+from detector.api.liedetector.v1 import detector_pb2 as pb
+from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.sidecar.pool import ElasticThreadPool
+
+
+def _wait_until(predicate, timeout_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_pool_runs_everything_grows_to_the_burst_and_shrinks_back() -> None:
+    pool = ElasticThreadPool(64, idle_s=0.2, thread_name_prefix="t")
+    gate = threading.Event()
+    running = []
+    lock = threading.Lock()
+
+    def task(i: int) -> int:
+        with lock:
+            running.append(i)
+        gate.wait(30)
+        return i * 2
+
+    jobs = [pool.submit(task, i) for i in range(40)]
+    assert _wait_until(lambda: len(running) == 40)
+    assert pool.live_threads == 40  # one per blocked call, as gRPC needs
+    gate.set()
+    assert [f.result(timeout=30) for f in jobs] == [i * 2 for i in range(40)]
+    assert _wait_until(lambda: pool.live_threads == 0)  # ... and none kept after it
+    # Still usable, errors reach the caller, the cap queues the rest.
+    assert pool.submit(lambda: 7).result(timeout=30) == 7
+    with pytest.raises(ZeroDivisionError):
+        pool.submit(lambda: 1 / 0).result(timeout=30)
+    small = ElasticThreadPool(2, idle_s=5)
+    gate2 = threading.Event()
+    held = [small.submit(gate2.wait, 30) for _ in range(2)]
+    queued = small.submit(lambda: "later")
+    assert small.live_threads == 2 and not queued.done()
+    gate2.set()
+    assert queued.result(timeout=30) == "later" and all(f.result(timeout=30) for f in held)
+    small.shutdown()
+    with pytest.raises(RuntimeError):
+        small.submit(lambda: None)
+
+
+def test_sidecar_threads_shrink_after_a_burst_of_streams(tmp_path) -> None:
+    """A real gRPC server: 120 StreamScores calls waiting for requests that never come hold
+    a thread each; once the clients cancel, the server's threads end."""
+    sidecar = start_inprocess_sidecar(tmp_path, grpc_idle_thread_s=0.3, max_streams=200,
+                                      stream_appear_wait_s=60.0)
+
+    def grpc_threads() -> int:  # the server's pool names its threads grpc_<n>
+        return sum(t.name.startswith("grpc_") for t in threading.enumerate())
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{sidecar.grpc_port}")
+    stub = pb_grpc.DetectorStub(channel)
+    calls = [stub.StreamScores(pb.StreamScoresRequest(request_id=f"never-{i}"), timeout=60)
+             for i in range(120)]
+    try:
+        assert _wait_until(lambda: grpc_threads() >= 120)
+        peak = grpc_threads()
+    finally:
+        for call in calls:
+            call.cancel()
+    assert _wait_until(lambda: grpc_threads() <= 2, timeout_s=30), grpc_threads()
+    assert peak >= 120
+    channel.close()
+    sidecar.stop()
+
+
+def test_executor_interface_is_what_grpc_uses() -> None:
+    assert issubclass(ElasticThreadPool, futures.Executor)

@@ -22,6 +22,10 @@ class SidecarMetrics:
         self.messages_rejected = Counter(
             "lie_detector_channel_rejected_messages",
             "Channel messages rejected as malformed.", registry=r)
+        self.request_shares_refused = Counter(
+            "lie_detector_channel_refused_request_shares",
+            "Requests' shares of engine steps refused alone (a field that did not validate); "
+            "their step-mates were kept.", registry=r)
         self.connections_rejected = Counter(
             "lie_detector_channel_rejected_connections",
             "Connections to the channel refused: the peer did not present the channel key.",

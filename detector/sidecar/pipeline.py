@@ -58,6 +58,7 @@ class ScoringPipeline:
         self.silent_s = 0.0
         self._rejected_seen = 0
         self._refused_seen = 0
+        self._shares_refused_seen = 0
         self._hook_state: bool | None = None
         # Called with True/False when the hook is first heard from / falls silent.
         self.on_hook_state: list[Callable[[bool], None]] = []
@@ -257,3 +258,7 @@ class ScoringPipeline:
         if refused > 0:
             self.metrics.connections_rejected.inc(refused)
             self._refused_seen += refused
+        shares = self.store.refused_rows - self._shares_refused_seen
+        if shares > 0:
+            self.metrics.request_shares_refused.inc(shares)
+            self._shares_refused_seen += shares

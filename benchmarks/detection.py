@@ -51,12 +51,23 @@ def summarise(path: Path = METRICS) -> dict[str, Any]:
     real = heldout.get("real_only", {})
     cross = m.get("cross_topic") or {}
     rows = []
-    for key, label in SCORERS.items():
+    scorers = dict(SCORERS)
+    probe_only = heldout.get("probe_only") or {}
+    if m.get("verdict") and "probe" in probe_only:
+        # The served claim score is the verdict (detector.verdict); the probe alone beside it.
+        scorers = {"probe": "shipped verdict (probe + token probability, by rank)",
+                   "probe_only": "the probe alone (linear, residual stream)",
+                   **{k: v for k, v in SCORERS.items() if k != "probe"}}
+        all_ = {**all_, "probe_only": probe_only["probe"]}
+    for key, label in scorers.items():
         if key not in all_:
             continue
         a = all_[key]
-        cross_aurocs = [_num(d.get(key, {}).get("auroc")) for d in cross.values()
-                        if isinstance(d, dict)]
+        # Cross-topic figures are the probe's alone (cross_topic refits the probe only).
+        cross_key = {"probe_only": "probe", "probe": None}.get(key, key) \
+            if "probe_only" in scorers else key
+        cross_aurocs = [_num(d.get(cross_key, {}).get("auroc")) for d in cross.values()
+                        if isinstance(d, dict)] if cross_key else []
         cross_aurocs = [x for x in cross_aurocs if x is not None]
         rows.append({
             "scorer": key, "label": label,

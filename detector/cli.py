@@ -533,6 +533,8 @@ def _train_questions_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topics", help="comma-separated topics (default: all, see `dataset list`)")
     parser.add_argument("--limit-per-topic", type=int, help="subsample topics (quick runs)")
     parser.add_argument("--concurrency", type=int, default=12)
+    parser.add_argument("--styles", default="plain,chat",
+                        help="prompt styles to capture: plain,chat,chat_zero_shot,mixed")
     parser.add_argument("--fresh", action="store_true", help="discard an earlier capture")
     parser.add_argument("--enforce-eager", action="store_true", default=None,
                         help="start vLLM without torch.compile (default: only where capture "
@@ -551,10 +553,18 @@ def _train_probe_args(parser: argparse.ArgumentParser) -> None:
     _train_questions_args(parser)
 
 
+# The recipe of the shipped probe (issue 22): every breadth topic, up to 80 questions each,
+# three prompt styles, chosen among four middle layers by leave-one-domain-out selection.
+SHIPPED_RECIPE = {"limit_per_topic": 80, "styles": "plain,chat,chat_zero_shot",
+                  "candidate_layers": "12,16,20,24", "Cs": "0.001,0.01", "positions": "own",
+                  "cv_scheme": "domains"}
+
+
 def _train_default_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="where the probe and its report go "
                         "(default: probes/default/smollm2-135m-fabrication)")
     _train_questions_args(parser)
+    parser.set_defaults(**SHIPPED_RECIPE)
 
 
 def _train_questions(args: argparse.Namespace, model_dir: Path, out: Path, name: str) -> int:
@@ -575,6 +585,7 @@ def _train_questions(args: argparse.Namespace, model_dir: Path, out: Path, name:
     write_questions(questions, work / "questions.jsonl")
     log.info("%d questions -> %s", len(questions), work / "questions.jsonl")
     settings = CaptureSettings(concurrency=args.concurrency, enforce_eager=args.enforce_eager,
+                               styles=[x for x in args.styles.split(",") if x],
                                vllm_args=[a for a in args.vllm_args if a != "--"])
     summary = _refusals_in_one_line("lie-detector", lambda: capture_questions(
         questions, work / "capture", model_dir=model_dir, settings=settings,

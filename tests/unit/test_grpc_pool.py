@@ -4,25 +4,15 @@ threads for ever after a burst of streams."""
 from __future__ import annotations
 
 import threading
-import time
 from concurrent import futures
 
 import grpc
 import pytest
-from support import start_inprocess_sidecar
+from support import start_inprocess_sidecar, wait_until
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.sidecar.pool import ElasticThreadPool
-
-
-def _wait_until(predicate, timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_pool_runs_everything_grows_to_the_burst_and_shrinks_back() -> None:
@@ -38,11 +28,11 @@ def test_pool_runs_everything_grows_to_the_burst_and_shrinks_back() -> None:
         return i * 2
 
     jobs = [pool.submit(task, i) for i in range(40)]
-    assert _wait_until(lambda: len(running) == 40)
+    wait_until(lambda: len(running) == 40, 60, 0.05)
     assert pool.live_threads == 40  # one per blocked call, as gRPC needs
     gate.set()
     assert [f.result(timeout=30) for f in jobs] == [i * 2 for i in range(40)]
-    assert _wait_until(lambda: pool.live_threads == 0)  # ... and none kept after it
+    wait_until(lambda: pool.live_threads == 0, 60, 0.05, "the pool to shrink")  # none kept
     # Still usable, errors reach the caller, the cap queues the rest.
     assert pool.submit(lambda: 7).result(timeout=30) == 7
     with pytest.raises(ZeroDivisionError):
@@ -73,12 +63,12 @@ def test_sidecar_threads_shrink_after_a_burst_of_streams(tmp_path) -> None:
     calls = [stub.StreamScores(pb.StreamScoresRequest(request_id=f"never-{i}"), timeout=60)
              for i in range(120)]
     try:
-        assert _wait_until(lambda: grpc_threads() >= 120)
+        wait_until(lambda: grpc_threads() >= 120, 60, 0.05, "a thread per stream")
         peak = grpc_threads()
     finally:
         for call in calls:
             call.cancel()
-    assert _wait_until(lambda: grpc_threads() <= 2, timeout_s=30), grpc_threads()
+    wait_until(lambda: grpc_threads() <= 2, 30, 0.05, "the server's threads to end")
     assert peak >= 120
     channel.close()
     sidecar.stop()

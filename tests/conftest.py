@@ -32,15 +32,7 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> VllmServer:
-    """Computes the token features the shipped probe's verdict reads, as `lie-detector
-    serve` would for it, so tests that serve the shipped probe here judge as served."""
-    from detector.artifact import default_probe_dir, load_probe, probe_token_features
-
-    shipped = default_probe_dir()
-    features = probe_token_features([load_probe(shipped).metadata]) if shipped else []
-    server = start_vllm(model_dir, tmp_path_factory.mktemp("vllm-on"),
-                        env_extra={"LIE_DETECTOR_TOKEN_FEATURES": ",".join(features)}
-                        if features else None)
+    server = start_vllm(model_dir, tmp_path_factory.mktemp("vllm-on"))
     yield server
     server.stop()
 

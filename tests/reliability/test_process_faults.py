@@ -223,7 +223,7 @@ def test_sidecar_stalled_under_load(vllm_server, sidecars) -> None:
         wait_hook(sidecar)
         # The counter moves with the first step read after SIGCONT, but the gap shows only
         # once the backlog (the hook's queue, ZeroMQ's buffers) is read: give it time.
-        _wait_not_running(stub, [*load.results, *more.results], timeout_s=60)
+        _wait_not_running(stub, [*load.results, *more.results], timeout_s=150)
         dropped = metric(sidecar, "lie_detector_channel_dropped_steps_total") - dropped_before
         outcomes = {"finished": 0, "incomplete": 0, "not_found": 0}
         for rid, resp in {**load.results, **more.results}.items():

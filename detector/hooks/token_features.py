@@ -18,7 +18,6 @@ here, in plain torch, imported by the hook and the tests; nothing here imports v
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
@@ -47,8 +46,8 @@ def token_features(
     logits: torch.Tensor, token_ids: torch.Tensor, names: Sequence[str], *, top_k: int = TOP_K
 ) -> torch.Tensor:
     """``(n, vocab)`` raw logits and the ``(n,)`` tokens they chose -> ``(n, len(names))``
-    float32 features, columns in ``names`` order (the reference: the hook computes the same
-    through :func:`summarise_logits` + :func:`features_from_summary`)."""
+    float32 features, columns in ``names`` order (what the publisher's thread computes for
+    the hook, ``vllm_adapter._deferred_features``)."""
     if logits.dim() != 2 or token_ids.shape != (logits.shape[0],):
         raise ValueError(f"logits (n, vocab) and token_ids (n,) expected, got "
                          f"{tuple(logits.shape)} and {tuple(token_ids.shape)}")
@@ -67,59 +66,6 @@ def token_features(
     return torch.stack(cols, dim=1)
 
 
-@dataclass(frozen=True)
-class LogitSummary:
-    """What the features need of a step's logits, taken before sampling (which scales the
-    logits in place): per row, the log-normaliser and the top-k logits with their ids."""
-
-    lse: torch.Tensor  # (n,)
-    top_values: torch.Tensor  # (n, k) raw logits, descending
-    top_ids: torch.Tensor  # (n, k)
-
-
-def summarise_logits(logits: torch.Tensor, *, top_k: int = TOP_K) -> LogitSummary:
-    """One pass for the log-normaliser, one for the top-k: no (n, vocab) tensor is written,
-    unlike a full ``log_softmax`` (the engine pays for this on every step)."""
-    x = logits.to(torch.float32)
-    top = x.topk(min(top_k, x.shape[-1]), dim=-1)
-    return LogitSummary(torch.logsumexp(x, dim=-1), top.values, top.indices)
-
-
-def features_from_summary(
-    summary: LogitSummary,
-    rows: torch.Tensor,
-    token_ids: torch.Tensor,
-    names: Sequence[str],
-    *,
-    token_logits: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Features of ``token_ids`` chosen at ``rows`` of the summarised logits, ``(m, F)``.
-
-    ``logprob = logit[token] - logsumexp(logits)`` (= ``log_softmax(logits)[token]``); the
-    token's raw logit comes from the top-k when it is there, else from ``token_logits``
-    (NaN where neither has it: the caller leaves that token without features).
-    ``entropy`` is that of the top-k renormalised, which does not depend on the shift
-    between logits and log-probabilities."""
-    rows = rows.long()
-    cols: list[torch.Tensor] = []
-    for name in names:
-        if name == "logprob":
-            values, ids = summary.top_values[rows], summary.top_ids[rows]
-            match = ids == token_ids.long().view(-1, 1).to(ids.device)
-            logit = torch.where(match, values, 0.0).sum(dim=1)
-            fallback = (token_logits.to(values) if token_logits is not None
-                        else torch.full_like(logit, float("nan")))
-            logit = torch.where(match.any(dim=1), logit, fallback)
-            cols.append(logit - summary.lse[rows])
-        elif name == "entropy":
-            cols.append(topk_entropy(summary.top_values[rows], summary.top_values.shape[1]))
-        else:
-            raise ValueError(f"unknown token feature {name!r}; known: {list(TOKEN_FEATURES)}")
-    if not cols:
-        return torch.empty((len(rows), 0), dtype=torch.float32, device=summary.lse.device)
-    return torch.stack(cols, dim=1)
-
-
 def topk_entropy(scores: torch.Tensor, top_k: int = TOP_K) -> torch.Tensor:
     """Entropy of the distribution renormalised over each row's ``top_k`` highest scores
     (logits or log-probabilities: the same, a shift cancels): ``(n, V) -> (n,)``."""
@@ -129,6 +75,5 @@ def topk_entropy(scores: torch.Tensor, top_k: int = TOP_K) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(dim=-1)  # xlogy: a -inf logit contributes 0, not NaN
 
 
-__all__ = ["TOKEN_FEATURES", "TOKEN_FEATURES_ENV", "TOP_K", "LogitSummary", "TokenFeature",
-           "features_from_summary", "parse_token_features", "summarise_logits",
-           "token_features", "topk_entropy"]
+__all__ = ["TOKEN_FEATURES", "TOKEN_FEATURES_ENV", "TOP_K", "TokenFeature",
+           "parse_token_features", "token_features", "topk_entropy"]

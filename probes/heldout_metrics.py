@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from probes.labeling import contains_words, normalize
+from probes.labeling import contains_words, normalize, numbers_agree
 
 SCORERS = ("probe", "neg_min_logprob", "neg_mean_logprob", "mean_entropy")
 BASELINE = "neg_min_logprob"
@@ -149,7 +149,7 @@ def _matches(claim: str, claim_norm: str, value: str) -> bool:
         return False
     if value.isupper() and len(value) <= 3:  # a currency code: only as written, whole
         return claim.strip() == value
-    return claim_norm == v or contains_words(claim_norm, v)
+    return (claim_norm == v or contains_words(claim_norm, v)) and numbers_agree(claim, value)
 
 
 def is_echo(claim: str, subject: str, prompt: str) -> bool:

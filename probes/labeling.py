@@ -110,6 +110,36 @@ def _numbers(text: str) -> list[int]:
     return [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", text)]
 
 
+# A number with its sign and fraction ("UTC-8", "+5:30", "1.5"): what :func:`normalize`
+# erases, so "UTC-8" would equal "UTC+8" and "1.5" would contain "1".
+_SIGNED_NUMBER = re.compile(
+    r"(?<![\d.:,])([+\-\u2212]?)(\d{1,3}(?:,\d{3})+|\d+(?:[.:]\d+)?)(?!\d|[.:,]\d)")
+
+
+def _signed_numbers(text: str) -> list[tuple[str, float]]:
+    """``(sign, value)`` of each number: sign ``""`` when the text writes none; ``h:mm``
+    read as hours."""
+    out = []
+    for sign, digits in _SIGNED_NUMBER.findall(text):
+        if ":" in digits:
+            h, m = digits.split(":")
+            value = int(h) + int(m) / 60.0
+        else:
+            value = float(digits.replace(",", ""))
+        out.append(("-" if sign in ("-", "\u2212") else sign, value))
+    return out
+
+
+def numbers_agree(answer: str, alias: str) -> bool:
+    """Whether every number of an accepted answer appears in the answer with the same value
+    and, where both write one, the same sign: the check that normalised matching loses."""
+    mine = _signed_numbers(answer)
+    for sign, value in _signed_numbers(alias):
+        if not any(v == value and (not sign or not s or s == sign) for s, v in mine):
+            return False
+    return True
+
+
 def label_claims(question: Question, completion: str, *, prompt: str) -> list[AnswerLabel]:
     """One label per claim span (:func:`detector.claims.find_claims` with the ``prompt`` the
     model read) of a long-form answer (``answer_type == "claims"``).
@@ -187,21 +217,23 @@ def label_answer(question: Question, completion: str) -> AnswerLabel:
             return out("retrieval", "symbol matches", aliases[head])
         return out("fabrication", f"{head!r} is not {sorted(aliases)}")
 
-    if norm in aliases:
+    if norm in aliases and numbers_agree(answer, aliases[norm]):
         return out("retrieval", "equals an accepted answer", aliases[norm])
     for alias_norm, alias in sorted(aliases.items(), key=lambda kv: -len(kv[0])):
-        if contains_words(norm, alias_norm):
+        if contains_words(norm, alias_norm) and numbers_agree(answer, alias):
             return out("retrieval", "contains an accepted answer", alias)
     for near in question.near_misses:
         near_norm = normalize(near)
         if near_norm and norm == near_norm:
             return out("ambiguous", f"near miss {near!r}")
     if norm != normalize(question.subject) and any(
-        contains_words(alias_norm, norm) for alias_norm in aliases
+        contains_words(alias_norm, norm) and numbers_agree(alias, answer)
+        for alias_norm, alias in aliases.items()
     ):
         return out("ambiguous", "part of an accepted answer")
     line = normalize(first_line)
-    if any(contains_words(line, alias_norm) for alias_norm in aliases):
+    if any(contains_words(line, alias_norm) and numbers_agree(first_line, alias)
+           for alias_norm, alias in aliases.items()):
         return out("ambiguous", "an accepted answer appears outside the extracted span")
     return out("fabrication", "matches no accepted answer")
 
@@ -245,6 +277,7 @@ __all__ = [
     "label_answer",
     "label_claims",
     "normalize",
+    "numbers_agree",
     "token_offsets",
     "token_span",
 ]

@@ -97,6 +97,24 @@ def test_labeller_applies_the_aliases() -> None:
     for text, label in (("UTC+1", "retrieval"), ("GMT+02:00", "retrieval"),
                         ("It uses CET.", "retrieval"), ("UTC+3", "fabrication")):
         assert label_answer(q("heldout_city_utc_offset", paris), text).label == label, text
+    # Normalised matching drops signs and decimal points: "UTC-8" is not "UTC+8", "1.5" is
+    # not "1" (both were labelled retrieval before, and counted as correct answers flagged).
+    chengdu = hd.offset_forms(8.0) + ["CST"]
+    for text, label in (("UTC-8", "fabrication"), ("The local time, which is UTC-8.",
+                                                   "fabrication"),
+                        ("UTC+8", "retrieval"), ("8 hours ahead of UTC", "retrieval"),
+                        ("UTC+08:00", "retrieval")):
+        assert label_answer(q("heldout_city_utc_offset", chengdu), text).label == label, text
+    algiers = hd.offset_forms(1.0) + ["CET"]
+    assert label_answer(q("heldout_city_utc_offset", algiers), "1.5 hours ahead of UTC"
+                        ).label == "fabrication"
+    assert label_answer(q("heldout_city_utc_offset", algiers), "1 hour ahead of UTC"
+                        ).label == "retrieval"
+    kolkata_offsets = hd.offset_forms(5.5)
+    assert label_answer(q("heldout_city_utc_offset", kolkata_offsets), "UTC+5:30"
+                        ).label == "retrieval"
+    assert label_answer(q("heldout_city_utc_offset", kolkata_offsets), "UTC+5"
+                        ).label == "fabrication"
     assert label_answer(q("heldout_unit_symbol", ["Pa"], "symbol"), "Pa").label == "retrieval"
     assert label_answer(q("heldout_unit_symbol", ["Pa"], "symbol"), "P").label == \
         "fabrication"

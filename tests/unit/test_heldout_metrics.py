@@ -80,6 +80,21 @@ def test_longform_claims_of_a_real_country(claim: str, label: str) -> None:
     assert got == label
 
 
+@pytest.mark.parametrize(("claim", "label"), [
+    ("UTC+8", "retrieval"), ("8 hours", "retrieval"), ("UTC-8", "fabrication"),
+    ("UTC+5:30", "fabrication"), ("1.5", "unlabelled"), ("UTC+1", "fabrication"),
+])
+def test_longform_offsets_keep_their_sign_and_fraction(claim: str, label: str) -> None:
+    """A city at UTC+8 beside one at UTC-8 and one at UTC+5:30: normalised matching alone
+    read "UTC-8" as "UTC+8" and "1.5" as containing "1"."""
+    got, _ = hm.label_longform_claim(
+        claim, subject="Chengdu", invented=False, values={"utc offset": ["UTC+8", "+8"]},
+        other_values={"utc offset": {"LA": ["UTC-8", "-8"], "IN": ["UTC+5:30"],
+                                     "PA": ["UTC+1", "+1"]}},
+        prompt="Tell me about the time in Chengdu.", entity_key="CD")
+    assert got == label
+
+
 def test_longform_claims_of_an_invented_country() -> None:
     kw = {"subject": "Norvania", "invented": True, "values": {}, "other_values": OTHERS,
           "prompt": PROMPT.replace("Albania", "Norvania")}

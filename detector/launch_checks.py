@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from detector.model_identity import ModelIdentity
+from detector.settings import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ def _vllm_version() -> str:
 
 
 def _cache_file() -> Path:
-    base = os.environ.get("LIE_DETECTOR_CACHE") or Path.home() / ".cache" / "vllm-lie-detector"
-    return Path(base) / "capture-methods.json"
+    return cache_dir() / "capture-methods.json"
 
 
 def capture_method(model_dir: Path) -> str:

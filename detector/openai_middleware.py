@@ -34,7 +34,7 @@ Span offsets index the text the client got (``choices[0].text`` or
 ``choices[0].message.content``): where the sidecar's decode differs, each span is placed
 again by its text near its offset, and spans that cannot be are dropped and counted
 (``spans_dropped``). Settings are ``LIE_DETECTOR_ANNOTATE_*`` environment variables
-(:class:`AnnotateSettings`). Nothing here logs prompt or completion text.
+(:class:`detector.settings.AnnotateSettings`). Nothing here logs prompt or completion text.
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import ValidationError
 
 from detector.channel.ids import bounded
 from detector.client import AsyncDetectorClient, DetectorError, Scores, Span, TLSConfig
 from detector.log_throttle import LogThrottle
+from detector.settings import AnnotateSettings
 
 __all__ = ["AnnotateSettings", "LieDetectorMiddleware", "annotation", "place_spans"]
 
@@ -80,33 +80,6 @@ MAX_EVENT_BYTES = 16 << 20
 # Past the bound on the sidecar call (which the gRPC deadline enforces), a little for the
 # reply to be decoded before the middleware stops waiting regardless.
 _GRACE_S = 0.25
-
-
-class AnnotateSettings(BaseSettings):
-    """Every field is ``LIE_DETECTOR_ANNOTATE_<NAME>``."""
-
-    model_config = SettingsConfigDict(env_prefix="LIE_DETECTOR_ANNOTATE_", extra="ignore")
-
-    # The sidecar's gRPC address (``lie-detector serve`` sets it).
-    grpc_address: str = "127.0.0.1:50051"
-    # The longest an annotated response waits for final scores after vLLM finished it.
-    timeout_s: float = Field(default=2.0, gt=0, le=60)
-    # Annotate nothing (every request passes straight through).
-    disable: bool = False
-    # TLS to the sidecar (its default is plaintext on loopback): on with the system's roots,
-    # or with the files below (PEM).
-    tls: bool = False
-    tls_root_certificates: Path | None = None
-    tls_client_cert: Path | None = None
-    tls_client_key: Path | None = None
-    tls_server_name: str | None = None
-
-    def tls_config(self) -> TLSConfig | None:
-        if not (self.tls or self.tls_root_certificates or self.tls_client_cert):
-            return None
-        return TLSConfig(root_certificates=self.tls_root_certificates,
-                         client_cert=self.tls_client_cert, client_key=self.tls_client_key,
-                         server_name=self.tls_server_name)
 
 
 class Unavailable(Exception):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from detector.channel.auth import write_key
 from detector.config import default_layers
+from detector.settings import runtime_dir
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +190,8 @@ class Supervisor:
         self.opts = opts
         self._private_dir: Path | None = None
         if opts.channel is None or opts.channel_key_file is None:
-            base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-            self._private_dir = Path(tempfile.mkdtemp(prefix="lie-detector-serve-", dir=base))
+            self._private_dir = Path(tempfile.mkdtemp(prefix="lie-detector-serve-",
+                                                      dir=runtime_dir()))
         if opts.channel is None:
             opts.channel = f"ipc://{self._private_dir / 'channel.sock'}"
         if opts.channel_key_file is None:

@@ -31,6 +31,8 @@ from typing import Literal, get_args
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, model_validator
 
+from detector.ranks import midranks
+
 Signal = Literal["probe", "neg_min_logprob"]
 SIGNALS: tuple[str, ...] = get_args(Signal)
 # Token features the engine must compute for a signal (``detector.hooks.token_features``).
@@ -106,12 +108,7 @@ class VerdictModel(BaseModel):
         values = np.asarray(values, dtype=np.float64).reshape(-1, len(self.signals))
         out = np.full(values.shape, np.nan)
         for j, ref in enumerate(self.reference):
-            r = np.asarray(ref, dtype=np.float64)
-            v = values[:, j]
-            ok = np.isfinite(v)
-            lo = np.searchsorted(r, v[ok], side="left")
-            hi = np.searchsorted(r, v[ok], side="right")
-            out[ok, j] = (lo + hi) / (2.0 * len(r))
+            out[:, j] = midranks(values[:, j], ref)
         return out
 
     def fused(self, values: np.ndarray) -> np.ndarray:

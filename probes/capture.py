@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from detector.config import candidate_layers
+from detector.hooks.token_features import entropy_of
 from detector.launch_checks import LaunchError, check_layers
 from detector.model_identity import ModelIdentity, identify_model
 from probes.datasets.prompts import STOP, PromptRenderer
@@ -154,18 +155,6 @@ def user_jobs(records: Sequence[UserRecord], tokenizer: Any) -> list[Job]:
 
 
 # ----------------------------------------------------------------------------- features
-
-
-def entropy_of(top: dict[str, float] | list[float], k: int) -> float:
-    """Entropy (nats) of the top-k alternatives, renormalised to sum to one."""
-    values = sorted((float(v) for v in (top.values() if isinstance(top, dict) else top)),
-                    reverse=True)[:k]
-    if not values:
-        return float("nan")
-    lp = np.asarray(values)
-    p = np.exp(lp - lp.max())
-    p /= p.sum()
-    return float(-(p * np.log(np.clip(p, 1e-30, None))).sum())
 
 
 # ----------------------------------------------------------------------------- runner
@@ -544,4 +533,4 @@ def capture_user_records(records: Sequence[UserRecord], out_dir: str | Path, *, 
 
 __all__ = ["CaptureSettings", "CaptureSummary", "NO_CLAIM_REASON",
            "capture_questions",
-           "capture_user_records", "entropy_of", "question_jobs", "run_capture", "user_jobs"]
+           "capture_user_records", "question_jobs", "run_capture", "user_jobs"]

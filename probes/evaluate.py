@@ -23,7 +23,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from probes.spans import ScorePosition, SpanTable
+from probes.spans import ScorePosition, SpanTable, neg_min_logprob
 
 logger = logging.getLogger(__name__)
 
@@ -95,16 +95,16 @@ def span_metrics(y: np.ndarray, score: np.ndarray, *, prob: np.ndarray | None = 
 def baseline_scores(table: SpanTable, spans: np.ndarray) -> dict[str, np.ndarray]:
     """Per-span scores of the logit-based baselines (higher = more likely fabricated)."""
     spans = np.asarray(spans, dtype=np.int64)
-    out: dict[str, list[float]] = {name: [] for name in BASELINES}
+    out: dict[str, list[float]] = {"neg_mean_logprob": [], "mean_entropy": []}
     for s in spans:
         a, k = int(table.token_start[s]), int(table.token_count[s])
         lp = table.logprobs[a:a + k]
         ent = table.entropies[a:a + k]
         lp, ent = lp[np.isfinite(lp)], ent[np.isfinite(ent)]
-        out["neg_min_logprob"].append(float(-lp.min()) if lp.size else float("nan"))
         out["neg_mean_logprob"].append(float(-lp.mean()) if lp.size else float("nan"))
         out["mean_entropy"].append(float(ent.mean()) if ent.size else float("nan"))
-    return {k: np.asarray(v) for k, v in out.items()}
+    return {"neg_min_logprob": neg_min_logprob(table, spans),
+            **{k: np.asarray(v, dtype=np.float64) for k, v in out.items()}}
 
 
 def random_direction_scores(

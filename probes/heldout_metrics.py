@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 
+from detector.hooks.token_features import entropy_of
 from probes.labeling import contains_words, normalize, numbers_agree
 
 SCORERS = ("probe", "neg_min_logprob", "neg_mean_logprob", "mean_entropy")
@@ -115,18 +116,6 @@ def verdict_metrics(labels: Sequence[str], flagged: Sequence[bool]) -> dict[str,
 
 
 # ----------------------------------------------------------------------------- baselines
-def token_entropy(top: Mapping[str, float] | Sequence[float]) -> float:
-    """Entropy (nats) of the top-k alternatives renormalised to one (as training's
-    ``mean_entropy`` baseline computes it)."""
-    values = list(top.values()) if isinstance(top, Mapping) else list(top)
-    lp = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
-    if not lp.size:
-        return float("nan")
-    p = np.exp(lp - lp.max())
-    p /= p.sum()
-    return float(-(p * np.log(np.clip(p, 1e-30, None))).sum())
-
-
 def logprob_baselines(logprobs: Sequence[float | None], tops: Sequence[Sequence[float]],
                       t0: int, t1: int) -> dict[str, float]:
     """The baselines on generated tokens ``[t0, t1)`` (higher = more likely fabricated);
@@ -137,7 +126,8 @@ def logprob_baselines(logprobs: Sequence[float | None], tops: Sequence[Sequence[
     lps = [logprobs[i] for i in range(t0, t1)]
     if any(v is None or not math.isfinite(v) for v in lps):
         return {"neg_min_logprob": nan, "neg_mean_logprob": nan, "mean_entropy": nan}
-    ents = [token_entropy(tops[i]) if i < len(tops) else nan for i in range(t0, t1)]
+    # Every alternative the reply gave (k=None): the API may add the chosen token to its 20.
+    ents = [entropy_of(tops[i], None) if i < len(tops) else nan for i in range(t0, t1)]
     return {"neg_min_logprob": -float(min(lps)), "neg_mean_logprob": -float(np.mean(lps)),
             "mean_entropy": float(np.mean(ents))}
 
@@ -218,6 +208,5 @@ __all__ = [
     "label_longform_claim",
     "logprob_baselines",
     "numeric",
-    "token_entropy",
     "verdict_metrics",
 ]

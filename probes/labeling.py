@@ -19,19 +19,24 @@ punctuation, articles, "St." = "Saint"):
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from detector.claims import Claim, claim_tokens, core_answer, find_claims
+from detector.claims import (
+    MAX_ANSWER_WORDS,
+    Claim,
+    ascii_fold,
+    claim_tokens,
+    core_answer,
+    find_claims,
+)
 from probes.datasets.schema import Question
 
 Label = Literal["retrieval", "fabrication", "refusal", "ambiguous"]
 TRAINABLE: tuple[Label, ...] = ("retrieval", "fabrication")
 
-MAX_ANSWER_WORDS = 6  # longer spans are descriptions or evasions, not a claim to judge
 _WORD_SUBSTITUTIONS = {"st": "saint", "ste": "sainte", "mt": "mount", "ft": "fort"}
 _ARTICLES = ("the ", "a ", "an ")
 _REFUSALS = [
@@ -61,8 +66,7 @@ class AnswerLabel(BaseModel):
 
 def normalize(text: str) -> str:
     """Accent-, case- and punctuation-insensitive form used for every comparison."""
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    text = text.lower().replace("&", " and ")
+    text = ascii_fold(text).lower().replace("&", " and ")
     text = re.sub(r"['`\u2019]", "", text)
     text = re.sub(r"[^a-z0-9]+", " ", text).strip()
     words = [_WORD_SUBSTITUTIONS.get(w, w) for w in text.split()]

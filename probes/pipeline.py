@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from detector.artifact import ProbeArtifact, folded_linear, load_probe
+from detector.settings import cache_dir
 from probes import report as rpt
 from probes.evaluate import (
     baseline_scores,
@@ -40,9 +41,7 @@ MARGIN_TARGET = 0.05
 
 
 def default_work_dir(name: str = DEFAULT_PROBE_NAME) -> Path:
-    cache = os.environ.get("LIE_DETECTOR_CACHE")
-    base = Path(cache).expanduser() if cache else Path.home() / ".cache" / "vllm-lie-detector"
-    return base / "training" / name
+    return cache_dir() / "training" / name
 
 
 @dataclass

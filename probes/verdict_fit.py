@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.isotonic import IsotonicRegression
 from sklearn.metrics import roc_auc_score
 
+from detector.ranks import midranks
 from detector.verdict import MAX_REFERENCE, OperatingPoint, VerdictModel
 from probes.linear import threshold_for_fpr
 
@@ -135,9 +136,7 @@ def choose_probe_weight(y: np.ndarray, signals: np.ndarray, groups: np.ndarray, 
 
 def _midranks(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, dtype=np.float64)
-    ref = np.sort(v[np.isfinite(v)])
-    out = (np.searchsorted(ref, v, "left") + np.searchsorted(ref, v, "right")) / (2.0 * len(ref))
-    return np.where(np.isfinite(v), out, 0.5)
+    return np.nan_to_num(midranks(v, np.sort(v[np.isfinite(v)])), nan=0.5)
 
 
 def _auroc(y: np.ndarray, s: np.ndarray) -> float:

@@ -7,7 +7,7 @@
 # when the converted folder already matches the packaged GGUF file.
 #
 # Environment: PYTHON (interpreter used to create the venv, default python3),
-#              LIE_DETECTOR_CACHE (where the converted model goes, see detector/embedded_model.py).
+#              LIE_DETECTOR_CACHE (where the converted model goes, see detector/settings.py).
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -27,7 +27,7 @@ def register() -> None:
         return
     _registered = True
     _ensure_log_handler()
-    from detector.config import HookSettings
+    from detector.settings import HookSettings
 
     try:
         settings = HookSettings()

@@ -10,14 +10,15 @@ here, in plain torch, imported by the hook and the tests; nothing here imports v
   top-p). vLLM's default ``logprobs_mode`` is ``raw_logprobs``, which is what the API
   returns as ``token_logprobs``.
 * ``entropy``: entropy (nats) of the top-``TOP_K`` alternatives at that position,
-  renormalised to sum to one: what ``probes.capture.entropy_of`` computes from the API's
-  ``top_logprobs``. A lower bound on the full entropy, kept because training only ever
-  sees the top 20.
+  renormalised to sum to one: :func:`topk_entropy`, which :func:`entropy_of` also applies
+  to the API's ``top_logprobs`` for training and the held-out baselines. A lower bound on
+  the full entropy, kept because training only ever sees the top 20.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, get_args
 
 import torch
@@ -75,5 +76,19 @@ def topk_entropy(scores: torch.Tensor, top_k: int = TOP_K) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(dim=-1)  # xlogy: a -inf logit contributes 0, not NaN
 
 
-__all__ = ["TOKEN_FEATURES", "TOKEN_FEATURES_ENV", "TOP_K", "TokenFeature",
+def entropy_of(top: Mapping[str, float | None] | Iterable[float | None],
+               k: int | None = TOP_K) -> float:
+    """Entropy (nats) of one position's alternatives as the API gives them (``top_logprobs``:
+    a mapping token -> log-probability, or the values alone): :func:`topk_entropy` over
+    the ``k`` highest (all with ``k=None``), in float64. Missing and non-finite values are
+    skipped; NaN when none is left."""
+    values = top.values() if isinstance(top, Mapping) else top
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return float("nan")
+    scores = torch.tensor([finite], dtype=torch.float64)
+    return float(topk_entropy(scores, len(finite) if k is None else k)[0])
+
+
+__all__ = ["TOKEN_FEATURES", "TOKEN_FEATURES_ENV", "TOP_K", "TokenFeature", "entropy_of",
            "parse_token_features", "token_features", "topk_entropy"]

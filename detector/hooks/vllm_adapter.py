@@ -57,9 +57,10 @@ from detector.channel.wire import (
     now_ns,
     one_line,
 )
-from detector.config import HookSettings, default_layers
+from detector.config import default_layers
 from detector.hooks.capture import OpenStep, ScheduledRequest, StepAssembler
 from detector.hooks.token_features import token_features
+from detector.settings import HookSettings
 
 logger = logging.getLogger("detector.hooks")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import functools
 import re
-import unicodedata
 from dataclasses import dataclass, field
 
+from detector.claims import ascii_fold  # the datasets import it from here too
 from probes.datasets.facts import unique
 from probes.datasets.schema import Question, Shot
 from probes.datasets.sources import countryinfo_records, geonames, language_name
@@ -125,10 +125,6 @@ SHOT_COUNTRIES = {"FR", "JP", "KE", "MX", "SE", "BR"}
 
 def shots(topic: str) -> list[Shot]:
     return [Shot(question=q, answer=a) for q, a in SHOTS[topic]]
-
-
-def ascii_fold(text: str) -> str:
-    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
 
 
 @dataclass

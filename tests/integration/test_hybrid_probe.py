@@ -26,8 +26,8 @@ from support import (
 
 from detector.artifact import ProbeArtifact, ProbeMetadata
 from detector.client import DetectorClient
+from detector.hooks.token_features import entropy_of
 from detector.model_identity import identify_model
-from probes.capture import entropy_of
 
 pytestmark = pytest.mark.vllm
 logger = logging.getLogger(__name__)

@@ -12,7 +12,6 @@ serves; the finished requests read exactly as before, byte for byte; memory stay
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import psutil
@@ -24,9 +23,10 @@ from tiny_engine import engine, probe, schedule, single_request
 from detector.client import DetectorClient, RequestState, Scores
 from detector.channel.auth import client_options, read_key, write_key
 from detector.channel.wire import Heartbeat, encode_heartbeat, encode_step
+from detector.settings import SuiteSettings
 from detector.sidecar.app import Sidecar, SidecarSettings
 
-MESSAGES = int(os.environ.get("LIE_DETECTOR_CHANNEL_FUZZ", "10000"))
+MESSAGES = SuiteSettings().channel_fuzz
 MiB = 1 << 20
 RSS_LIMIT = 256 * MiB
 

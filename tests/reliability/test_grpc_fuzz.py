@@ -25,6 +25,7 @@ from tiny_engine import engine, make_step, probe, schedule
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
+from detector.settings import SuiteSettings
 from detector.sidecar.app import Sidecar, SidecarSettings
 from detector.sidecar.service import MAX_ID_LENGTH
 
@@ -42,7 +43,7 @@ ACTIONABLE = {
     grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
-FUZZ = settings(max_examples=int(os.environ.get("LIE_DETECTOR_FUZZ_EXAMPLES", "200")),
+FUZZ = settings(max_examples=SuiteSettings().fuzz_examples,
                 deadline=None, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])

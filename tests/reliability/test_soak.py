@@ -39,19 +39,21 @@ from support import (
 )
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
+from detector.settings import SuiteSettings
 
 pytestmark = pytest.mark.vllm
 
 PROBE = "synthetic"
 MiB = 1 << 20
-SOAK_S = float(os.environ.get("LIE_DETECTOR_SOAK_S", "90"))
-CONCURRENCY = int(os.environ.get("LIE_DETECTOR_SOAK_CONCURRENCY", "12"))
-STREAM_CLIENTS = int(os.environ.get("LIE_DETECTOR_SOAK_STREAMS", "3"))
+_KNOBS = SuiteSettings()
+SOAK_S = _KNOBS.soak_s
+CONCURRENCY = _KNOBS.soak_concurrency
+STREAM_CLIENTS = _KNOBS.soak_streams
 SIDECAR_RSS_LIMIT = 300 * MiB
 WORKER_RSS_LIMIT = 512 * MiB
 WARMUP_S = min(15.0, SOAK_S / 4)
 # A test run leaves the committed results alone unless asked to record its figures.
-RESULTS = os.environ.get("LIE_DETECTOR_SOAK_RESULTS")
+RESULTS = _KNOBS.soak_results
 # A drop reaches the sidecar's counter with the hook's next message, which can sit behind a
 # backlog (the hook's queue and ZeroMQ's buffers): seconds when the machine is busy.
 DROP_VISIBLE_S = 15.0
@@ -270,7 +272,7 @@ def test_soak(vllm_server, model_dir, tmp_path) -> None:
                         for k, v in s.items() if k != "mono"} for s in soak.samples],
             "machine": {"cpus": os.cpu_count(), "load_avg_end": os.getloadavg()},
         }
-        out = Path(RESULTS) if RESULTS else tmp_path / "soak.json"
+        out = RESULTS or tmp_path / "soak.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(report, indent=1) + "\n")

@@ -9,6 +9,7 @@ import pytest
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.client import Scores, scores_from_pb
+from detector.hooks.token_features import entropy_of
 from probes import heldout_metrics as hm
 from probes.datasets.schema import Question, Shot
 from probes.heldout_eval import Job, Reply, label_longform, label_short, plain_prompt
@@ -56,7 +57,7 @@ def test_logprob_baselines_on_claim_tokens() -> None:
     tops = [[-0.1, -3.0], [-0.7, -0.7], [-0.5, -1.0], [-0.05]]
     b = hm.logprob_baselines(lps, tops, 1, 3)
     assert b["neg_min_logprob"] == 2.0 and b["neg_mean_logprob"] == pytest.approx(1.25)
-    assert b["mean_entropy"] == pytest.approx((math.log(2) + hm.token_entropy([-0.5, -1.0])) / 2)
+    assert b["mean_entropy"] == pytest.approx((math.log(2) + entropy_of([-0.5, -1.0], None)) / 2)
     assert math.isnan(hm.logprob_baselines(lps, tops, 3, 6)["neg_min_logprob"])
 
 

@@ -83,8 +83,8 @@ def test_token_features_match_a_hand_computation() -> None:
 
 
 def test_entropy_matches_what_training_reads_from_the_api() -> None:
-    """probes.capture.entropy_of works on the API's top_logprobs: same number."""
-    from probes.capture import entropy_of
+    """entropy_of, which training applies to the API's top_logprobs: same number."""
+    from detector.hooks.token_features import entropy_of
 
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(1, 500, generator=g) * 4

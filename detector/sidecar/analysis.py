@@ -33,6 +33,9 @@ class RequestAnalysis:
     responses: list[ResponseVerdict]
     # Where an incremental analysis's verdicts stand (None from :meth:`Analyzer.analyse`).
     state: ViewState | None = None
+    # The request as the store has it (``record`` is cut to what the client received: a
+    # matched stop string ends it); set by :meth:`Analyzer.current`.
+    stored: RequestRecord | None = None
 
     @property
     def open_from(self) -> int:
@@ -72,10 +75,11 @@ class Analyzer:
         if self.decoder is None and model_path and Path(model_path).is_dir():
             self.decoder = TextDecoder.from_model_dir(model_path)
 
-    def current(self, store: RequestStore, request_id: str, *, settled_only: bool = False
-                ) -> RequestAnalysis | None:
+    def current(self, store: RequestStore, request_id: str, *, settled_only: bool = False,
+                stream: bool = False) -> RequestAnalysis | None:
         """The analysis of the request ``request_id`` names as it stands now (with
-        ``settled_only``, of its leading tokens whose scores are final); None for an
+        ``settled_only``, of its leading tokens whose scores are final; with ``stream``,
+        that while the request runs and every token once it has ended); None for an
         unknown or expired request. Equals :meth:`analyse` of a fresh snapshot, at the cost
         of what changed since the request was last read."""
         from detector.sidecar.incremental import LiveAnalysis
@@ -96,6 +100,8 @@ class Analyzer:
             if delta.record.version != live.version or delta.token_ids or delta.tokens \
                     or delta.restart:
                 live.advance(delta)
+            if stream:
+                settled_only = not delta.record.finished
             return live.view(settled_only)
 
     def analyse(self, record: RequestRecord, tokens: list[TokenScore],

@@ -268,6 +268,8 @@ class LiveAnalysis:
         self.version = -1
         self.resets = 0
         self.views_made = 0
+        self.retired = {"claim_cuts": 0, "sentence_cuts": 0, "claims_judged": 0,
+                        "sentences_judged": 0}  # the work of views dropped
         self.decoded = 0  # tokens decoded, all resets included
         self._reset()
 
@@ -282,6 +284,8 @@ class LiveAnalysis:
         self.tokens: list[TokenScore] = []
         self.logprob: list[float] | None = None
         self.settled = 0
+        for view in getattr(self, "views", {}).values():
+            self._retire(view)
         self.views: dict[bool, _View] = {}
         self.cache: dict[bool, Any] = {}
         self.resets += 1
@@ -293,16 +297,16 @@ class LiveAnalysis:
     def work(self) -> dict[str, int]:
         """What this analysis has done so far (tests pin that a step's work does not grow
         with the answer)."""
-        views = list(self.views.values())
-        return {
-            "decoded": self.decoded,
-            "claim_cuts": sum(v.claims.cuts for v in views),
-            "sentence_cuts": sum(v.sentences.cuts for v in views),
-            "claims_judged": sum(v.judged_claims for v in views),
-            "sentences_judged": sum(v.judged_sentences for v in views),
-            "resets": self.resets,
-            "views_made": self.views_made,
-        }
+        out = dict(self.retired)
+        for view in self.views.values():
+            for name, count in _view_work(view).items():
+                out[name] += count
+        return {"decoded": self.decoded, **out, "resets": self.resets,
+                "views_made": self.views_made}
+
+    def _retire(self, view: _View) -> None:
+        for name, count in _view_work(view).items():
+            self.retired[name] += count
 
     def restart(self, decoder: TextDecoder | None) -> None:
         """Start again from the first token (another tokenizer, other probes)."""
@@ -362,7 +366,7 @@ class LiveAnalysis:
         assert record is not None, "advance first"
         n = self.settled if settled_only else len(self.tokens)
         if self.pieces is None:
-            out = RequestAnalysis(record, self.tokens[:n], None, [], [])
+            out = RequestAnalysis(record, self.tokens[:n], None, [], [], stored=record)
             self.cache[settled_only] = out
             return out
         while True:
@@ -373,7 +377,7 @@ class LiveAnalysis:
             if cut is not None and view.claims.can_cut(cut[1]) and \
                     view.sentences.can_cut(cut[1]):
                 break
-            del self.views[settled_only]  # the text got shorter (a revived request): anew
+            self._retire(self.views.pop(settled_only))  # the text got shorter: anew
         k, end, stopped = cut
         ends = self.ends[:k]
         over = bisect.bisect_right(ends, end)
@@ -388,7 +392,8 @@ class LiveAnalysis:
         state = None
         if columns is not None and columns.names:
             verdicts, responses, state = view.judge(decoded, end, self.tokens, k, self.logprob)
-        out = RequestAnalysis(record, self.tokens[:k], decoded, verdicts, responses, state)
+        out = RequestAnalysis(record, self.tokens[:k], decoded, verdicts, responses, state,
+                              self.record)
         self.cache[settled_only] = out
         return out
 
@@ -403,6 +408,11 @@ class LiveAnalysis:
         return view
 
 
+def _view_work(view: _View) -> dict[str, int]:
+    return {"claim_cuts": view.claims.cuts, "sentence_cuts": view.sentences.cuts,
+            "claims_judged": view.judged_claims, "sentences_judged": view.judged_sentences}
+
+
 class StreamCursor:
     """The spans a stream has sent, and how far into a view's fixed verdicts it has looked:
     each update looks only at what is new or was judged again, yet sends exactly what
@@ -415,9 +425,15 @@ class StreamCursor:
         self._claims = 0  # fixed claim verdicts before this are all sent
         self._sentences = 0
 
-    def closed(self, verdicts: list[SpanVerdict], state: ViewState | None, done: bool,
-               open_from: int) -> list[SpanVerdict]:
-        """The verdicts to send now: closed (their sentence ended, or ``done``), not sent."""
+    def closed(self, analysis: Any, done: bool) -> list[SpanVerdict]:
+        """The verdicts of ``analysis`` to send now: closed (the sentence holding them has
+        ended and text follows, or ``done``: a name can still grow, "New" -> "New York"),
+        and not sent before."""
+        verdicts: list[SpanVerdict] = analysis.verdicts
+        state: ViewState | None = analysis.state
+        if not verdicts:
+            return []
+        open_from = 0 if done else analysis.open_from
         if done or state is None:
             closed = [v for v in verdicts if (done or v.span.char_end <= open_from)
                       and _key(v) not in self.sent]

@@ -149,7 +149,7 @@ def _run(decoder: TextDecoder, seed: int, text: str) -> None:
             want = [v for v in ref.verdicts if v.span.char_end <= ref.open_from
                     and (v.span.kind, v.span.char_start, v.span.char_end, v.probe)
                     not in expect_sent]
-            assert c.closed(live.verdicts, live.state, False, live.open_from) == want
+            assert c.closed(live, False) == want
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +163,52 @@ def decoder(model_dir: Path) -> TextDecoder:
 def test_incremental_analysis_equals_analysis_from_scratch(decoder: TextDecoder,
                                                            seed: int) -> None:
     _run(decoder, seed, TEXTS[seed % len(TEXTS)])
+
+
+# --------------------------------------------------------------------- work per step
+PARAGRAPH = ("The capital of France is Paris. It was founded by the Romans in 52 BC, and "
+             "King Louis XIV of France built Versailles in 1682.\n")
+
+
+def _work_per_step(decoder: TextDecoder, n_tokens: int) -> list[dict[str, int]]:
+    """Feed an answer one token per step, reading both views after each step as a stream and
+    GetScores would; the analysis's work counters, per step."""
+    rng = random.Random(0)
+    store = RequestStore()
+    store.set_columns(COLUMNS)
+    analyzer = Analyzer(decoder)
+    tok = decoder.tokenizer
+    prompt = tok.encode("Tell me about France.").ids
+    answer = (tok.encode(PARAGRAPH * (n_tokens // 20)).ids)[:n_tokens]
+    req = "cmpl-work-0-1a2b3c4d"
+    n_prompt = len(prompt)
+    header, index, probs = _step(0, req, 0, prompt, n_prompt, [answer[0]], False, rng, None)
+    store.ingest(header, index, probs, COLUMNS)
+    cursor = StreamCursor()
+    steps: list[dict[str, int]] = []
+    before: dict[str, int] = {}
+    for g in range(1, len(answer)):
+        header, index, probs = _step(g, req, n_prompt + g - 1, [answer[g - 1]], n_prompt,
+                                     [answer[g]], False, rng, None)
+        store.ingest(header, index, probs, COLUMNS)
+        settled = analyzer.current(store, req, stream=True)
+        assert settled is not None
+        cursor.closed(settled, False)
+        assert analyzer.current(store, req) is not None
+        found = store.live(req, lambda _: None)
+        assert found is not None
+        work = found[1].work()
+        steps.append({k: v - before.get(k, 0) for k, v in work.items()})
+        before = work
+    return steps
+
+
+def test_one_steps_work_does_not_grow_with_the_answer(decoder: TextDecoder) -> None:
+    steps = _work_per_step(decoder, 1200)
+    assert all(s["resets"] == 0 and s["views_made"] == 0 for s in steps[5:])
+    assert all(s["decoded"] == 1 for s in steps[1:])  # each token decoded once, when it came
+    early, late = steps[50:250], steps[-200:]  # the same paragraphs, 1000 tokens apart
+    for counter in ("claim_cuts", "sentence_cuts", "claims_judged", "sentences_judged"):
+        assert max(s[counter] for s in late) <= max(s[counter] for s in early), counter
+        # and every claim and sentence is cut and judged a bounded number of times
+        assert sum(s[counter] for s in steps) <= 12 * len(steps), counter

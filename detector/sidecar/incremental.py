@@ -67,17 +67,25 @@ class ViewState:
     ``fixed_sentences`` sentence verdicts after them) only change where ``rejudged_since``
     says."""
 
-    view: object
-    stamp: int
+    view: object  # which view: a new one starts its stream's look anew
+    stamp: int  # how many times the view has judged fixed verdicts again
     claims: int
     fixed_claims: int
     fixed_sentences: int
     open_from: int  # where the last sentence that may still grow begins
+    # The last re-judgings: (stamp, first claim verdict, first sentence verdict) judged
+    # again; a copy, so a stream reads it without the analysis's lock.
+    log: tuple[tuple[int, int, int], ...] = ()
 
     def rejudged_since(self, stamp: int) -> tuple[int, int] | None:
         """The lowest fixed claim and sentence verdict indices judged again after
-        ``stamp``; None when the view no longer remembers that far back."""
-        return self.view.rejudged_since(stamp)  # type: ignore[attr-defined]
+        ``stamp``; None when the log no longer reaches back that far."""
+        if stamp == self.stamp:
+            return (self.fixed_claims, self.fixed_sentences)
+        if not self.log or self.log[0][0] > stamp + 1:
+            return None
+        later = [(cv, sv) for st, cv, sv in self.log if st > stamp]
+        return (min(cv for cv, _ in later), min(sv for _, sv in later))
 
 
 class _View:
@@ -185,14 +193,6 @@ class _View:
         self.stamp += 1
         self.log.append((self.stamp, cv_from, sv_from))
 
-    def rejudged_since(self, stamp: int) -> tuple[int, int] | None:
-        if stamp == self.stamp:
-            return (len(self.flat_cv), len(self.flat_sv))
-        if not self.log or self.log[0][0] > stamp + 1:
-            return None
-        later = [(cv, sv) for st, cv, sv in self.log if st > stamp]
-        return (min(cv for cv, _ in later), min(sv for _, sv in later))
-
     def _inside(self, verdicts: list[SpanVerdict], start: int, end: int) -> list[SpanVerdict]:
         """The claim verdicts (in order, sorted by span) lying within [start, end]."""
         lo = bisect.bisect_left(verdicts, start, key=lambda v: v.span.char_start)
@@ -251,7 +251,8 @@ class _View:
             stripped -= 1
         open_from = last[0] if last is not None and last[1] >= stripped else end
         state = ViewState(self, self.stamp, len(claims_out),
-                          len(self.flat_cv) if claims_out else 0, len(self.flat_sv), open_from)
+                          len(self.flat_cv) if claims_out else 0, len(self.flat_sv), open_from,
+                          tuple(self.log))
         return verdicts, responses, state
 
 

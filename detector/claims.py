@@ -324,8 +324,8 @@ def claim_tokens(starts: Sequence[int], ends: Sequence[int], claim: Claim | tupl
     claim; None when none does (an empty token never overlaps).
 
     ``starts`` and ``ends`` are non-decreasing, as the ranges of consecutive token pieces
-    are, so two binary searches find the tokens: a stream re-judges every claim of a long
-    answer at each step, and a scan per claim made that quadratic."""
+    are, so two binary searches find the tokens (a scan per claim made judging a long
+    answer quadratic)."""
     start, end = (claim.start, claim.end) if isinstance(claim, Claim) else claim
     first = bisect.bisect_right(ends, start)  # the first token ending after the claim starts
     stop = bisect.bisect_left(starts, end)  # the first token starting at or after its end
@@ -434,6 +434,7 @@ class ClaimCutter:
         self._newline_from = 0
         self._answer_decided = False
         self._answer: tuple[int, int] | None = None
+        self._placed = False  # the answer is among the claims (or there is none): no holding
         self._first_words = 0  # whitespace-separated words of the text scanned so far
         self._words_from = 0
         self.cuts = 0
@@ -465,19 +466,17 @@ class ClaimCutter:
                 if claim is not None:
                     self._pending.append(claim)
         self._decide_answer(text, end)
-        if self._answer_decided and self._pending and self._first_line_closed():
+        if not self._placed and self._answer_decided and self._first_line_closed():
+            # Every claim of the first line is known: the answer goes in among them, once.
             if self._answer is not None:
                 placed = _answer_claim(text, self._answer, seen, self._pending)
                 if placed is not None:
                     self._pending.insert(*placed)
                 self._answer = None
+            self._placed = True
+        if self._placed:
             self.fixed.extend(self._pending)
             self._pending = []
-        elif self._answer_decided and self._first_line_closed() and self._answer is not None:
-            placed = _answer_claim(text, self._answer, seen, self._pending)
-            if placed is not None:
-                self.fixed.append(placed[1])
-            self._answer = None
         # The tail: the open run and the words that may still change, cut again.
         builder = self._builder.copy()
         tail = list(self._pending)
@@ -505,7 +504,7 @@ class ClaimCutter:
     def frontier(self) -> int:
         """No claim but the fixed ones can start before this, however the text goes on: a
         sentence that ends by here has all its claims fixed."""
-        if not self._answer_decided or self._answer is not None or self._pending:
+        if not self._placed:
             return 0  # the short answer may still land anywhere in the first line
         run = self._builder.run
         return min(run[0][0], self._scan) if run else self._scan

@@ -39,9 +39,10 @@ from detector.sidecar.streams import ProbeColumns, RecordDelta, RequestRecord, T
 from detector.sidecar.text import DecodedText, PieceStream, TextDecoder
 from detector.verdict import VerdictModel
 
-# Rough memory per generated token an analysis holds (scores, offsets, text), counted
-# against the store's bound with the request's rows.
-TOKEN_NBYTES = 320
+# Memory per generated token an analysis holds (token scores, offsets, text, spans and
+# verdicts of both views: about 1 KB measured with 3 probes), counted against the store's
+# bound with the request's rows.
+TOKEN_NBYTES = 1024
 REJUDGE_LOG = 64  # rejudged ranges a stream can catch up on without a full rescan
 
 
@@ -365,6 +366,9 @@ class LiveAnalysis:
             return cached
         record = self.record
         assert record is not None, "advance first"
+        if record.finished and not settled_only and True in self.views:
+            # A stream reads every token once the request ended: the settled view is done.
+            self._retire(self.views.pop(True))
         n = self.settled if settled_only else len(self.tokens)
         if self.pieces is None:
             out = RequestAnalysis(record, self.tokens[:n], None, [], [], stored=record)

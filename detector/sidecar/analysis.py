@@ -87,7 +87,8 @@ class Analyzer:
         found = store.live(request_id, lambda _: LiveAnalysis(self.decoder, self.span_kinds))
         if found is None:
             return None
-        engine_id, live = found
+        engine_id = found[0]
+        live: LiveAnalysis = found[1]
         with live.lock:
             if live.decoder is not self.decoder:  # the tokenizer arrived since
                 live.restart(self.decoder)

@@ -21,9 +21,10 @@ import dataclasses
 import math
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
+from detector.channel.wire import StopRule
 from detector.claims import ClaimCutter, ResponseVerdict, SentenceCutter
 from detector.sidecar.spans import (
     Probe,
@@ -39,6 +40,9 @@ from detector.sidecar.streams import ProbeColumns, RecordDelta, RequestRecord, T
 from detector.sidecar.text import DecodedText, PieceStream, TextDecoder
 from detector.verdict import VerdictModel
 
+if TYPE_CHECKING:
+    from detector.sidecar.analysis import RequestAnalysis
+
 # Memory per generated token an analysis holds (token scores, offsets, text, spans and
 # verdicts of both views: about 1 KB measured with 3 probes), counted against the store's
 # bound with the request's rows.
@@ -46,7 +50,7 @@ TOKEN_NBYTES = 1024
 REJUDGE_LOG = 64  # rejudged ranges a stream can catch up on without a full rescan
 
 
-class _Scores(Sequence):
+class _Scores(Sequence[dict[str, float]]):
     """``tokens[i].scores`` of a view's first ``n`` tokens, without copying them."""
 
     __slots__ = ("tokens", "n")
@@ -57,7 +61,7 @@ class _Scores(Sequence):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i: int) -> dict[str, float]:  # type: ignore[override]
         return self.tokens[i].scores
 
 
@@ -118,8 +122,8 @@ class _View:
         self.judged_sentences = 0
 
     # ------------------------------------------------------------------ stop strings
-    def stops(self, text: str, starts: list[int], ends: list[int], n: int, rule: Any,
-              final: bool) -> tuple[int, int, bool] | None:
+    def stops(self, text: str, starts: list[int], ends: list[int], n: int,
+              rule: StopRule | None, final: bool) -> tuple[int, int, bool] | None:
         """``stops.apply_stops`` of the first ``n`` tokens: (tokens kept, text kept,
         whether a stop matched); None when the text is shorter than already searched."""
         ln = ends[n - 1] if n else 0
@@ -240,8 +244,8 @@ class _View:
                                           self._inside(claim_verdicts, start, stop),
                                           self.probes)
         agg = self._combine(self.agg[len(self.spans)], tail_cv)
-        responses = [ResponseVerdict(name, top if count else math.nan, threshold, flagged > 0,
-                                     count, flagged)
+        responses = [ResponseVerdict(name, top if top is not None else math.nan, threshold,
+                                     flagged > 0, count, flagged)
                      for (name, _, threshold), (top, count, flagged) in zip(self.probes, agg)]
         claims_out = claim_verdicts if "claim" in self.kinds else []
         verdicts = claims_out + self.flat_sv + tail_sv
@@ -289,7 +293,7 @@ class LiveAnalysis:
         for view in getattr(self, "views", {}).values():
             self._retire(view)
         self.views: dict[bool, _View] = {}
-        self.cache: dict[bool, Any] = {}
+        self.cache: dict[bool, RequestAnalysis] = {}
         self.resets += 1
 
     @property
@@ -357,7 +361,7 @@ class LiveAnalysis:
             self._prompt = self.decoder.text_of(self.prompt_tail) if self.decoder else ""
         return self._prompt
 
-    def view(self, settled_only: bool) -> Any:
+    def view(self, settled_only: bool) -> RequestAnalysis:
         """The analysis of every token, or of the leading tokens whose scores are final."""
         from detector.sidecar.analysis import RequestAnalysis  # it imports this module
 
@@ -424,13 +428,13 @@ class StreamCursor:
     scanning every verdict would (each span once, when closed)."""
 
     def __init__(self) -> None:
-        self.sent: set[tuple] = set()
+        self.sent: set[tuple[str, int, int, str]] = set()
         self._view: object = None
         self._stamp = 0
         self._claims = 0  # fixed claim verdicts before this are all sent
         self._sentences = 0
 
-    def closed(self, analysis: Any, done: bool) -> list[SpanVerdict]:
+    def closed(self, analysis: RequestAnalysis, done: bool) -> list[SpanVerdict]:
         """The verdicts of ``analysis`` to send now: closed (the sentence holding them has
         ended and text follows, or ``done``: a name can still grow, "New" -> "New York"),
         and not sent before."""
@@ -481,12 +485,13 @@ class StreamCursor:
         return out
 
 
-def _scan_regions(scan: Any, lo: int, fixed_hi: int, hi: int) -> int:
+def _scan_regions(scan: Callable[[int, int, int], int], lo: int, fixed_hi: int, hi: int
+                  ) -> int:
     """Scan the fixed region from ``lo`` up to the first open verdict, then the tail."""
     cursor = scan(lo, fixed_hi, fixed_hi)
     scan(fixed_hi, fixed_hi, hi)
     return cursor
 
 
-def _key(v: SpanVerdict) -> tuple:
+def _key(v: SpanVerdict) -> tuple[str, int, int, str]:
     return (v.span.kind, v.span.char_start, v.span.char_end, v.probe)

@@ -114,13 +114,26 @@ def _words(text: str) -> list[tuple[int, int]]:
     return [(m.start(), m.end()) for m in _WORD.finditer(text)]
 
 
-def _runs(text: str, words: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
-    """Consecutive capitalised/numeric words on one line, joined across single spaces,
-    date commas ("July 4, 1776") and lowercase connectors between capitalised words."""
-    runs: list[list[tuple[int, int]]] = []
-    run: list[tuple[int, int]] = []
-    pending: list[tuple[int, int]] = []  # connectors waiting for a capitalised word
-    for s, e in words:
+class _RunBuilder:
+    """:func:`_runs` one word at a time: the run being built and the connectors waiting
+    for a capitalised word. Fed the words of a text in order, it returns each run as it
+    closes, so a growing text's runs are cut once (:class:`ClaimCutter`)."""
+
+    __slots__ = ("run", "pending")
+
+    def __init__(self) -> None:
+        self.run: list[tuple[int, int]] = []
+        self.pending: list[tuple[int, int]] = []  # connectors waiting for a capitalised word
+
+    def copy(self) -> _RunBuilder:
+        other = _RunBuilder()
+        other.run, other.pending = list(self.run), list(self.pending)
+        return other
+
+    def feed(self, text: str, s: int, e: int) -> list[tuple[int, int]] | None:
+        """Take the word ``text[s:e]``; returns the run it closes, if any."""
+        run, pending = self.run, self.pending
+        closed = None
         word = text[s:e]
         prev_end = (pending or run)[-1][1] if (pending or run) else None
         gap = text[prev_end:s] if prev_end is not None else ""
@@ -134,7 +147,7 @@ def _runs(text: str, words: list[tuple[int, int]]) -> list[list[tuple[int, int]]
                 run += pending + [(s, e)]
             else:
                 if run:
-                    runs.append(run)
+                    closed = run
                 run = [(s, e)]
             pending = []
         elif (run and joined and word.lower() in _CONNECTORS and len(pending) < 2
@@ -145,10 +158,28 @@ def _runs(text: str, words: list[tuple[int, int]]) -> list[list[tuple[int, int]]
             pending = []
         else:
             if run:
-                runs.append(run)
+                closed = run
             run, pending = [], []
-    if run:
-        runs.append(run)
+        self.run, self.pending = run, pending
+        return closed
+
+    def close(self) -> list[tuple[int, int]] | None:
+        """The run still open when the text ends (None without one)."""
+        return self.run or None
+
+
+def _runs(text: str, words: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Consecutive capitalised/numeric words on one line, joined across single spaces,
+    date commas ("July 4, 1776") and lowercase connectors between capitalised words."""
+    runs: list[list[tuple[int, int]]] = []
+    builder = _RunBuilder()
+    for s, e in words:
+        closed = builder.feed(text, s, e)
+        if closed is not None:
+            runs.append(closed)
+    last = builder.close()
+    if last is not None:
+        runs.append(last)
     return runs
 
 
@@ -164,34 +195,52 @@ def _prompt_words(prompt: str) -> set[str]:
     return set(fold(prompt).split())
 
 
+def _run_claim(text: str, run: list[tuple[int, int]], seen: set[str]) -> Claim | None:
+    """The claim a run of words makes: function words and pronouns stripped from its start,
+    connectors from its end; none when nothing is left or a name is copied from the prompt
+    (``seen``: the prompt's folded words)."""
+    while run and text[run[0][0]:run[0][1]].lower() in _FUNCTION_WORDS and not _is_number(
+            text[run[0][0]:run[0][1]]):
+        run = run[1:]
+    while run and text[run[-1][0]:run[-1][1]].lower() in _CONNECTORS:
+        run = run[:-1]
+    if not run:
+        return None
+    tokens = [text[s:e] for s, e in run]
+    kind = _kind(tokens)
+    if kind == "name":
+        content = [fold(t) for t in tokens if t.lower() not in _CONNECTORS]
+        if seen and all(w in seen for c in content for w in c.split()):
+            return None  # copied from the prompt: no new claim
+    return Claim(run[0][0], run[-1][1], text[run[0][0]:run[-1][1]], kind)
+
+
+def _answer_claim(text: str, span: tuple[int, int] | None, seen: set[str],
+                  claims: Sequence[Claim]) -> tuple[int, Claim] | None:
+    """The short answer's claim and where it goes in ``claims`` (sorted, not overlapping),
+    or None: no answer, one that overlaps a claim, or one copied from the prompt."""
+    if span is None:
+        return None
+    s, e = span
+    # Claims are sorted and disjoint: only the last one starting before the answer's end
+    # can overlap it.
+    i = bisect.bisect_left(claims, e, key=lambda c: c.start)
+    if i and claims[i - 1].end > s:
+        return None
+    core = [fold(w) for w in text[s:e].split()]
+    if seen and all(w in seen for c in core for w in c.split()):
+        return None
+    return bisect.bisect_left(claims, s, key=lambda c: c.start), Claim(s, e, text[s:e], "answer")
+
+
 def find_claims(text: str, *, prompt: str = "") -> list[Claim]:
     """Claim spans of ``text`` (an answer to ``prompt``), in order, not overlapping."""
-    words = _words(text)
     seen = _prompt_words(prompt) if prompt else set()
-    claims: list[Claim] = []
-    for run in _runs(text, words):
-        # Strip function words and pronouns at the start of a run, and connectors at its end.
-        while run and text[run[0][0]:run[0][1]].lower() in _FUNCTION_WORDS and not _is_number(
-                text[run[0][0]:run[0][1]]):
-            run = run[1:]
-        while run and text[run[-1][0]:run[-1][1]].lower() in _CONNECTORS:
-            run = run[:-1]
-        if not run:
-            continue
-        tokens = [text[s:e] for s, e in run]
-        kind = _kind(tokens)
-        if kind == "name":
-            content = [fold(t) for t in tokens if t.lower() not in _CONNECTORS]
-            if seen and all(w in seen for c in content for w in c.split()):
-                continue  # copied from the prompt: no new claim
-        claims.append(Claim(run[0][0], run[-1][1], text[run[0][0]:run[-1][1]], kind))
-    answer = _short_answer(text, prompt)
-    if answer is not None and not any(c.start < answer[1] and answer[0] < c.end for c in claims):
-        s, e = answer
-        core = [fold(w) for w in text[s:e].split()]
-        if not (seen and all(w in seen for c in core for w in c.split())):
-            claims.append(Claim(s, e, text[s:e], "answer"))
-            claims.sort(key=lambda c: c.start)
+    claims = [c for run in _runs(text, _words(text))
+              if (c := _run_claim(text, run, seen)) is not None]
+    answer = _answer_claim(text, _short_answer(text, prompt), seen, claims)
+    if answer is not None:
+        claims.insert(*answer)
     return claims
 
 
@@ -284,8 +333,8 @@ def claim_tokens(starts: Sequence[int], ends: Sequence[int], claim: Claim | tupl
     claim; None when none does (an empty token never overlaps).
 
     ``starts`` and ``ends`` are non-decreasing, as the ranges of consecutive token pieces
-    are, so two binary searches find the tokens: a stream re-judges every claim of a long
-    answer at each step, and a scan per claim made that quadratic."""
+    are, so two binary searches find the tokens (a scan per claim made judging a long
+    answer quadratic)."""
     start, end = (claim.start, claim.end) if isinstance(claim, Claim) else claim
     first = bisect.bisect_right(ends, start)  # the first token ending after the claim starts
     stop = bisect.bisect_left(starts, end)  # the first token starting at or after its end
@@ -361,3 +410,178 @@ __all__ = [
     "response_verdict",
     "sentences",
 ]
+
+
+# ------------------------------------------------------------------ a growing text
+# A word can only grow through these characters (``_WORD``'s inner class and its thousands
+# comma): one with any other character after them is final however the text goes on.
+_WORD_CONTINUATION = re.compile(r"[\w'’.\-,]*")
+_NON_SPACE = re.compile(r"\S+")
+
+
+class ClaimCutter:
+    """:func:`find_claims` of a text that only grows, each run cut once it has closed.
+
+    A stream's answer grows token by token and is judged at every step: cutting the whole
+    text again each time made one step's work grow with the answer. The cutter keeps what
+    is settled: the words that can no longer change (followed by a character no word goes
+    on through), the runs they have closed, and the claims of those runs (``fixed``, only
+    ever appended to). :meth:`claims` cuts only the still-open tail again. The short answer
+    (:func:`_short_answer`) reads only the first line: claims stay in the tail until it is
+    decided (the first line ended, or grew past what a short answer can have) and every run
+    of the first line has closed, so ``fixed`` is never inserted into. Results equal
+    :func:`find_claims` of the text so far; ``cuts`` counts runs judged (for tests that pin
+    the work per step)."""
+
+    def __init__(self, prompt: str = "") -> None:
+        self.prompt = prompt
+        self.seen = _prompt_words(prompt) if prompt else set()
+        self.fixed: list[Claim] = []
+        self._pending: list[Claim] = []  # claims of closed runs, held back until the answer
+        self._builder = _RunBuilder()  # after the last final word
+        self._scan = 0  # final words end at or before this
+        self._end = 0  # the longest text seen: a shorter one cannot be cut from here
+        self._newline: int | None = None  # the first "\n" once seen
+        self._newline_from = 0
+        self._answer_decided = False
+        self._answer: tuple[int, int] | None = None
+        self._placed = False  # the answer is among the claims (or there is none): no holding
+        self._first_words = 0  # whitespace-separated words of the text scanned so far
+        self._words_from = 0
+        self.cuts = 0
+
+    def can_cut(self, end: int) -> bool:
+        """Whether ``text[:end]`` can be cut from the state kept (it is not shorter)."""
+        return end >= self._end
+
+    def claims(self, text: str, end: int) -> tuple[int, list[Claim]]:
+        """The claims of ``text[:end]``: ``fixed[:n]`` then the returned tail, as
+        ``(n, tail)``. ``text[:end]`` must extend every text given before."""
+        if not self.can_cut(end):
+            raise ValueError("the text may only grow")
+        self._end = end
+        seen = self.seen
+        # Words followed by a character they cannot go on through are final.
+        tail_words: list[tuple[int, int]] = []
+        for m in _WORD.finditer(text, self._scan, end):
+            s, e = m.span()
+            go_on = _WORD_CONTINUATION.match(text, e, end)
+            if tail_words or go_on is None or go_on.end() >= end:
+                tail_words.append((s, e))
+                continue
+            closed = self._builder.feed(text, s, e)
+            self._scan = e
+            if closed is not None:
+                self.cuts += 1
+                claim = _run_claim(text, closed, seen)
+                if claim is not None:
+                    self._pending.append(claim)
+        self._decide_answer(text, end)
+        if not self._placed and self._answer_decided and self._first_line_closed():
+            # Every claim of the first line is known: the answer goes in among them, once.
+            if self._answer is not None:
+                placed = _answer_claim(text, self._answer, seen, self._pending)
+                if placed is not None:
+                    self._pending.insert(*placed)
+                self._answer = None
+            self._placed = True
+        if self._placed:
+            self.fixed.extend(self._pending)
+            self._pending = []
+        # The tail: the open run and the words that may still change, cut again.
+        builder = self._builder.copy()
+        tail = list(self._pending)
+        for s, e in tail_words:
+            closed = builder.feed(text, s, e)
+            if closed is not None:
+                self.cuts += 1
+                claim = _run_claim(text, closed, seen)
+                if claim is not None:
+                    tail.append(claim)
+        last = builder.close()
+        if last is not None:
+            self.cuts += 1
+            claim = _run_claim(text, last, seen)
+            if claim is not None:
+                tail.append(claim)
+        answer = self._answer if self._answer_decided else (
+            _short_answer(text[:end], self.prompt))
+        if answer is not None:
+            placed = _answer_claim(text, answer, seen, tail)
+            if placed is not None:
+                tail.insert(*placed)
+        return len(self.fixed), tail
+
+    def frontier(self) -> int:
+        """No claim but the fixed ones can start before this, however the text goes on: a
+        sentence that ends by here has all its claims fixed."""
+        if not self._placed:
+            return 0  # the short answer may still land anywhere in the first line
+        run = self._builder.run
+        return min(run[0][0], self._scan) if run else self._scan
+
+    def _first_line_closed(self) -> bool:
+        """Every run of the first line has closed (or the answer no longer matters)."""
+        if self._newline is None:
+            return True  # decided without a newline: no answer, nothing to place
+        return self._scan > self._newline and not any(
+            s < self._newline for s, _ in self._builder.run + self._builder.pending)
+
+    def _decide_answer(self, text: str, end: int) -> None:
+        """Settle the short answer once the first line can no longer change it."""
+        if self._answer_decided:
+            return
+        if self._newline is None:
+            nl = text.find("\n", self._newline_from, end)
+            self._newline_from = end
+            if nl >= 0:
+                self._newline = nl
+        if self._newline is not None:
+            self._answer = _short_answer(text[:self._newline], self.prompt)
+            self._answer_decided = True
+            return
+        # Still one line: past 3 * MAX_ANSWER_WORDS words it is no short answer, ever.
+        growing = 0
+        for m in _NON_SPACE.finditer(text, self._words_from, end):
+            if m.end() == end:  # may still grow: counted for good once a space follows
+                growing = 1
+                break
+            self._first_words += 1
+            self._words_from = m.end()
+        if self._first_words + growing > 3 * MAX_ANSWER_WORDS:
+            self._answer_decided = True
+            self._answer = None
+
+
+class SentenceCutter:
+    """:func:`sentences` of a text that only grows: a sentence ended by a newline, or by
+    ``.``, ``!`` or ``?`` with a space after, is final (``fixed``); only the rest is cut
+    again. ``cuts`` counts sentences cut."""
+
+    def __init__(self) -> None:
+        self.fixed: list[tuple[int, int]] = []
+        self._scan = 0
+        self._end = 0
+        self.cuts = 0
+
+    def can_cut(self, end: int) -> bool:
+        return end >= self._end
+
+    def sentences(self, text: str, end: int) -> tuple[int, list[tuple[int, int]]]:
+        """The sentences of ``text[:end]``: ``fixed[:n]`` then the returned tail."""
+        if not self.can_cut(end):
+            raise ValueError("the text may only grow")
+        self._end = end
+        tail: list[tuple[int, int]] = []
+        for m in _SENTENCE.finditer(text, self._scan, end):
+            self.cuts += 1
+            s, e = m.span()
+            newline = text[e - 1] == "\n"
+            span = (s, e - (1 if newline else 0))
+            if not tail and (newline or (e < end and text[e].isspace()
+                                         and text[e - 1] in ".!?")):
+                self.fixed.append(span)
+                self._scan = e
+            else:
+                tail.append(span)
+        return len(self.fixed), tail

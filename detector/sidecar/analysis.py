@@ -1,17 +1,26 @@
-"""A request's tokens -> its text, spans and verdicts: what the API returns and metrics count."""
+"""A request's tokens -> its text, spans and verdicts: what the API returns and metrics count.
+
+:meth:`Analyzer.current` is what readers use: the request's analysis as it stands, advanced
+by what changed since it was last read (detector.sidecar.incremental). :meth:`Analyzer.analyse`
+analyses given tokens from scratch: the reference the incremental analysis must equal.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from detector.claims import ResponseVerdict
+from detector.claims import ResponseVerdict, sentences
 from detector.drift import ResponseDrift, response_drift
 from detector.sidecar.spans import SPAN_KINDS, SpanVerdict, find_spans, judge_spans
 from detector.sidecar.stops import cut_to_returned
-from detector.sidecar.streams import ProbeColumns, RequestRecord, TokenScore
+from detector.sidecar.streams import ProbeColumns, RequestRecord, RequestStore, TokenScore
 from detector.sidecar.text import DecodedText, TextDecoder
+
+if TYPE_CHECKING:
+    from detector.sidecar.incremental import ViewState
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +31,24 @@ class RequestAnalysis:
     verdicts: list[SpanVerdict]
     # One per probe: flagged when any claim span is (empty without a decoder or probes).
     responses: list[ResponseVerdict]
+    # Where an incremental analysis's verdicts stand (None from :meth:`Analyzer.analyse`).
+    state: ViewState | None = None
+    # The request as the store has it (``record`` is cut to what the client received: a
+    # matched stop string ends it); set by :meth:`Analyzer.current`.
+    stored: RequestRecord | None = None
+
+    @property
+    def open_from(self) -> int:
+        """Where the last sentence that may still grow begins (``len(text)`` if none may):
+        spans before it are final."""
+        if self.state is not None:
+            return self.state.open_from
+        text = self.text
+        spans = sentences(text)
+        if not spans:
+            return len(text)
+        start, end = spans[-1]
+        return start if end >= len(text.rstrip()) else len(text)
 
     @property
     def drift(self) -> list[ResponseDrift]:
@@ -47,6 +74,36 @@ class Analyzer:
         """Without ``--model``, read the tokenizer from the path the engine reports."""
         if self.decoder is None and model_path and Path(model_path).is_dir():
             self.decoder = TextDecoder.from_model_dir(model_path)
+
+    def current(self, store: RequestStore, request_id: str, *, settled_only: bool = False,
+                stream: bool = False) -> RequestAnalysis | None:
+        """The analysis of the request ``request_id`` names as it stands now (with
+        ``settled_only``, of its leading tokens whose scores are final; with ``stream``,
+        that while the request runs and every token once it has ended); None for an
+        unknown or expired request. Equals :meth:`analyse` of a fresh snapshot, at the cost
+        of what changed since the request was last read."""
+        from detector.sidecar.incremental import LiveAnalysis
+
+        found = store.live(request_id, lambda _: LiveAnalysis(self.decoder, self.span_kinds))
+        if found is None:
+            return None
+        engine_id = found[0]
+        live: LiveAnalysis = found[1]
+        with live.lock:
+            if live.decoder is not self.decoder:  # the tokenizer arrived since
+                live.restart(self.decoder)
+            delta = store.delta(engine_id, live.read, live.nbytes)
+            if delta is not None and delta.columns is not live.columns and live.read:
+                live.restart(self.decoder)  # other probes: every token's scores anew
+                delta = store.delta(engine_id, 0, live.nbytes)
+            if delta is None:
+                return None
+            if delta.record.version != live.version or delta.token_ids or delta.tokens \
+                    or delta.restart:
+                live.advance(delta)
+            if stream:
+                settled_only = not delta.record.finished
+            return live.view(settled_only)
 
     def analyse(self, record: RequestRecord, tokens: list[TokenScore],
                 columns: ProbeColumns | None, *, settled_only: bool = False) -> RequestAnalysis:

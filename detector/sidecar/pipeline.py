@@ -17,6 +17,7 @@ import torch
 from detector.channel.subscriber import ChannelSubscriber
 from detector.channel.wire import CaptureStatus, Heartbeat, Message, StepHeader
 from detector.log_throttle import LogThrottle
+from detector.sidecar.accounting import FinishAccounting
 from detector.sidecar.analysis import Analyzer
 from detector.sidecar.metrics import SidecarMetrics
 from detector.sidecar.registry import ProbeRegistry
@@ -67,13 +68,17 @@ class ScoringPipeline:
         self._stale_log = LogThrottle()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="scoring-pipeline", daemon=True)
+        # Finished requests are judged and counted on a thread of their own.
+        self.accounting = FinishAccounting(self._account)
 
     def start(self) -> None:
+        self.accounting.start()
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+        self.accounting.stop()
 
     @property
     def hook_connected(self) -> bool:
@@ -177,15 +182,18 @@ class ScoringPipeline:
                            self._stale_refused)
 
     def _account_finished(self, req_id: str) -> None:
+        """Queue a finished request's accounting (:mod:`detector.sidecar.accounting`)."""
+        self.accounting.submit(req_id)
+
+    def _account(self, req_id: str) -> None:
         """Span verdicts of a finished request, counted once, for alerting (and, with
         OpenTelemetry on, sent once as one evaluation event per probe)."""
         if not self.store.claim_finished(req_id):
             return
-        snap = self.store.snapshot(req_id)
-        if snap is None:
+        analysis = self.analyzer.current(self.store, req_id)
+        if analysis is None:
             return
         columns = self.store.columns
-        analysis = self.analyzer.analyse(*snap, columns)
         if analysis.record.incomplete:
             self.metrics.requests_incomplete.inc()
         if columns is None:

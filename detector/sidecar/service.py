@@ -28,8 +28,9 @@ from detector.artifact import (
     ProbePathError,
     probe_dir_within,
 )
-from detector.claims import ResponseVerdict, sentences
+from detector.claims import ResponseVerdict
 from detector.sidecar.analysis import Analyzer, RequestAnalysis
+from detector.sidecar.incremental import StreamCursor
 from detector.sidecar.registry import HeardCapture, LoadedProbe, ProbeRegistry
 from detector.sidecar.pool import ElasticThreadPool
 from detector.sidecar.security import AdminGuard, is_loopback
@@ -64,9 +65,9 @@ class DetectorService(pb_grpc.DetectorServicer):
         self.probe_roots = tuple(probe_roots)
         self.max_streams = max_streams
         self.pool: ElasticThreadPool | None = None  # the server's threads (build_server)
-        # A stream re-judges its whole answer per update: at most one update per interval
-        # per stream keeps that off the scoring thread's back (a lagging sidecar makes the
-        # hook drop steps) however fast the engine steps and however long the answer.
+        # At most one update per interval per stream: steps that land meanwhile go out
+        # together, which keeps many streams off the scoring thread's back (a lagging
+        # sidecar makes the hook drop steps) however fast the engine steps.
         self.stream_interval_s = stream_interval_s
         # A stream opened as its request is sent waits (within the client's deadline) this
         # long for the first step: under load a request can sit in vLLM's queue for long.
@@ -94,11 +95,10 @@ class DetectorService(pb_grpc.DetectorServicer):
         if request.wait_until_finished:
             self.store.wait(engine_id, until_finished=True,
                             timeout_s=max(0.0, deadline - time.monotonic()))
-        snap = self.store.snapshot(engine_id)
-        if snap is None:
+        analysis = self.analyzer.current(self.store, engine_id)
+        if analysis is None:
             context.abort(grpc.StatusCode.NOT_FOUND, self._unknown(request_id))
         columns = self.store.columns
-        analysis = self.analyzer.analyse(*snap, columns)
         record = analysis.record
         return pb.ScoresResponse(
             request_id=request_id,
@@ -150,7 +150,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         # The stream follows the request the id names now, even if a newer one takes it.
         engine_id, sharing = self._resolve(request_id, context)
         sent_tokens = 0
-        sent_spans: set[tuple] = set()
+        sent = StreamCursor()  # the spans sent: each once, when closed
         last_update = -float("inf")
         while context.is_active():
             # Steps that land meanwhile go out together in the next update.
@@ -158,21 +158,16 @@ class DetectorService(pb_grpc.DetectorServicer):
             if pause > 0:
                 time.sleep(min(pause, _budget(context)))
             last_update = time.monotonic()
-            snap = self.store.snapshot(engine_id)
-            if snap is None:
+            # Only tokens whose scores are final while it runs, every token once it ended.
+            analysis = self.analyzer.current(self.store, engine_id, stream=True)
+            if analysis is None:
                 context.abort(grpc.StatusCode.NOT_FOUND,
                               f"request {_shown(request_id)} expired while streaming")
-            record = snap[0]
+            record = analysis.stored
             done = record.finished
             columns = self.store.columns
-            analysis = self.analyzer.analyse(*snap, columns, settled_only=not done)
             n = len(analysis.tokens)
-            # A span is final once the sentence holding it has ended and text follows (a
-            # name can still grow: "New" -> "New York"), or the request ended.
-            open_from = _open_sentence_start(analysis.text)
-            closed = [v for v in analysis.verdicts
-                      if (done or v.span.char_end <= open_from)
-                      and _span_key(v) not in sent_spans]
+            closed = sent.closed(analysis, done)
             if n > sent_tokens or closed or done:
                 yield pb.ScoresUpdate(
                     request_id=request_id,
@@ -187,7 +182,6 @@ class DetectorService(pb_grpc.DetectorServicer):
                     drift=_drift(analysis) if done else [],
                 )
                 sent_tokens = n
-                sent_spans.update(_span_key(v) for v in closed)
             if done:
                 return
             self.store.wait(engine_id, after_version=record.version,
@@ -294,19 +288,6 @@ def _verdict(r: ResponseVerdict) -> pb.ResponseVerdict:
     return pb.ResponseVerdict(probe=r.probe, score=r.score, threshold=r.threshold,
                               flagged=r.flagged, claims=r.claims,
                               flagged_claims=r.flagged_claims)
-
-
-def _open_sentence_start(text: str) -> int:
-    """Where the last sentence that may still grow begins (``len(text)`` if none may)."""
-    spans = sentences(text)
-    if not spans:
-        return len(text)
-    start, end = spans[-1]
-    return start if end >= len(text.rstrip()) else len(text)
-
-
-def _span_key(v: SpanVerdict) -> tuple:
-    return (v.span.kind, v.span.char_start, v.span.char_end, v.probe)
 
 
 def _state(record: RequestRecord) -> int:

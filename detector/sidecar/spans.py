@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from detector.claims import (
+    Claim,
     ResponseVerdict,
     aggregate,
     claim_tokens,
@@ -50,21 +51,74 @@ class SpanVerdict:
     flagged: bool
 
 
+def claim_span(decoded: DecodedText, claim: Claim) -> Span | None:
+    """A claim as a span, with the generated tokens it covers (None: it covers none)."""
+    tokens = claim_tokens(decoded.starts, decoded.ends, claim)
+    if tokens is None:
+        return None
+    return Span("claim", claim.start, claim.end, tokens[0], tokens[1], claim.text)
+
+
 def find_spans(decoded: DecodedText, prompt: str = "") -> list[Span]:
     """The claim spans of the generated text, each with the generated tokens it covers."""
     spans = []
     for claim in find_claims(decoded.text, prompt=prompt):
-        tokens = claim_tokens(decoded.starts, decoded.ends, claim)
-        if tokens is not None:
-            spans.append(Span("claim", claim.start, claim.end, tokens[0], tokens[1], claim.text))
+        span = claim_span(decoded, claim)
+        if span is not None:
+            spans.append(span)
     return spans
+
+
+Probe = tuple[str, str, float]  # name, aggregation, threshold
+
+
+def judge_probes(probes: Sequence[Probe], verdicts: Mapping[str, tuple[VerdictModel, float]]
+                 ) -> list[Probe]:
+    """The probes as claims are judged: a probe with a verdict model by its threshold."""
+    return [(name, how, verdicts[name][1] if name in verdicts else threshold)
+            for name, how, threshold in probes]
+
+
+def judge_claim(span: Span, token_scores: Sequence[dict[str, float]], probes: Sequence[Probe],
+                verdicts: Mapping[str, tuple[VerdictModel, float]],
+                logprobs: Sequence[float] | None) -> list[SpanVerdict]:
+    """One claim's verdicts, one per probe that scored any of its tokens (``probes`` as
+    :func:`judge_probes` gives them)."""
+    out = []
+    for name, how, threshold in probes:
+        values = [token_scores[i][name] for i in range(span.token_start, span.token_end)
+                  if i < len(token_scores) and name in token_scores[i]]
+        if values:
+            score = aggregate(values, how)
+            if name in verdicts:
+                lps = list((logprobs or [])[span.token_start:span.token_end])
+                score = verdicts[name][0].claim_probability(claim_signals(values, lps, how))
+            out.append(SpanVerdict(span, name, score, threshold, score >= threshold))
+    return out
+
+
+def judge_sentence(decoded: DecodedText, start: int, end: int,
+                   inside: Sequence[SpanVerdict], probes: Sequence[Probe]) -> list[SpanVerdict]:
+    """A sentence's verdicts from the claim verdicts ``inside`` it: per probe, its highest
+    claim's (none for a probe without a claim verdict inside)."""
+    out = []
+    for name, _, threshold in probes:
+        mine = [v for v in inside if v.probe == name]
+        if not mine:
+            continue
+        top = max(mine, key=lambda v: v.score)
+        tokens = claim_tokens(decoded.starts, decoded.ends, (start, end))
+        assert tokens is not None  # it holds a claim, which covers tokens
+        span = Span("sentence", start, end, tokens[0], tokens[1], decoded.text[start:end])
+        out.append(SpanVerdict(span, name, top.score, threshold, top.flagged))
+    return out
 
 
 def judge_spans(
     decoded: DecodedText,
     claims: Sequence[Span],
     token_scores: Sequence[dict[str, float]],
-    probes: Sequence[tuple[str, str, float]],
+    probes: Sequence[Probe],
     kinds: Sequence[str] = SPAN_KINDS,
     *,
     verdicts: Mapping[str, tuple[VerdictModel, float]] | None = None,
@@ -79,34 +133,16 @@ def judge_spans(
     the claim's token ``logprobs`` (one per generated token, NaN where unknown).
     """
     verdicts = verdicts or {}
+    probes = judge_probes(probes, verdicts)
     claim_verdicts: list[SpanVerdict] = []
-    probes = [(name, how, verdicts[name][1] if name in verdicts else threshold)
-              for name, how, threshold in probes]
     for span in claims:
-        for name, how, threshold in probes:
-            values = [token_scores[i][name] for i in range(span.token_start, span.token_end)
-                      if i < len(token_scores) and name in token_scores[i]]
-            if values:
-                score = aggregate(values, how)
-                if name in verdicts:
-                    lps = list((logprobs or [])[span.token_start:span.token_end])
-                    score = verdicts[name][0].claim_probability(claim_signals(values, lps, how))
-                claim_verdicts.append(SpanVerdict(span, name, score, threshold,
-                                                  score >= threshold))
+        claim_verdicts += judge_claim(span, token_scores, probes, verdicts, logprobs)
     out = list(claim_verdicts) if "claim" in kinds else []
     if "sentence" in kinds:
         for start, end in sentences(decoded.text):
             inside = [v for v in claim_verdicts
                       if v.span.char_start >= start and v.span.char_end <= end]
-            for name, _, threshold in probes:
-                mine = [v for v in inside if v.probe == name]
-                if not mine:
-                    continue
-                top = max(mine, key=lambda v: v.score)
-                tokens = claim_tokens(decoded.starts, decoded.ends, (start, end))
-                assert tokens is not None  # it holds a claim, which covers tokens
-                span = Span("sentence", start, end, tokens[0], tokens[1], decoded.text[start:end])
-                out.append(SpanVerdict(span, name, top.score, threshold, top.flagged))
+            out += judge_sentence(decoded, start, end, inside, probes)
     responses = [response_verdict(name, threshold,
                                   [v.score for v in claim_verdicts if v.probe == name])
                  for name, _, threshold in probes]

@@ -41,19 +41,20 @@ def find_stop(text: str, rule: StopRule, check_from: int = 0) -> tuple[int, int]
     return best
 
 
-def partial_stop_start(text: str, rule: StopRule) -> int:
-    """Where the longest tail of ``text`` that is a proper prefix of a stop string begins
-    (``len(text)`` when none is): text from there on may still turn out to be a stop."""
-    hold = len(text)
-    if not text:
+def partial_stop_start(text: str, rule: StopRule, end: int | None = None) -> int:
+    """Where the longest tail of ``text[:end]`` that is a proper prefix of a stop string
+    begins (``end`` when none is): text from there on may still turn out to be a stop."""
+    n = len(text) if end is None else end
+    hold = n
+    if not n:
         return hold
-    last = text[-1]
+    last = text[n - 1]
     for stop in rule.strings:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if len(text) - k >= hold:
+        for k in range(min(len(stop) - 1, n), 0, -1):
+            if n - k >= hold:
                 break  # shorter tails cannot start earlier
-            if stop[k - 1] == last and text.endswith(stop[:k]):
-                hold = len(text) - k
+            if stop[k - 1] == last and text.endswith(stop[:k], 0, n):
+                hold = n - k
                 break
     return hold
 

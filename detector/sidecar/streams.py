@@ -23,8 +23,9 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -105,11 +106,21 @@ class RequestRecord:
     features: dict[str, list[float]] = field(default_factory=dict)
     # Stop strings the API process applies (detector.sidecar.stops); None when it has none.
     stop: StopRule | None = None
+    # What changed since the request's analysis last read it (:meth:`RequestStore.delta`):
+    # the lowest generated token whose id changed (0: the prompt or the stop rule did), and
+    # the lowest whose scores, time or features did. None: nothing.
+    dirty_ids: int | None = None
+    dirty_scores: int | None = None
+    # The request's analysis, advanced as it grows (detector.sidecar.incremental), and the
+    # memory it holds as counted in ``nbytes``.
+    live: Any = None
+    live_nbytes: int = 0
 
-    def token_scores(self, columns: ProbeColumns | None) -> list[TokenScore]:
-        """Every generated token in order, with whatever scores exist for it."""
+    def token_scores(self, columns: ProbeColumns | None, start: int = 0) -> list[TokenScore]:
+        """Every generated token from ``start`` on, in order, with whatever scores exist."""
         out = []
-        for g, token in enumerate(self.generated):
+        for g in range(start, len(self.generated)):
+            token = self.generated[g]
             q = self.num_prompt_tokens + g
             scores: dict[str, float] = {}
             outside: dict[str, bool] = {}
@@ -137,6 +148,22 @@ class RequestRecord:
             out.append(TokenScore(position=q, token_id=token, scores=scores, settled=settled,
                                   generated_ns=when, outside=outside))
         return out
+
+
+@dataclass(slots=True)
+class RecordDelta:
+    """What a request's analysis needs to catch up, read in one go under the store's lock:
+    only what changed since it last read (:meth:`RequestStore.delta`)."""
+
+    record: RequestRecord  # the request's state, without its per-token lists
+    columns: ProbeColumns | None
+    restart: bool  # a token already read changed: the analysis starts again
+    start: int  # ``token_ids`` are the generated tokens from here on
+    token_ids: list[int]
+    scores_from: int  # ``tokens`` (and ``logprob``) from here on
+    tokens: list[TokenScore]
+    logprob: list[float] | None
+    prompt_tail: list[int]
 
 
 @dataclass(slots=True)
@@ -288,6 +315,7 @@ class RequestStore:
                 if req.stop is not None and rec.stop is None:
                     rec.stop = req.stop
                     rec.nbytes += stop_rule_nbytes(req.stop)
+                    rec.dirty_ids = 0
                 p0 = rec.num_prompt_tokens
                 for j, token in enumerate(req.input_token_ids):
                     pos = req.first_position + j
@@ -302,6 +330,7 @@ class RequestStore:
                             rec.nbytes -= old[1].nbytes + _ROW_OVERHEAD
                         rec.rows[pos] = (columns, probs[i])
                         rec.nbytes += probs[i].nbytes + _ROW_OVERHEAD
+                        _mark_scores(rec, pos - p0)
                 end = req.first_position + req.num_rows
                 for k, token in enumerate(req.sampled_token_ids):
                     self._set_generated(rec, end + k - p0, token)
@@ -335,6 +364,7 @@ class RequestStore:
         grown with ``fill`` as far as a plausible gap (``MAX_GAP``) and counted in its bytes."""
         if g < 0 or g - len(values) > MAX_GAP:
             return
+        _mark_scores(rec, min(g, len(values)))
         if g >= len(values):
             rec.nbytes += 8 * (g + 1 - len(values))
             values.extend([fill] * (g + 1 - len(values)))
@@ -388,14 +418,18 @@ class RequestStore:
         if len(tail) < PROMPT_TAIL:
             rec.nbytes += 8 * (PROMPT_TAIL - len(tail))
             tail.extend([-1] * (PROMPT_TAIL - len(tail)))
-        tail[i] = token
+        if tail[i] != token:
+            tail[i] = token
+            rec.dirty_ids = 0
 
     @staticmethod
     def _set_generated(rec: RequestRecord, g: int, token: int) -> None:
         if g < 0:
             return
         if g < len(rec.generated):
-            rec.generated[g] = token
+            if rec.generated[g] != token:
+                rec.generated[g] = token
+                rec.dirty_ids = g if rec.dirty_ids is None else min(rec.dirty_ids, g)
         elif g == len(rec.generated):
             rec.generated.append(token)
             rec.nbytes += 8
@@ -571,6 +605,47 @@ class RequestStore:
             )
             return copy, rec.token_scores(self.columns)
 
+    def live(self, request_id: str, make: Callable[[RequestRecord], Any]
+             ) -> tuple[str, Any] | None:
+        """The engine id ``request_id`` names and its analysis (``make(record)`` makes it
+        the first time); None for an unknown request."""
+        with self._cond:
+            req_id = self._lookup(request_id)
+            if req_id is None:
+                return None
+            rec = self._records[req_id]
+            if rec.live is None:
+                rec.live = make(rec)
+            return req_id, rec.live
+
+    def delta(self, req_id: str, read: int, live_nbytes: int) -> RecordDelta | None:
+        """What request ``req_id`` (an engine id) changed since its analysis read its first
+        ``read`` generated tokens: new tokens, and the scores of tokens from the lowest that
+        changed. The analysis's memory (``live_nbytes``) counts towards the store's bound.
+        None once the request is gone."""
+        with self._cond:
+            rec = self._records.get(req_id)
+            if rec is None:
+                return None
+            grown = live_nbytes - rec.live_nbytes
+            rec.live_nbytes = live_nbytes
+            rec.nbytes += grown
+            self._bytes += grown
+            restart = rec.dirty_ids is not None and rec.dirty_ids < read
+            start = 0 if restart else min(read, len(rec.generated))
+            scores_from = start if rec.dirty_scores is None else min(start, rec.dirty_scores)
+            rec.dirty_ids = rec.dirty_scores = None
+            logprob = rec.features.get("logprob")
+            meta = RequestRecord(
+                rec.req_id, rec.engine_id, rec.num_prompt_tokens, finished=rec.finished,
+                incomplete=rec.incomplete, created=rec.created, updated=rec.updated,
+                version=rec.version, nbytes=rec.nbytes, stop=rec.stop)
+            return RecordDelta(
+                meta, self.columns, restart, start, rec.generated[start:], scores_from,
+                rec.token_scores(self.columns, scores_from),
+                logprob[scores_from:] if logprob is not None else None,
+                [t for t in rec.prompt_tail if t >= 0] if start == 0 else [])
+
     def wait(
         self, request_id: str, *, after_version: int = -1, timeout_s: float | None = None,
         until_finished: bool = False,
@@ -603,6 +678,13 @@ class RequestStore:
         with self._cond:
             return StoreStats(len(self._records), self._bytes, self.evicted, self.expired,
                               self.incomplete)
+
+
+def _mark_scores(rec: RequestRecord, g: int) -> None:
+    """Generated token ``g`` and those after it may score differently now (a row at
+    position p scores token p and, as its producer, token p + 1)."""
+    g = max(g, 0)
+    rec.dirty_scores = g if rec.dirty_scores is None else min(rec.dirty_scores, g)
 
 
 def stop_rule_nbytes(rule: StopRule) -> int:

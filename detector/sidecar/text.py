@@ -60,22 +60,38 @@ class TextDecoder:
         except Exception:  # an id outside the vocabulary: no text rather than no verdict
             return ""
 
+    def stream(self, prompt_tail: Sequence[int] = ()) -> PieceStream:
+        """An incremental decoder of one request's generated tokens (see :meth:`decode`)."""
+        return PieceStream(self.tokenizer, prompt_tail)
+
     def decode(self, generated: Sequence[int], prompt_tail: Sequence[int] = ()) -> DecodedText:
         """Decode generated tokens; unknown tokens (-1) decode to nothing.
 
         Only the last ``PRIME_TOKENS`` of ``prompt_tail`` prime the decoder, as vLLM's
         incremental detokenizer does."""
-        prompt_tail = list(prompt_tail)[-PRIME_TOKENS:]
-        stream = DecodeStream(ids=list(prompt_tail), skip_special_tokens=True) if prompt_tail \
+        stream = self.stream(prompt_tail)
+        return DecodedText.from_pieces([stream.step(token) for token in generated])
+
+
+class PieceStream:
+    """One request's generated tokens -> their text pieces, one token at a time, as vLLM's
+    detokenizer produces them: a request's text is decoded once as its tokens arrive, not
+    again from the start at every read. ``decoded`` counts the tokens stepped."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_tail: Sequence[int] = ()) -> None:
+        self.tokenizer = tokenizer
+        prime = list(prompt_tail)[-PRIME_TOKENS:]
+        self._stream = DecodeStream(ids=prime, skip_special_tokens=True) if prime \
             else DecodeStream(skip_special_tokens=True)
-        pieces: list[str] = []
-        for token in generated:
-            piece = ""
-            if token >= 0:
-                try:
-                    piece = stream.step(self.tokenizer, token) or ""
-                except Exception:  # vLLM resets on invalid UTF-8 prefixes; so do we
-                    stream = DecodeStream(skip_special_tokens=True)
-                    piece = stream.step(self.tokenizer, token) or ""
-            pieces.append(piece)
-        return DecodedText.from_pieces(pieces)
+        self.decoded = 0
+
+    def step(self, token: int) -> str:
+        """The text token ``token`` adds (unknown tokens, -1, add nothing)."""
+        self.decoded += 1
+        if token < 0:
+            return ""
+        try:
+            return self._stream.step(self.tokenizer, token) or ""
+        except Exception:  # vLLM resets on invalid UTF-8 prefixes; so do we
+            self._stream = DecodeStream(skip_special_tokens=True)
+            return self._stream.step(self.tokenizer, token) or ""

@@ -29,12 +29,8 @@ from detector.sidecar.metrics import SidecarMetrics
 from detector.sidecar.pipeline import ScoringPipeline
 from detector.sidecar.registry import ProbeRegistry
 from detector.sidecar.security import AdminGuard, server_credentials
-from detector.sidecar.service import (
-    HOOK_HEALTH_NAME,
-    SERVICE_NAME,
-    DetectorService,
-    build_server,
-)
+from detector.sidecar.server import GrpcServer
+from detector.sidecar.service import HOOK_HEALTH_NAME, SERVICE_NAME, DetectorService
 from detector.sidecar.spans import SPAN_KINDS
 from detector.sidecar.streams import RequestStore
 from detector.sidecar.telemetry import EvaluationEvents, start_evaluation_events
@@ -93,7 +89,9 @@ class SidecarSettings(BaseSettings):
     # client's deadline): a request can wait in vLLM's queue, and steps behind a backlog.
     stream_appear_wait_s: float = Field(60.0, ge=0, le=3600)
     shutdown_grace_s: float = Field(5.0, ge=0)
-    # A gRPC thread idle this long ends: the pool shrinks back after a burst of streams.
+    # A gRPC worker thread (a call's CPU work: re-judging an answer, loading a probe) idle
+    # this long ends. Open streams hold no thread (detector.sidecar.server); after a burst
+    # of calls the workers shrink back to none.
     grpc_idle_thread_s: float = Field(30.0, gt=0, le=3600)
     # TLS for gRPC; with a client CA, mutual TLS (clients must present a cert it signed).
     tls_cert_file: Path | None = None
@@ -270,9 +268,9 @@ class Sidecar:
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
             credentials = server_credentials(settings.tls_cert_file, settings.tls_key_file,
                                              settings.tls_client_ca_file)
-        self.server, self.health, self.grpc_port = build_server(
-            self.service, settings.grpc_address, credentials=credentials,
-            idle_thread_s=settings.grpc_idle_thread_s)
+        self.server = GrpcServer(self.service, settings.grpc_address, credentials=credentials,
+                                 idle_thread_s=settings.grpc_idle_thread_s)
+        self.grpc_port = self.server.port
         self.pipeline.on_hook_state.append(self._hook_health)
         self._stopping = threading.Event()
         self._stopped = threading.Event()
@@ -280,7 +278,7 @@ class Sidecar:
     def _hook_health(self, connected: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if connected
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.health.set(HOOK_HEALTH_NAME, status)
+        self.server.set_health(HOOK_HEALTH_NAME, status)
 
     def start(self) -> None:
         self.pipeline.start()
@@ -297,8 +295,8 @@ class Sidecar:
             return
         self._stopping.set()
         for name in ("", SERVICE_NAME, HOOK_HEALTH_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.server.stop(self.settings.shutdown_grace_s).wait()
+            self.server.set_health(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(self.settings.shutdown_grace_s)
         self.pipeline.stop()
         if self.events is not None:  # after scoring stopped: nothing is emitted any more
             self.events.shutdown(self.settings.otel_shutdown_timeout_s)

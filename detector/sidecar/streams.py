@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +30,7 @@ import numpy as np
 from detector.channel.ids import lookup_forms, request_aliases
 from detector.channel.wire import RefusedRows, RequestRows, StepHeader, StopRule
 from detector.log_throttle import LogThrottle
+from detector.sidecar.changes import ListenedCondition
 from detector.verdict import VerdictModel
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,13 @@ class RequestStore:
         self.evicted = 0
         self.expired = 0
         self.incomplete = 0
-        self._cond = threading.Condition()
+        # Threads wait on it; coroutines hear of the same changes through its listeners.
+        self._cond = ListenedCondition()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (the store's lock held: it must not block or read the store)
+        after every change a waiter may wait for."""
+        self._cond.listeners.append(listener)
 
     # ----------------------------------------------------------------- writing
     def set_columns(self, columns: ProbeColumns | None) -> None:

@@ -1,9 +1,10 @@
 """Streams never starve the API, without vLLM.
 
-The sync gRPC server ties a thread to each call. With 16 threads, 16 open streams used to
+The sync gRPC server tied a thread to each call. With 16 threads, 16 open streams used to
 stop everything else: health checks timed out (Kubernetes would restart the sidecar and
-lose its results) and so did GetScores. The pool now has a thread for every stream and wait
-the service admits, plus threads streams can never take.
+lose its results) and so did GetScores. Calls are now coroutines on the asyncio server
+(``detector.sidecar.server``): open streams and waits hold no thread, and each kind stays
+capped at ``max_streams``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ coroutines on one event loop (``detector.sidecar.server``), so a stream waiting 
 request's next step must not block on that condition: it would block the loop. Instead the
 store's condition also calls listeners on every ``notify_all``; :class:`StoreChanges` is one,
 and hands the wake-up to the loop (``call_soon_threadsafe``), where every waiting coroutine
-re-checks what it waits for. A waiting stream holds an ``asyncio.Event``, not a thread.
+re-checks what it waits for. A waiting stream holds a future and a timer, not a thread.
 """
 
 from __future__ import annotations

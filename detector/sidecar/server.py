@@ -3,11 +3,11 @@
 The thread-per-call server held a thread for every open ``StreamScores`` (and every
 ``GetScores`` that waits for the end): at 256 watched streams the process ran ~270 threads
 that all woke on every step, and health checks queued behind them (benchmarks/watchers.py).
-Here every call is a coroutine on one loop: a waiting stream holds an ``asyncio.Event``
-(``detector.sidecar.changes``), not a thread. The CPU work of an update (re-judging the
-answer) runs on a small worker pool (``WORKERS`` threads, each ending after
-``idle_thread_s`` idle), so the loop stays free to answer health checks and a burst of
-streams leaves nothing behind.
+Here every call is a coroutine on one loop: a waiting stream holds a future and a timer
+(``detector.sidecar.changes``), not a thread. The CPU work of an update (snapshot,
+re-judging the answer, building the message) runs on a small worker pool (``WORKERS``
+threads, each ending after ``idle_thread_s`` idle), so the loop stays free to answer health
+checks and a burst of streams leaves nothing behind.
 
 Other threads talk to the server through :class:`GrpcServer`, whose methods block until the
 loop has done what they ask.
@@ -35,9 +35,12 @@ from detector.sidecar.service import HOOK_HEALTH_NAME, SERVICE_NAME, DetectorSer
 
 logger = logging.getLogger(__name__)
 
-# Threads for the calls' CPU work and blocking reads (analysis, probe loading). The work is
-# Python under the GIL: more threads than this would not run more of it at once.
-WORKERS = 8
+# Threads for the calls' CPU work and blocking reads (re-judging answers, loading probes).
+# The work is Python under the GIL: more threads would not run more of it at once, and each
+# one more takes the GIL from the loop, which answers health checks (benchmarks/grpc_threads.py,
+# 256 streams on a loaded 2-core machine: health-check p50 6 ms with 2 workers, 29-92 ms
+# with 8).
+WORKERS = 2
 # How long ``GrpcServer`` waits for the loop to do a small thing (a health status).
 _LOOP_TIMEOUT_S = 30.0
 

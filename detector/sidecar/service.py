@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,6 +56,17 @@ HOOK_HEALTH_NAME = "liedetector.v1.Hook"
 MAX_ID_LENGTH = 1 << 17
 
 T = TypeVar("T")
+
+
+@dataclass
+class _Sent:
+    """What a stream has sent: tokens, settled spans, the record version it read last, and
+    whether that was the end."""
+
+    tokens: int = 0
+    spans: set[tuple] = field(default_factory=set)
+    version: int = -1
+    done: bool = False
 
 
 class DetectorService(pb_grpc.DetectorServicer):
@@ -108,11 +120,16 @@ class DetectorService(pb_grpc.DetectorServicer):
             await self.changes.wait_for(
                 lambda: self.store.wait(engine_id, until_finished=True, timeout_s=0),
                 max(0.0, deadline - time.monotonic()))
+        return await self._offload(self._scores, request_id, engine_id, sharing, context)
+
+    def _scores(self, request_id: str, engine_id: str, sharing: int,
+                context: grpc.ServicerContext) -> pb.ScoresResponse:
+        """The request's scores as the store has them now (a worker thread: CPU work)."""
         snap = self.store.snapshot(engine_id)
         if snap is None:
             context.abort(grpc.StatusCode.NOT_FOUND, self._unknown(request_id))
         columns = self.store.columns
-        analysis = await self._offload(self.analyzer.analyse, *snap, columns)
+        analysis = self.analyzer.analyse(*snap, columns)
         record = analysis.record
         return pb.ScoresResponse(
             request_id=request_id,
@@ -164,52 +181,58 @@ class DetectorService(pb_grpc.DetectorServicer):
                                 context)
         # The stream follows the request the id names now, even if a newer one takes it.
         engine_id, sharing = self._resolve(request_id, context)
-        sent_tokens = 0
-        sent_spans: set[tuple] = set()
-        last_update = -float("inf")
+        sent = _Sent()
         while context.is_active():
-            # Steps that land meanwhile go out together in the next update.
-            pause = last_update + self.stream_interval_s - time.monotonic()
-            if pause > 0:
-                await asyncio.sleep(min(pause, _budget(context)))
-            last_update = time.monotonic()
-            snap = self.store.snapshot(engine_id)
-            if snap is None:
-                context.abort(grpc.StatusCode.NOT_FOUND,
-                              f"request {_shown(request_id)} expired while streaming")
-            record = snap[0]
-            done = record.finished
-            columns = self.store.columns
-            analysis = await self._offload(self.analyzer.analyse, *snap, columns,
-                                           settled_only=not done)
-            n = len(analysis.tokens)
-            # A span is final once the sentence holding it has ended and text follows (a
-            # name can still grow: "New" -> "New York"), or the request ended.
-            open_from = _open_sentence_start(analysis.text)
-            closed = [v for v in analysis.verdicts
-                      if (done or v.span.char_end <= open_from)
-                      and _span_key(v) not in sent_spans]
-            if n > sent_tokens or closed or done:
-                yield pb.ScoresUpdate(
-                    request_id=request_id,
-                    engine_request_id=record.req_id,
-                    state=_state(record),
-                    incomplete_reason=record.incomplete or "",
-                    tokens=_tokens(analysis, sent_tokens, n, columns),
-                    spans=[_span(v) for v in closed],
-                    final=done,
-                    verdicts=[_verdict(r) for r in analysis.responses] if done else [],
-                    requests_with_id=sharing,
-                    drift=_drift(analysis) if done else [],
-                )
-                sent_tokens = n
-                sent_spans.update(_span_key(v) for v in closed)
-            if done:
+            update = await self._offload(self._update, request_id, engine_id, sharing, sent,
+                                         context)
+            if update is not None:
+                yield update
+            if sent.done:
                 return
-            version = record.version
-            await self.changes.wait_for(
-                lambda: self.store.wait(engine_id, after_version=version, timeout_s=0),
-                min(0.5, _budget(context)))
+            if update is not None:
+                # Steps that land meanwhile go out together in the next update. Paused
+                # before waiting: a stream in its pause is not woken by every step.
+                await asyncio.sleep(min(self.stream_interval_s, _budget(context)))
+            await self.changes.wait_for(lambda: self.store.moved_on(engine_id, sent.version),
+                                        min(0.5, _budget(context)))
+
+    def _update(self, request_id: str, engine_id: str, sharing: int, sent: _Sent,
+                context: grpc.ServicerContext) -> pb.ScoresUpdate | None:
+        """The stream's next update from the store now (None: nothing new), noted in
+        ``sent`` (a worker thread: CPU work)."""
+        snap = self.store.snapshot(engine_id)
+        if snap is None:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"request {_shown(request_id)} expired while streaming")
+        record = snap[0]
+        done = record.finished
+        columns = self.store.columns
+        analysis = self.analyzer.analyse(*snap, columns, settled_only=not done)
+        n = len(analysis.tokens)
+        # A span is final once the sentence holding it has ended and text follows (a
+        # name can still grow: "New" -> "New York"), or the request ended.
+        open_from = _open_sentence_start(analysis.text)
+        closed = [v for v in analysis.verdicts
+                  if (done or v.span.char_end <= open_from)
+                  and _span_key(v) not in sent.spans]
+        sent.version, sent.done = record.version, done
+        if not (n > sent.tokens or closed or done):
+            return None
+        update = pb.ScoresUpdate(
+            request_id=request_id,
+            engine_request_id=record.req_id,
+            state=_state(record),
+            incomplete_reason=record.incomplete or "",
+            tokens=_tokens(analysis, sent.tokens, n, columns),
+            spans=[_span(v) for v in closed],
+            final=done,
+            verdicts=[_verdict(r) for r in analysis.responses] if done else [],
+            requests_with_id=sharing,
+            drift=_drift(analysis) if done else [],
+        )
+        sent.tokens = n
+        sent.spans.update(_span_key(v) for v in closed)
+        return update
 
     # ----------------------------------------------------------------- probes
     async def ListProbes(self, request: pb.ListProbesRequest, context: grpc.ServicerContext

@@ -560,6 +560,14 @@ class RequestStore:
             return self._cond.wait_for(lambda: self._lookup(request_id) is not None,
                                        timeout=max(0.0, timeout_s))
 
+    def moved_on(self, engine_id: str, version: int) -> bool:
+        """Whether request ``engine_id`` (a record's own id) has moved past ``version``:
+        changed, ended, or gone. Read without the lock, for the gRPC event loop, which must
+        not wait while the scoring thread ingests a step: each read is atomic under the GIL,
+        and a change seen half-made only wakes the reader early (it then takes a snapshot)."""
+        rec = self._records.get(engine_id)
+        return rec is None or rec.version > version or rec.finished
+
     def snapshot(self, request_id: str) -> tuple[RequestRecord, list[TokenScore]] | None:
         """A consistent copy of one request's state and token scores."""
         with self._cond:

@@ -59,6 +59,7 @@ class GrpcServer:
         service.workers = ElasticThreadPool(workers, idle_s=idle_thread_s,
                                             thread_name_prefix="grpc-work")
         self._loop = asyncio.new_event_loop()
+        self._stopping = False
         self._thread = threading.Thread(target=self._run_loop, name="grpc-loop", daemon=True)
         self._thread.start()
         try:
@@ -83,7 +84,7 @@ class GrpcServer:
             options=[("grpc.max_receive_message_length", 1 << 20)],
             interceptors=[MalformedRequestInterceptor()],
         )
-        pb_grpc.add_DetectorServicer_to_server(AdaptedServicer(self.service), server)  # type: ignore[arg-type]
+        pb_grpc.add_DetectorServicer_to_server(AdaptedServicer(self.service), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -107,19 +108,22 @@ class GrpcServer:
         self._call(self._server.start())
 
     def set_health(self, name: str, status: int) -> None:
-        """Set a health entry (any thread; on the loop's own thread it is scheduled)."""
+        """Set a health entry (any thread; on the loop's own thread it is scheduled). Once
+        the server is stopping, statuses no longer change (the scoring thread may still
+        report the hook while the loop ends)."""
+        if self._stopping:
+            return
         if threading.current_thread() is self._thread:
-            self._loop.create_task(self._health.set(name, status))  # type: ignore[arg-type]
+            self._loop.create_task(self._health.set(name, status))
             return
-        if self._loop.is_closed():
-            return
-        self._call(self._health.set(name, status), _LOOP_TIMEOUT_S)  # type: ignore[arg-type]
+        self._call(self._health.set(name, status), _LOOP_TIMEOUT_S)
 
     def stop(self, grace_s: float | None) -> None:
         """Refuse new calls, let open ones finish for ``grace_s``, cancel the rest, end the
         loop's thread and the workers."""
-        if self._loop.is_closed():
+        if self._stopping:
             return
+        self._stopping = True
         try:
             self._call(self._stop(grace_s))
         finally:
@@ -180,7 +184,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
             behaviour = getattr(handler, kind)
             if behaviour is not None:
                 changes[kind] = _checked(behaviour, kind.startswith("stream_"))
-        return handler._replace(**changes)  # type: ignore[attr-defined,no-any-return]
+        return handler._replace(**changes)
 
 
 def _checked(behaviour: Callable[..., Any], streamed_requests: bool) -> Callable[..., Any]:

@@ -38,9 +38,9 @@ from detector.artifact import (
 )
 from detector.claims import ResponseVerdict, sentences
 from detector.sidecar.analysis import Analyzer, RequestAnalysis
-from detector.sidecar.registry import HeardCapture, LoadedProbe, ProbeRegistry
 from detector.sidecar.changes import StoreChanges
 from detector.sidecar.pool import ElasticThreadPool
+from detector.sidecar.registry import HeardCapture, LoadedProbe, ProbeRegistry
 from detector.sidecar.security import AdminGuard
 from detector.sidecar.spans import SpanVerdict
 from detector.sidecar.streams import ProbeColumns, RequestRecord, RequestStore

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -281,6 +282,7 @@ class Sidecar:
         self.server.set_health(HOOK_HEALTH_NAME, status)
 
     def start(self) -> None:
+        _freeze_start_up_objects()
         self.pipeline.start()
         self.server.start()
         if self.settings.metrics_port is not None:
@@ -306,6 +308,16 @@ class Sidecar:
 
     def wait(self) -> None:
         self._stopped.wait()
+
+
+def _freeze_start_up_objects() -> None:
+    """What start-up loaded (torch, tokenizer, probes: hundreds of thousands of objects)
+    lives as long as the process; frozen, full garbage collections no longer scan it. Under
+    256 streams those collections stopped every thread for 0.2-0.4 s, the tail of both the
+    health-check latency and the score delay (benchmarks/grpc_threads.py; 0.03-0.06 s
+    frozen). Garbage is collected first: nothing collectable is frozen."""
+    gc.collect()
+    gc.freeze()
 
 
 def _evaluation_events(settings: SidecarSettings) -> EvaluationEvents | None:

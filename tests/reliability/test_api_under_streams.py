@@ -38,7 +38,7 @@ def sidecar(tmp_path):
     sc.stop()
 
 
-def test_health_and_reads_answer_while_streams_and_waits_hold_threads(sidecar) -> None:
+def test_health_and_reads_answer_while_streams_and_waits_are_open(sidecar) -> None:
     with grpc.insecure_channel(sidecar.settings.grpc_address) as ch:
         stub = pb_grpc.DetectorStub(ch)
         holders = [stub.StreamScores(pb.StreamScoresRequest(request_id=f"never-{i}"),

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 # 256 streams on a loaded 2-core machine: health-check p50 6 ms with 2 workers, 29-92 ms
 # with 8).
 WORKERS = 2
-# How long ``GrpcServer`` waits for the loop to do a small thing (a health status).
+# How long ``GrpcServer`` waits for the loop's thread to end.
 _LOOP_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
@@ -108,15 +108,16 @@ class GrpcServer:
         self._call(self._server.start())
 
     def set_health(self, name: str, status: int) -> None:
-        """Set a health entry (any thread; on the loop's own thread it is scheduled). Once
-        the server is stopping, statuses no longer change (the scoring thread may still
-        report the hook while the loop ends)."""
+        """Set a health entry from any thread, without waiting: the scoring thread reports
+        the hook and must not wait for a busy loop. Scheduled in call order, so a status set
+        before ``stop`` is in place before the server stops. Once the server is stopping,
+        statuses no longer change."""
         if self._stopping:
             return
         if threading.current_thread() is self._thread:
             self._loop.create_task(self._health.set(name, status))
-            return
-        self._call(self._health.set(name, status), _LOOP_TIMEOUT_S)
+        else:
+            asyncio.run_coroutine_threadsafe(self._health.set(name, status), self._loop)
 
     def stop(self, grace_s: float | None) -> None:
         """Refuse new calls, let open ones finish for ``grace_s``, cancel the rest, end the

@@ -205,7 +205,9 @@ class SidecarSettings(ChannelSettings):
     shutdown_grace_s: float = Field(default=5.0, ge=0, description=(
         "At stop, seconds running gRPC calls get to finish before they are cancelled."))
     grpc_idle_thread_s: float = Field(default=30.0, gt=0, le=3600, description=(
-        "A gRPC thread idle this long ends: the pool shrinks back after a burst of streams."))
+        "A gRPC worker thread (a call's CPU work: re-judging an answer, loading a probe) idle "
+        "this long ends. Open streams hold no thread (detector.sidecar.server); after a burst "
+        "of calls the workers shrink back to none."))
     tls_cert_file: Path | None = Field(default=None, description=(
         "gRPC TLS certificate (PEM); with tls_key_file."))
     tls_key_file: Path | None = Field(default=None, description="gRPC TLS private key (PEM).")

@@ -1,9 +1,10 @@
-"""A thread pool that gives its threads back: the gRPC server's executor.
+"""A thread pool that gives its threads back: the gRPC server's workers.
 
-The sync gRPC server ties a thread to each call, so a burst of streams needs a thread each;
-``concurrent.futures.ThreadPoolExecutor`` never ends a thread it started, so after a burst of
-300 streams the sidecar kept 300 idle threads (and their stacks) for ever. Here a thread that
-has had nothing to do for ``idle_s`` ends, down to none; the next call starts one again.
+gRPC calls run as coroutines (``detector.sidecar.server``); their CPU work (re-judging an
+answer) and blocking reads (loading a probe) run here. ``concurrent.futures.ThreadPoolExecutor``
+never ends a thread it started (when the sync server ran on one, a burst of 300 streams left
+300 idle threads for ever). Here a thread that has had nothing to do for ``idle_s`` ends,
+down to none; the next piece of work starts one again.
 """
 
 from __future__ import annotations

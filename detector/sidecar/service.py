@@ -5,20 +5,28 @@ INVALID_ARGUMENT for malformed requests, NOT_FOUND for unknown request ids,
 FAILED_PRECONDITION for a probe that does not fit the served model, RESOURCE_EXHAUSTED
 over the stream limit, UNAUTHENTICATED / PERMISSION_DENIED for admin calls not allowed
 (and PERMISSION_DENIED for a probe path outside the probe roots).
+
+Handlers are coroutines on the asyncio server (``detector.sidecar.server``): they must not
+block. Waiting for the store is awaited (``changes.StoreChanges``); CPU work and blocking
+reads go to the worker pool (``_offload``). ``context`` is a ``calls.CallContext``: its
+``abort`` raises, as the thread-per-call server's did, so helpers refuse a call from
+anywhere.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
@@ -30,10 +38,11 @@ from detector.artifact import (
 )
 from detector.claims import ResponseVerdict
 from detector.sidecar.analysis import Analyzer, RequestAnalysis
+from detector.sidecar.changes import StoreChanges
 from detector.sidecar.incremental import StreamCursor
-from detector.sidecar.registry import HeardCapture, LoadedProbe, ProbeRegistry
 from detector.sidecar.pool import ElasticThreadPool
-from detector.sidecar.security import AdminGuard, is_loopback
+from detector.sidecar.registry import HeardCapture, LoadedProbe, ProbeRegistry
+from detector.sidecar.security import AdminGuard
 from detector.sidecar.spans import SpanVerdict
 from detector.sidecar.streams import ProbeColumns, RequestRecord, RequestStore
 
@@ -46,9 +55,19 @@ HOOK_HEALTH_NAME = "liedetector.v1.Hook"
 # Ids clients chose can be long (vLLM takes headers up to 4 MB); a long one is looked up by
 # the bounded form the hook sent (detector.channel.ids).
 MAX_ID_LENGTH = 1 << 17
-# Threads for health checks, reflection and calls that do not wait (GetScores, ListProbes,
-# LoadProbe): never taken by streams or waits.
-QUICK_WORKERS = 16
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Sent:
+    """What a stream has sent: tokens, closed spans (each once: ``cursor``), the record
+    version it read last, and whether that was the end."""
+
+    tokens: int = 0
+    cursor: StreamCursor = field(default_factory=StreamCursor)
+    version: int = -1
+    done: bool = False
 
 
 class DetectorService(pb_grpc.DetectorServicer):
@@ -64,7 +83,13 @@ class DetectorService(pb_grpc.DetectorServicer):
         # which probe scores, not read any file the sidecar can.
         self.probe_roots = tuple(probe_roots)
         self.max_streams = max_streams
-        self.pool: ElasticThreadPool | None = None  # the server's threads (build_server)
+        # Where handlers' CPU work and blocking reads run (``server.GrpcServer`` sets it;
+        # None: on the caller's thread).
+        self.workers: ElasticThreadPool | None = None
+        # Waiting coroutines hear of the store's changes through this (bound to the loop by
+        # ``server.GrpcServer``).
+        self.changes = StoreChanges()
+        store.on_change(self.changes.notify)
         # At most one update per interval per stream: steps that land meanwhile go out
         # together, which keeps many streams off the scoring thread's back (a lagging
         # sidecar makes the hook drop steps) however fast the engine steps.
@@ -76,25 +101,31 @@ class DetectorService(pb_grpc.DetectorServicer):
         self._streams_lock = threading.Lock()
 
     # ----------------------------------------------------------------- scores
-    def GetScores(self, request: pb.GetScoresRequest, context: grpc.ServicerContext
-                  ) -> pb.ScoresResponse:
+    async def GetScores(self, request: pb.GetScoresRequest, context: grpc.ServicerContext
+                        ) -> pb.ScoresResponse:
         request_id = _check_id(request.request_id, context)
         if not request.wait_until_finished:
-            return self._get_scores(request, request_id, context)
-        # A call that waits holds a thread like a stream: capped the same way, apart.
+            return await self._get_scores(request, request_id, context)
+        # A call that waits is capped like a stream, apart.
         with self._long_call(context, "waits"):
-            return self._get_scores(request, request_id, context)
+            return await self._get_scores(request, request_id, context)
 
-    def _get_scores(self, request: pb.GetScoresRequest, request_id: str,
-                    context: grpc.ServicerContext) -> pb.ScoresResponse:
+    async def _get_scores(self, request: pb.GetScoresRequest, request_id: str,
+                          context: grpc.ServicerContext) -> pb.ScoresResponse:
         wait_s = _budget(context) if request.wait_until_finished else 0.0
         deadline = time.monotonic() + wait_s
-        self._await_known(request_id, wait_s, context)
+        await self._await_known(request_id, wait_s, context)
         # Resolved once: a newer request that takes the id meanwhile is not this one.
         engine_id, sharing = self._resolve(request_id, context)
         if request.wait_until_finished:
-            self.store.wait(engine_id, until_finished=True,
-                            timeout_s=max(0.0, deadline - time.monotonic()))
+            await self.changes.wait_for(
+                lambda: self.store.wait(engine_id, until_finished=True, timeout_s=0),
+                max(0.0, deadline - time.monotonic()))
+        return await self._offload(self._scores, request_id, engine_id, sharing, context)
+
+    def _scores(self, request_id: str, engine_id: str, sharing: int,
+                context: grpc.ServicerContext) -> pb.ScoresResponse:
+        """The request's scores as they stand now (a worker thread: CPU work)."""
         analysis = self.analyzer.current(self.store, engine_id)
         if analysis is None:
             context.abort(grpc.StatusCode.NOT_FOUND, self._unknown(request_id))
@@ -115,17 +146,17 @@ class DetectorService(pb_grpc.DetectorServicer):
             drift=_drift(analysis),
         )
 
-    def StreamScores(self, request: pb.StreamScoresRequest, context: grpc.ServicerContext
-                     ) -> Iterator[pb.ScoresUpdate]:
+    async def StreamScores(self, request: pb.StreamScoresRequest,
+                           context: grpc.ServicerContext) -> AsyncIterator[pb.ScoresUpdate]:
         request_id = _check_id(request.request_id, context)
         with self._long_call(context, "streams"):
-            yield from self._stream(request_id, context)
+            async for update in self._stream(request_id, context):
+                yield update
 
     @contextmanager
     def _long_call(self, context: grpc.ServicerContext, kind: str) -> Iterator[None]:
-        """A slot for a call that holds its thread: at most ``max_streams`` streams and as
-        many waits, so the server's other threads always answer health checks and quick
-        calls (``build_server`` sizes the pool to match)."""
+        """A slot for a call that stays open: at most ``max_streams`` streams and as many
+        waits, which bounds the re-judging work (and memory) open calls can ask for."""
         with self._streams_lock:
             if self._open[kind] >= self.max_streams:
                 what = "open streams" if kind == "streams" else "calls waiting for the end"
@@ -140,67 +171,77 @@ class DetectorService(pb_grpc.DetectorServicer):
 
     @property
     def open_calls(self) -> int:
-        """Streams and waits holding a thread now."""
+        """Streams and waits open now."""
         with self._streams_lock:
             return sum(self._open.values())
 
-    def _stream(self, request_id: str, context: grpc.ServicerContext
-                ) -> Iterator[pb.ScoresUpdate]:
-        self._await_known(request_id, min(self.appear_wait_s, _budget(context)), context)
+    async def _stream(self, request_id: str, context: grpc.ServicerContext
+                      ) -> AsyncIterator[pb.ScoresUpdate]:
+        await self._await_known(request_id, min(self.appear_wait_s, _budget(context)),
+                                context)
         # The stream follows the request the id names now, even if a newer one takes it.
         engine_id, sharing = self._resolve(request_id, context)
-        sent_tokens = 0
-        sent = StreamCursor()  # the spans sent: each once, when closed
-        last_update = -float("inf")
+        sent = _Sent()
         while context.is_active():
-            # Steps that land meanwhile go out together in the next update.
-            pause = last_update + self.stream_interval_s - time.monotonic()
-            if pause > 0:
-                time.sleep(min(pause, _budget(context)))
-            last_update = time.monotonic()
-            # Only tokens whose scores are final while it runs, every token once it ended.
-            analysis = self.analyzer.current(self.store, engine_id, stream=True)
-            if analysis is None:
-                context.abort(grpc.StatusCode.NOT_FOUND,
-                              f"request {_shown(request_id)} expired while streaming")
-            record = analysis.stored
-            done = record.finished
-            columns = self.store.columns
-            n = len(analysis.tokens)
-            closed = sent.closed(analysis, done)
-            if n > sent_tokens or closed or done:
-                yield pb.ScoresUpdate(
-                    request_id=request_id,
-                    engine_request_id=record.req_id,
-                    state=_state(record),
-                    incomplete_reason=record.incomplete or "",
-                    tokens=_tokens(analysis, sent_tokens, n, columns),
-                    spans=[_span(v) for v in closed],
-                    final=done,
-                    verdicts=[_verdict(r) for r in analysis.responses] if done else [],
-                    requests_with_id=sharing,
-                    drift=_drift(analysis) if done else [],
-                )
-                sent_tokens = n
-            if done:
+            update = await self._offload(self._update, request_id, engine_id, sharing, sent,
+                                         context)
+            if update is not None:
+                yield update
+            if sent.done:
                 return
-            self.store.wait(engine_id, after_version=record.version,
-                            timeout_s=min(0.5, _budget(context)))
+            if update is not None:
+                # Steps that land meanwhile go out together in the next update. Paused
+                # before waiting: a stream in its pause is not woken by every step.
+                await asyncio.sleep(min(self.stream_interval_s, _budget(context)))
+            await self.changes.wait_for(lambda: self.store.moved_on(engine_id, sent.version),
+                                        min(0.5, _budget(context)))
+
+    def _update(self, request_id: str, engine_id: str, sharing: int, sent: _Sent,
+                context: grpc.ServicerContext) -> pb.ScoresUpdate | None:
+        """The stream's next update from the store now (None: nothing new), noted in
+        ``sent`` (a worker thread: CPU work)."""
+        # Only tokens whose scores are final while it runs, every token once it ended.
+        analysis = self.analyzer.current(self.store, engine_id, stream=True)
+        if analysis is None:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"request {_shown(request_id)} expired while streaming")
+        record = analysis.stored
+        done = record.finished
+        columns = self.store.columns
+        n = len(analysis.tokens)
+        closed = sent.cursor.closed(analysis, done)
+        sent.version, sent.done = record.version, done
+        if not (n > sent.tokens or closed or done):
+            return None
+        update = pb.ScoresUpdate(
+            request_id=request_id,
+            engine_request_id=record.req_id,
+            state=_state(record),
+            incomplete_reason=record.incomplete or "",
+            tokens=_tokens(analysis, sent.tokens, n, columns),
+            spans=[_span(v) for v in closed],
+            final=done,
+            verdicts=[_verdict(r) for r in analysis.responses] if done else [],
+            requests_with_id=sharing,
+            drift=_drift(analysis) if done else [],
+        )
+        sent.tokens = n
+        return update
 
     # ----------------------------------------------------------------- probes
-    def ListProbes(self, request: pb.ListProbesRequest, context: grpc.ServicerContext
-                   ) -> pb.ListProbesResponse:
+    async def ListProbes(self, request: pb.ListProbesRequest, context: grpc.ServicerContext
+                         ) -> pb.ListProbesResponse:
         return pb.ListProbesResponse(probes=[_probe_info(p, self.registry.target_fpr) for p in self.registry.probes()],
                                      capture_status=_capture_status(self.registry.capture()))
 
-    def LoadProbe(self, request: pb.LoadProbeRequest, context: grpc.ServicerContext
-                  ) -> pb.ProbeInfo:
+    async def LoadProbe(self, request: pb.LoadProbeRequest, context: grpc.ServicerContext
+                        ) -> pb.ProbeInfo:
         self.admin.check(context, "LoadProbe")
         if not request.path or len(request.path) > 4096:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "path must be a probe directory")
         try:
             path = probe_dir_within(request.path, self.probe_roots)
-            loaded = self.registry.load(path, replace=request.replace)
+            loaded = await self._offload(self.registry.load, path, replace=request.replace)
         except ProbePathError as exc:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except ProbeMismatchError as exc:
@@ -211,16 +252,24 @@ class DetectorService(pb_grpc.DetectorServicer):
             context.abort(code, str(exc))
         return _probe_info(loaded, self.registry.target_fpr)
 
-    def UnloadProbe(self, request: pb.UnloadProbeRequest, context: grpc.ServicerContext
-                    ) -> pb.UnloadProbeResponse:
+    async def UnloadProbe(self, request: pb.UnloadProbeRequest,
+                          context: grpc.ServicerContext) -> pb.UnloadProbeResponse:
         self.admin.check(context, "UnloadProbe")
         if not request.name:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name is required")
-        if not self.registry.unload(request.name):
+        if not await self._offload(self.registry.unload, request.name):
             context.abort(grpc.StatusCode.NOT_FOUND, f"no probe named {request.name!r}")
         return pb.UnloadProbeResponse(unloaded=True)
 
     # ----------------------------------------------------------------- helpers
+    async def _offload(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` on a worker thread: CPU work and blocking reads keep off
+        the event loop, which answers every call (health checks too)."""
+        if self.workers is None:
+            return fn(*args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(
+            self.workers, functools.partial(fn, *args, **kwargs))
+
     def _unknown(self, request_id: str) -> str:
         """NOT_FOUND's message; it says why nothing is captured when capture is off."""
         message = f"request {_shown(request_id)} is not known (never seen, or expired)"
@@ -241,12 +290,13 @@ class DetectorService(pb_grpc.DetectorServicer):
                           f"request id, or the lie_detector annotation's request_id)")
         return engine_id, sharing
 
-    def _await_known(self, request_id: str, wait_s: float, context: grpc.ServicerContext) -> None:
-        deadline = time.monotonic() + wait_s
-        # Slices of a quarter second: a client that went away frees its thread soon.
-        while not self.store.wait_known(request_id, min(0.25, deadline - time.monotonic())):
-            if time.monotonic() >= deadline or not context.is_active():
-                context.abort(grpc.StatusCode.NOT_FOUND, self._unknown(request_id))
+    async def _await_known(self, request_id: str, wait_s: float,
+                           context: grpc.ServicerContext) -> None:
+        # Woken by the step that first mentions the id; a client that goes away cancels
+        # the wait (the server cancels the call's task).
+        if not await self.changes.wait_for(lambda: self.store.wait_known(request_id, 0),
+                                           wait_s):
+            context.abort(grpc.StatusCode.NOT_FOUND, self._unknown(request_id))
 
 
 def _tokens(analysis: RequestAnalysis, start: int, end: int, columns: ProbeColumns | None
@@ -346,100 +396,3 @@ def _probe_info(loaded: LoadedProbe, target_fpr: float | None = None) -> pb.Prob
         inactive_reason=loaded.inactive_reason,
         token_features=meta.token_features,
     )
-
-
-class _Malformed:
-    """What a request that is not a valid protobuf message deserialises to."""
-
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-class MalformedRequestInterceptor(grpc.ServerInterceptor):
-    """Answer INVALID_ARGUMENT, not INTERNAL, to bytes that do not parse as the request.
-
-    grpcio turns a deserializer's exception into INTERNAL ("Exception deserializing
-    request!"), which tells a client the server is broken. Every method (ours, health,
-    reflection) gets a deserializer that never raises and a check that refuses the result.
-    """
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        parse = handler.request_deserializer
-
-        def safe_parse(raw: bytes) -> object:
-            try:
-                return parse(raw)
-            except Exception as exc:  # DecodeError, invalid UTF-8 in a string field, ...
-                return _Malformed(f"{type(exc).__name__}: {exc}"[:200])
-
-        def refuse(context: grpc.ServicerContext, bad: _Malformed) -> None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"malformed request message ({bad.reason})")
-
-        def checked(requests, context):
-            for request in requests:
-                if isinstance(request, _Malformed):
-                    refuse(context, request)
-                yield request
-
-        def unary(behaviour):
-            def run(request, context):
-                if isinstance(request, _Malformed):
-                    refuse(context, request)
-                return behaviour(request, context)
-            return run
-
-        def streaming(behaviour):
-            return lambda requests, context: behaviour(checked(requests, context), context)
-
-        changes: dict = {"request_deserializer": safe_parse}
-        for kind, wrap in (("unary_unary", unary), ("unary_stream", unary),
-                           ("stream_unary", streaming), ("stream_stream", streaming)):
-            behaviour = getattr(handler, kind)
-            if behaviour is not None:
-                changes[kind] = wrap(behaviour)
-        return handler._replace(**changes)
-
-
-def build_server(service: DetectorService, address: str, *, quick_workers: int = QUICK_WORKERS,
-                 credentials: grpc.ServerCredentials | None = None,
-                 idle_thread_s: float = 30.0
-                 ) -> tuple[grpc.Server, health.HealthServicer, int]:
-    """A gRPC server with the detector, the standard health service and reflection.
-
-    The sync server ties a thread to each call: the pool has one per long call the service
-    admits (``max_streams`` streams and as many waits) plus ``quick_workers`` that they can
-    never take, so health checks and quick calls are never queued behind streams. Threads
-    start on demand and end after ``idle_thread_s`` without work (``pool.ElasticThreadPool``),
-    so a burst of streams leaves no threads behind."""
-    service.pool = ElasticThreadPool(2 * service.max_streams + quick_workers,
-                                     idle_s=idle_thread_s, thread_name_prefix="grpc")
-    server = grpc.server(
-        service.pool,
-        options=[("grpc.max_receive_message_length", 1 << 20)],
-        interceptors=[MalformedRequestInterceptor()],
-    )
-    pb_grpc.add_DetectorServicer_to_server(service, server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
-    if credentials is not None:
-        port = server.add_secure_port(address, credentials)
-    else:
-        if not is_loopback(address):
-            logger.warning("gRPC listens on %s without TLS: anyone who can reach it can read "
-                           "scores; set tls_cert_file/tls_key_file", address)
-        port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot listen for gRPC on {address}")
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    health_servicer.set(HOOK_HEALTH_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-    return server, health_servicer, port

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ import numpy as np
 from detector.channel.ids import lookup_forms, request_aliases
 from detector.channel.wire import RefusedRows, RequestRows, StepHeader, StopRule
 from detector.log_throttle import LogThrottle
+from detector.sidecar.changes import ListenedCondition
 from detector.verdict import VerdictModel
 
 logger = logging.getLogger(__name__)
@@ -217,7 +217,13 @@ class RequestStore:
         self.evicted = 0
         self.expired = 0
         self.incomplete = 0
-        self._cond = threading.Condition()
+        # Threads wait on it; coroutines hear of the same changes through its listeners.
+        self._cond = ListenedCondition()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (the store's lock held: it must not block or read the store)
+        after every change a waiter may wait for."""
+        self._cond.listeners.append(listener)
 
     # ----------------------------------------------------------------- writing
     def set_columns(self, columns: ProbeColumns | None) -> None:
@@ -587,6 +593,14 @@ class RequestStore:
         with self._cond:
             return self._cond.wait_for(lambda: self._lookup(request_id) is not None,
                                        timeout=max(0.0, timeout_s))
+
+    def moved_on(self, engine_id: str, version: int) -> bool:
+        """Whether request ``engine_id`` (a record's own id) has moved past ``version``:
+        changed, ended, or gone. Read without the lock, for the gRPC event loop, which must
+        not wait while the scoring thread ingests a step: each read is atomic under the GIL,
+        and a change seen half-made only wakes the reader early (it then takes a snapshot)."""
+        rec = self._records.get(engine_id)
+        return rec is None or rec.version > version or rec.finished
 
     def snapshot(self, request_id: str) -> tuple[RequestRecord, list[TokenScore]] | None:
         """A consistent copy of one request's state and token scores."""

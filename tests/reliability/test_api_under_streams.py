@@ -1,9 +1,10 @@
 """Streams never starve the API, without vLLM.
 
-The sync gRPC server ties a thread to each call. With 16 threads, 16 open streams used to
+The sync gRPC server tied a thread to each call. With 16 threads, 16 open streams used to
 stop everything else: health checks timed out (Kubernetes would restart the sidecar and
-lose its results) and so did GetScores. The pool now has a thread for every stream and wait
-the service admits, plus threads streams can never take.
+lose its results) and so did GetScores. Calls are now coroutines on the asyncio server
+(``detector.sidecar.server``): open streams and waits hold no thread, and each kind stays
+capped at ``max_streams``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def sidecar(tmp_path):
     sc.stop()
 
 
-def test_health_and_reads_answer_while_streams_and_waits_hold_threads(sidecar) -> None:
+def test_health_and_reads_answer_while_streams_and_waits_are_open(sidecar) -> None:
     with grpc.insecure_channel(sidecar.settings.grpc_address) as ch:
         stub = pb_grpc.DetectorStub(ch)
         holders = [stub.StreamScores(pb.StreamScoresRequest(request_id=f"never-{i}"),

@@ -1,5 +1,6 @@
-"""The gRPC server's threads end after a burst (issue 23, finding 7): the pool kept ~300
-threads for ever after a burst of streams."""
+"""The gRPC server's threads: an open stream holds none (issue 24), and the worker pool's
+threads end after a burst (issue 23, finding 7: the pool kept ~300 threads for ever after a
+burst of streams)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from support import start_inprocess_sidecar, wait_until
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
 from detector.sidecar.pool import ElasticThreadPool
+from detector.sidecar.server import WORKERS
 
 
 def test_pool_runs_everything_grows_to_the_burst_and_shrinks_back() -> None:
@@ -29,7 +31,7 @@ def test_pool_runs_everything_grows_to_the_burst_and_shrinks_back() -> None:
 
     jobs = [pool.submit(task, i) for i in range(40)]
     wait_until(lambda: len(running) == 40, 60, 0.05)
-    assert pool.live_threads == 40  # one per blocked call, as gRPC needs
+    assert pool.live_threads == 40  # one per blocked call
     gate.set()
     assert [f.result(timeout=30) for f in jobs] == [i * 2 for i in range(40)]
     wait_until(lambda: pool.live_threads == 0, 60, 0.05, "the pool to shrink")  # none kept
@@ -49,27 +51,31 @@ def test_pool_runs_everything_grows_to_the_burst_and_shrinks_back() -> None:
         small.submit(lambda: None)
 
 
-def test_sidecar_threads_shrink_after_a_burst_of_streams(tmp_path) -> None:
-    """A real gRPC server: 120 StreamScores calls waiting for requests that never come hold
-    a thread each; once the clients cancel, the server's threads end."""
+def test_open_streams_hold_no_thread_and_leave_none_behind(tmp_path) -> None:
+    """A real gRPC server: 120 StreamScores calls waiting for requests that never come. The
+    thread-per-call server held a thread for each (issue 24; before issue 23 it kept them
+    for ever); on the asyncio server they hold none, and once the clients cancel, the slots
+    are free and the process has the threads it had before the burst, no more."""
     sidecar = start_inprocess_sidecar(tmp_path, grpc_idle_thread_s=0.3, max_streams=200,
                                       stream_appear_wait_s=60.0)
-
-    def grpc_threads() -> int:  # the server's pool names its threads grpc_<n>
-        return sum(t.name.startswith("grpc_") for t in threading.enumerate())
-
     channel = grpc.insecure_channel(f"127.0.0.1:{sidecar.grpc_port}")
     stub = pb_grpc.DetectorStub(channel)
+    stub.ListProbes(pb.ListProbesRequest(), timeout=30)  # the client's threads exist now
+    baseline = threading.active_count()
     calls = [stub.StreamScores(pb.StreamScoresRequest(request_id=f"never-{i}"), timeout=60)
              for i in range(120)]
     try:
-        wait_until(lambda: grpc_threads() >= 120, 60, 0.05, "a thread per stream")
-        peak = grpc_threads()
+        wait_until(lambda: sidecar.service.open_calls == 120, 60, 0.05, "120 open streams")
+        during = threading.active_count()
     finally:
         for call in calls:
             call.cancel()
-    wait_until(lambda: grpc_threads() <= 2, 30, 0.05, "the server's threads to end")
-    assert peak >= 120
+    wait_until(lambda: sidecar.service.open_calls == 0, 30, 0.05, "the streams' slots back")
+    wait_until(lambda: threading.active_count() <= baseline, 30, 0.05,
+               "the process's threads back to their count before the burst")
+    # No thread per stream: at most the handful of worker threads (none are needed here:
+    # a stream waiting for its request does no work).
+    assert during - baseline <= WORKERS, f"{during - baseline} threads for 120 streams"
     channel.close()
     sidecar.stop()
 

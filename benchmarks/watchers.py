@@ -110,12 +110,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 prompts = prompts_for(100 * c + pair, c)
                 oh.settle(sidecar.metrics_url, timeout_s=60)
                 time.sleep(args.gap)
+                cpu0 = _cpu_s(sidecar.proc.pid)
                 with HealthProber(sidecar.grpc_address) as prober, \
                         RssSampler(sidecar.proc.pid) as rss:
                     timing = run_round(client, server.base_url, server.model, prompts,
                                        args.max_tokens,
                                        grpc_address=sidecar.grpc_address if watched else None,
                                        tag=f"w{c}")
+                oh.settle(sidecar.metrics_url, timeout_s=60)
+                cpu_s = _cpu_s(sidecar.proc.pid) - cpu0
                 reqs = timing.requests
                 complete = [r for r in reqs if r.score_stream_final and not r.score_stream_error
                             and len(r.score_delays_s) == r.completion_tokens]
@@ -127,7 +130,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "stream_errors": sorted({r.score_stream_error for r in reqs
                                              if r.score_stream_error}) if watched else [],
                     "health_s": prober.latencies, "health_failures": prober.failures,
-                    "sidecar_rss_peak_mib": rss.peak / MiB, "requests": len(reqs)})
+                    "sidecar_rss_peak_mib": rss.peak / MiB, "requests": len(reqs),
+                    "sidecar_cpu_us_per_token": 1e6 * cpu_s / max(1, timing.completion_tokens)})
                 logger.info("c=%d round %d (%s): %.1f tok/s, health p99 %s ms%s", c, index,
                             rounds[-1]["kind"], timing.tokens_per_s,
                             _ms(_pct(prober.latencies, 0.99)),
@@ -141,6 +145,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "max_tokens": args.max_tokens, "layers": oh.LAYERS,
                        "vllm_args": vllm_args},
             "machine": oh.machine_info(), "source": oh.source_state(), "results": results}
+
+
+def _cpu_s(pid: int) -> float:
+    """User plus system CPU seconds of one process, all its threads."""
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 def _pct_ms(values: list[float], q: float) -> float | None:
@@ -176,6 +188,9 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                             f"{sum(r['requests'] for r in watched)}",
         "stream_errors": sorted({e for r in watched for e in r["stream_errors"]}),
         "sidecar_rss_peak_mib": max(r["sidecar_rss_peak_mib"] for r in watched),
+        "sidecar_cpu_us_per_token": {
+            k: statistics.median(r["sidecar_cpu_us_per_token"] for r in rounds if r["kind"] == k)
+            for k in ("watched", "unwatched")},
         "rounds": [{k: v for k, v in r.items() if k not in ("score_delays_s", "health_s")}
                    for r in rounds],
     }
@@ -191,15 +206,17 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "| concurrent requests | throughput watched / unwatched (median) | score delay p50 / "
         "p99, ms | health p50 / p99 / max, ms (failures) | streams complete | sidecar RSS "
-        "peak, MiB |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "peak, MiB | sidecar CPU per token, µs (watched / unwatched) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for conc, r in result["results"].items():
         q, sd, h = r["ratio_watched_over_unwatched"], r["score_delay_ms"], r["health_ms_watched"]
+        cpu = r["sidecar_cpu_us_per_token"]
         lines.append(
             f"| {conc} | {q['median']:.3f} | {sd['p50']:.0f} / {sd['p99']:.0f} "
             f"| {h['p50']:.0f} / {h['p99']:.0f} / {h['max']:.0f} ({h['failures']}) "
-            f"| {r['streams_complete']} | {r['sidecar_rss_peak_mib']:.0f} |")
+            f"| {r['streams_complete']} | {r['sidecar_rss_peak_mib']:.0f} "
+            f"| {cpu['watched']:.0f} / {cpu['unwatched']:.0f} |")
     return "\n".join(lines)
 
 

@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 oh.settle(sidecar.metrics_url, timeout_s=60)
                 time.sleep(args.gap)
                 cpu0 = _cpu_s(sidecar.proc.pid)
+                hist0 = _delay_buckets(sidecar.metrics_url)
                 with HealthProber(sidecar.grpc_address) as prober, \
                         RssSampler(sidecar.proc.pid) as rss:
                     timing = run_round(client, server.base_url, server.model, prompts,
@@ -119,6 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                        tag=f"w{c}")
                 oh.settle(sidecar.metrics_url, timeout_s=60)
                 cpu_s = _cpu_s(sidecar.proc.pid) - cpu0
+                scored = _bucket_quantiles(hist0, _delay_buckets(sidecar.metrics_url))
                 reqs = timing.requests
                 complete = [r for r in reqs if r.score_stream_final and not r.score_stream_error
                             and len(r.score_delays_s) == r.completion_tokens]
@@ -131,13 +133,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                              if r.score_stream_error}) if watched else [],
                     "health_s": prober.latencies, "health_failures": prober.failures,
                     "sidecar_rss_peak_mib": rss.peak / MiB, "requests": len(reqs),
-                    "sidecar_cpu_us_per_token": 1e6 * cpu_s / max(1, timing.completion_tokens)})
+                    "sidecar_cpu_us_per_token": 1e6 * cpu_s / max(1, timing.completion_tokens),
+                    "scored_delay_ms": scored})
                 logger.info("c=%d round %d (%s): %.1f tok/s, health p99 %s ms%s", c, index,
                             rounds[-1]["kind"], timing.tokens_per_s,
                             _ms(_pct(prober.latencies, 0.99)),
                             f", streams complete {len(complete)}/{len(reqs)}, score delay "
                             f"p99 {_ms(_pct(rounds[-1]['score_delays_s'], 0.99))} ms"
                             if watched else "")
+                logger.info("  step end -> scored in the sidecar: %s", rounds[-1]["scored_delay_ms"])
             results[str(c)] = summarise(rounds)
     finally:
         groups.stop_all()
@@ -145,6 +149,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "max_tokens": args.max_tokens, "layers": oh.LAYERS,
                        "vllm_args": vllm_args},
             "machine": oh.machine_info(), "source": oh.source_state(), "results": results}
+
+
+def _delay_buckets(url: str) -> dict[float, float]:
+    """The sidecar's own score delay histogram (engine step end -> the step's rows scored in
+    the store): cumulative count per bucket bound, seconds."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[float, float] = {}
+    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "lie_detector_score_delay_seconds_bucket":
+                out[float(sample.labels["le"])] = float(sample.value)
+    return out
+
+
+def _bucket_quantiles(before: dict[float, float], after: dict[float, float]
+                      ) -> dict[str, float | None]:
+    """p50 and p99 (ms, each a bucket's upper bound) of the steps observed between two
+    scrapes: the part of the score delay spent before the sidecar had the scores."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    out: dict[str, float | None] = {}
+    for name, q in (("p50", 0.5), ("p99", 0.99)):
+        bound = next((b for b, c in zip(bounds, counts) if total and c >= q * total), None)
+        out[name] = None if bound is None else bound * 1000
+    out["steps"] = total
+    return out
 
 
 def _cpu_s(pid: int) -> float:
@@ -188,6 +220,9 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                             f"{sum(r['requests'] for r in watched)}",
         "stream_errors": sorted({e for r in watched for e in r["stream_errors"]}),
         "sidecar_rss_peak_mib": max(r["sidecar_rss_peak_mib"] for r in watched),
+        "scored_delay_ms_watched": {
+            name: max((r["scored_delay_ms"][name] or 0.0) for r in watched)
+            for name in ("p50", "p99")},
         "sidecar_cpu_us_per_token": {
             k: statistics.median(r["sidecar_cpu_us_per_token"] for r in rounds if r["kind"] == k)
             for k in ("watched", "unwatched")},
@@ -206,17 +241,19 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "| concurrent requests | throughput watched / unwatched (median) | score delay p50 / "
         "p99, ms | health p50 / p99 / max, ms (failures) | streams complete | sidecar RSS "
-        "peak, MiB | sidecar CPU per token, µs (watched / unwatched) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "peak, MiB | sidecar CPU per token, µs (watched / unwatched) | of the delay, step end "
+        "-> scored in the sidecar p50 / p99, ms (bucket bound) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for conc, r in result["results"].items():
         q, sd, h = r["ratio_watched_over_unwatched"], r["score_delay_ms"], r["health_ms_watched"]
-        cpu = r["sidecar_cpu_us_per_token"]
+        cpu, sc = r["sidecar_cpu_us_per_token"], r["scored_delay_ms_watched"]
         lines.append(
             f"| {conc} | {q['median']:.3f} | {sd['p50']:.0f} / {sd['p99']:.0f} "
             f"| {h['p50']:.0f} / {h['p99']:.0f} / {h['max']:.0f} ({h['failures']}) "
             f"| {r['streams_complete']} | {r['sidecar_rss_peak_mib']:.0f} "
-            f"| {cpu['watched']:.0f} / {cpu['unwatched']:.0f} |")
+            f"| {cpu['watched']:.0f} / {cpu['unwatched']:.0f} "
+            f"| ≤ {sc['p50']:.1f} / ≤ {sc['p99']:.1f} |")
     return "\n".join(lines)
 
 

@@ -39,6 +39,7 @@ from detector.artifact import (
 from detector.claims import ResponseVerdict
 from detector.sidecar.analysis import Analyzer, RequestAnalysis
 from detector.sidecar.changes import StoreChanges
+from detector.sidecar.fanout import UpdateBatcher
 from detector.sidecar.incremental import StreamCursor
 from detector.sidecar.pool import ElasticThreadPool
 from detector.sidecar.registry import HeardCapture, LoadedProbe, ProbeRegistry
@@ -90,6 +91,8 @@ class DetectorService(pb_grpc.DetectorServicer):
         # ``server.GrpcServer``).
         self.changes = StoreChanges()
         store.on_change(self.changes.notify)
+        # Streams woken by the same step compute their updates in one worker call.
+        self.updates = UpdateBatcher(self._offload)
         # At most one update per interval per stream: steps that land meanwhile go out
         # together, which keeps many streams off the scoring thread's back (a lagging
         # sidecar makes the hook drop steps) however fast the engine steps.
@@ -183,8 +186,8 @@ class DetectorService(pb_grpc.DetectorServicer):
         engine_id, sharing = self._resolve(request_id, context)
         sent = _Sent()
         while context.is_active():
-            update = await self._offload(self._update, request_id, engine_id, sharing, sent,
-                                         context)
+            update = await self.updates.submit(functools.partial(
+                self._update, request_id, engine_id, sharing, sent, context))
             if update is not None:
                 yield update
             if sent.done:

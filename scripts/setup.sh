@@ -86,6 +86,10 @@ UV_ARGS=()
 choose_installer() {
     [[ -n "$installer" ]] && return
     installer="${LIE_DETECTOR_INSTALLER:-uv}"
+    case "$installer" in
+        uv | pip) ;;
+        *) log "error: LIE_DETECTOR_INSTALLER is uv or pip, not '$installer'"; exit 2 ;;
+    esac
     if [[ "$installer" == uv ]]; then
         if [[ ! -x "$VENV/bin/uv" ]] || [[ "$("$VENV/bin/uv" --version 2>/dev/null)" != "uv ${UV_REQ#uv==}"* ]]; then
             log "installing $UV_REQ into the venv (the installer)"

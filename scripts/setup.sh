@@ -226,6 +226,7 @@ if [[ "$stage" == test ]]; then
 fi
 
 log "preparing the embedded model"
+prepare_start=$SECONDS
 model_dir="$("$VENV/bin/lie-detector" model prepare)"
-log "embedded model ready: $model_dir"
+log "embedded model ready in $((SECONDS - prepare_start)) s: $model_dir"
 log "done in $((SECONDS - start)) s"

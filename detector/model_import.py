@@ -34,6 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from detector.gguf_header import GGUFHeaderError, read_header
+from detector.gguf_reading import gguf_read_once
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ VERIFY_PROMPTS = (
     "def fibonacci(n):",
 )
 VERIFY_NEW_TOKENS = 8
+# Models smaller than this generate the verification prompts on one thread (_generation_threads).
+SINGLE_THREAD_PARAMS = 1_000_000_000
 NO_CHAT_TEMPLATE = "no chat template: the `chat` prompt style will be skipped"
 
 # Weight formats other than safetensors; never copied into the output folder.
@@ -535,12 +538,14 @@ def load_gguf(path: Path) -> tuple[Any, Any, Callable[[str], list[int]], list[Ch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.monotonic()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **_dtype_kwarg(torch.float32))
+    # transformers opens the file three times and gguf_token_flags a fourth: parse it once.
+    with gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **_dtype_kwarg(torch.float32))
+        flags = gguf_token_flags(path)
     model.eval()
     log.info("loaded %s in %.1f s (transformers %s)", path.name, time.monotonic() - t0, transformers.__version__)
 
-    flags = gguf_token_flags(path)
     if flags["add_bos"] is None and flags["model"] == "llama":
         flags["add_bos"] = True  # llama.cpp's default for sentencepiece vocabularies
     want_bos = adds_bos(tokenizer) if flags["add_bos"] is None else bool(flags["add_bos"])
@@ -686,9 +691,33 @@ def _greedy(model: Any, input_ids: list[int], eos_token_id: Any) -> list[int]:
         pad_token_id=eos_token_id if isinstance(eos_token_id, int) else 0,
     )
     ids = torch.tensor([input_ids])
-    with torch.no_grad():
+    with torch.no_grad(), _generation_threads(model):
         generated = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     return generated[0, len(input_ids):].tolist()
+
+
+@contextlib.contextmanager
+def _generation_threads(model: Any) -> Iterator[None]:
+    """Generate a small model's verification tokens on one thread.
+
+    A short prompt through a model under ``SINGLE_THREAD_PARAMS`` parameters is a chain of small
+    matrix products: intra-op parallelism gains little on a quiet machine, and on a busy one each
+    parallel region waits for a descheduled thread. The 135M embedded model's four prompts took
+    2.3 s (2.2 s CPU) on one thread and 6.7-18 s (7-14 s CPU) on two, on a loaded 2-core machine;
+    the source and the output are both generated this way, so the check compares like with like.
+    Larger models keep torch's setting.
+    """
+    import torch
+
+    small = sum(p.numel() for p in model.parameters()) < SINGLE_THREAD_PARAMS
+    saved = torch.get_num_threads()
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(saved)
 
 
 def _eos_id(model: Any, tokenizer: Any) -> Any:

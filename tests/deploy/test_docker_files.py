@@ -37,7 +37,7 @@ from deploy_support import (  # noqa: E402
 
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 COMPOSE_FILES = [DOCKER / "compose.yaml", DOCKER / "compose.gpu.yaml"]
-DEV = "pip install -e '.[dev]' (scripts/setup.sh)"
+DEV = "pip install -e '.[dev]' (scripts/setup.sh --test)"
 CHANNEL = "ipc:///run/lie-detector/private/channel.sock"
 
 

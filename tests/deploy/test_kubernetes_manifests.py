@@ -33,7 +33,7 @@ from deploy_support import KUBERNETES, OVERLAYS, require_module, require_tool, r
 
 K8S_VERSIONS = ("1.29.0", None)  # None: the newest schemas kubernetes-validate bundles
 CHANNEL = "ipc:///run/lie-detector/private/channel.sock"
-DEV = "pip install -e '.[dev]' (scripts/setup.sh)"
+DEV = "pip install -e '.[dev]' (scripts/setup.sh --test)"
 
 
 @cache

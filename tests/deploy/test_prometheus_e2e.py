@@ -167,7 +167,7 @@ def _wait(what: str, check: Callable[[], object], *, timeout_s: float,
 
 def test_prometheus_sees_counters_move_and_alerts_when_the_hook_is_cut(
         vllm_server, probe_dir: Path, model_dir: Path, tmp_path: Path) -> None:
-    binary = require_tool("prometheus", "apt-get install prometheus (scripts/setup.sh)")
+    binary = require_tool("prometheus", "apt-get install prometheus (scripts/setup.sh --test)")
     metrics_port = free_port()
     instance = f"127.0.0.1:{metrics_port}"
     started = time.monotonic()

@@ -1,6 +1,6 @@
 """The recording and alerting rules, checked and unit-tested with promtool.
 
-promtool comes with Debian's `prometheus` package (scripts/setup.sh installs it). Every
+promtool comes with Debian's `prometheus` package (scripts/setup.sh --test installs it). Every
 alert must have a promtool test case where it fires and one where it stays silent.
 """
 
@@ -25,7 +25,7 @@ from deploy_support import (  # noqa: E402
     run,
 )
 
-HOW = "apt-get install prometheus (scripts/setup.sh does it)"
+HOW = "apt-get install prometheus (scripts/setup.sh --test does it)"
 
 
 @pytest.fixture(scope="module")

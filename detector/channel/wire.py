@@ -353,7 +353,8 @@ def _differences(known: EngineInfo, said: EngineInfo) -> str:
 
 
 class Heartbeat(BaseModel):
-    """Sent when the engine is idle, so the sidecar knows the hook is alive."""
+    """Sent when the engine is idle, so the sidecar knows the hook is alive. Always carries
+    the engine's full info: an idle engine's sidecar learns it within a heartbeat."""
 
     kind: Literal["heartbeat"] = "heartbeat"
     version: Literal[1, 2] = WIRE_VERSION
@@ -392,8 +393,8 @@ class CaptureStatus(BaseModel):
     An engine whose plugin switched capture off (layers outside the model, an unsupported
     dtype or runner, capture failing mid-run, ...) sends this in place of heartbeats, so the
     sidecar and ``lie-detector capture`` can say why within a heartbeat instead of waiting
-    for a hook that never speaks. An engine that captures says so in every message's
-    ``EngineInfo``; ``enabled=True`` here is for completeness. The engine fields are what
+    for a hook that never speaks. An engine that captures says so in its heartbeats'
+    and steps' ``EngineInfo`` (or ``engine_id``); ``enabled=True`` here is for completeness. The engine fields are what
     could be read (an engine may switch off before its config is known)."""
 
     model_config = ConfigDict(frozen=True, protected_namespaces=())

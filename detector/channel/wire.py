@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ from detector.channel.ids import MAX_ID_CHARS
 # 2: a step names its engine (``engine_id``) and carries its ``EngineInfo`` only now and then.
 # Version 1 messages (every step carries its engine) are still read: a sidecar can be
 # upgraded before the engines that talk to it.
-WIRE_VERSION = 2
+WIRE_VERSION: Final = 2
 READ_VERSIONS = (1, 2)
 # How often, at least, a step carries its engine's full info while steps flow: the longest a
 # sidecar that (re)starts mid-run waits before it can read the engine's steps.

@@ -219,7 +219,11 @@ class StepHeader(BaseModel):
 
     kind: Literal["step"] = "step"
     version: Literal[1, 2] = WIRE_VERSION
-    engine_id: EngineId
+    # "" (the default, never sent): a step built with its engine, or a version 1 step, need
+    # not repeat its id; the validator takes the engine's. (A "before" validator would do
+    # it too, but would make pydantic build the whole JSON as Python objects first: about
+    # 1.7 µs more per request.)
+    engine_id: EngineId = ""
     engine: EngineInfo | None = None
     seq: Annotated[int, Field(ge=0)]
     time_ns: int
@@ -235,20 +239,12 @@ class StepHeader(BaseModel):
     # Requests whose share did not validate (see RefusedRows); set by decode, never sent.
     refused: list[RefusedRows] = Field(default_factory=list, exclude=True)
 
-    @model_validator(mode="before")
-    @classmethod
-    def _engine_id_of_engine(cls, data: Any) -> Any:
-        """A step built with its engine (and a version 1 step) need not repeat its id."""
-        if isinstance(data, dict) and "engine_id" not in data:
-            engine = data.get("engine")
-            engine_id = engine.engine_id if isinstance(engine, EngineInfo) else \
-                engine.get("engine_id") if isinstance(engine, dict) else None
-            if engine_id is not None:
-                data = {**data, "engine_id": engine_id}
-        return data
-
     @model_validator(mode="after")
     def _rows_partition(self, info: ValidationInfo) -> StepHeader:
+        if not self.engine_id:
+            if self.engine is None:
+                raise ValueError("a step must name its engine (engine_id)")
+            self.engine_id = self.engine.engine_id
         if self.engine is not None and self.engine.engine_id != self.engine_id:
             raise ValueError(f"engine_id {self.engine_id!r} is not its engine's "
                              f"({self.engine.engine_id!r})")

@@ -7,6 +7,9 @@ the queue is full ``offer`` drops, and with no sidecar connected the sender drop
 queue is bounded in steps and bytes, ZeroMQ's send queue by its high-water mark, and
 ``IMMEDIATE`` keeps ZeroMQ from queueing for a peer that is not connected.
 
+A step carries the engine's full info only when the sidecar may not have it yet (the
+wire's module docstring says when); the others name the engine by id.
+
 An engine whose capture is off (from the start, or switched off mid-run) keeps a publisher
 that sends a ``CaptureStatus`` saying why in place of each heartbeat: the sidecar, or
 ``lie-detector capture``, hears the reason within a heartbeat of connecting.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +32,8 @@ from zmq.utils.monitor import recv_monitor_message
 from detector.channel.auth import HANDSHAKE_REFUSED, client_options
 from detector.channel.socket_dir import ipc_path, private_dir_problem
 from detector.channel.wire import (
+    ENGINE_INFO_EVERY_S,
+    WIRE_VERSION,
     CaptureStatus,
     EngineInfo,
     Heartbeat,
@@ -93,8 +99,10 @@ class ChannelPublisher:
         max_steps: int = 1024,
         max_bytes: int = 256 << 20,
         heartbeat_s: float = 1.0,
+        engine_info_s: float = ENGINE_INFO_EVERY_S,
         sndhwm: int = 8,
         key: bytes | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.endpoint = endpoint
         self._key = key  # the channel key, presented when connecting (``channel.auth``)
@@ -106,6 +114,14 @@ class ChannelPublisher:
         self.max_steps = max_steps
         self.max_bytes = max_bytes
         self.heartbeat_s = heartbeat_s
+        # The engine's info rides on a step when one is due (sender thread only): the
+        # epoch's first step, the first after a sidecar connected or after a step that
+        # carried it was dropped, and then one at least every ``engine_info_s``.
+        self.engine_info_s = engine_info_s
+        self._clock = clock
+        self._info_due = True
+        self._info_sent_at = 0.0
+        self.info_steps = 0  # steps sent with the engine's info
         self._sndhwm = sndhwm
         self._queue: deque[PendingStep] = deque()
         self._queued_bytes = 0
@@ -291,10 +307,16 @@ class ChannelPublisher:
                     logger.warning("lie-detector: token features failed (%d steps so far): "
                                    "%r", self.prepare_failures, exc)
             step.prepare = None
+        assert self.engine is not None
+        # A sidecar that connected since the last look needs the info: catch up first.
+        self._read_connection_events(monitor)
+        now = self._clock()
+        carry = self._info_due or now - self._info_sent_at >= self.engine_info_s
         header = StepHeader.model_construct(
             kind="step",
-            version=1,
-            engine=self.engine,
+            version=WIRE_VERSION,
+            engine_id=self.engine.engine_id,
+            engine=self.engine if carry else None,
             seq=step.seq,
             time_ns=step.time_ns,
             num_rows=int(step.rows.shape[1]),
@@ -304,7 +326,10 @@ class ChannelPublisher:
             dropped_total=self.dropped,
             queue_depth=len(self._queue),
         )
-        sent = self._send_waiting(sock, monitor, encode_step(header, step.rows))
+        sent = self._send_waiting(sock, monitor, encode_step(header, step.rows, self.engine))
+        if carry and sent:
+            self._info_due, self._info_sent_at = False, now
+            self.info_steps += 1
         with self._cond:
             if sent:
                 self.published += 1
@@ -337,6 +362,7 @@ class ChannelPublisher:
                 return
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._peer_connected = True
+                self._info_due = True  # a new sidecar knows nothing of this engine yet
                 self._refusals_logged = False
                 logger.info("lie-detector: a sidecar connected to %s", self.endpoint)
             elif event & HANDSHAKE_REFUSED:

@@ -4,6 +4,11 @@ The sidecar binds and the engine connects, so either side can restart on its own
 reconnects the engine's socket when a new sidecar binds the same address. An IPC socket
 lives in a directory only its owner can enter (one that is not is refused, see
 ``socket_dir``), and the socket file itself is owner-only.
+
+The subscriber keeps the info of the engines it hears from (``wire.EngineInfoCache``): most
+steps only name their engine. A step of an engine whose info it has not got yet (this
+sidecar started mid-run) is dropped and counted in ``without_engine_info``, not as a
+malformed message; the info comes again within ``wire.ENGINE_INFO_EVERY_S``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from detector.channel.auth import HANDSHAKE_REFUSED, KeyAuthenticator
 from detector.channel.socket_dir import ipc_path, make_private_dir
-from detector.channel.wire import Message, WireError, decode
+from detector.channel.wire import EngineInfoCache, Message, UnknownEngine, WireError, decode
 from detector.log_throttle import LogThrottle
 
 logger = logging.getLogger(__name__)
@@ -63,7 +68,11 @@ class ChannelSubscriber:
         self.rejected = 0
         self.rejected_connections = 0  # handshakes refused: no key, or the wrong one
         self.received = 0
+        # Steps dropped because their engine's info had not been received (see above).
+        self.without_engine_info = 0
+        self.engines = EngineInfoCache()
         self._reject_log = LogThrottle()
+        self._unknown_log = LogThrottle()
         self._refusal_log = LogThrottle()
         path = ipc_path(endpoint)
         if path is not None:
@@ -108,7 +117,9 @@ class ChannelSubscriber:
             if self._sock in ready:
                 frames = self._sock.recv_multipart(copy=False)
                 try:
-                    message = decode([f.buffer for f in frames])
+                    message = decode([f.buffer for f in frames], self.engines)
+                except UnknownEngine as exc:
+                    self._without_info(str(exc))
                 except WireError as exc:
                     self._reject(str(exc))
                 except Exception as exc:  # never let a bad message take the sidecar down
@@ -130,6 +141,12 @@ class ChannelSubscriber:
             if self._refusal_log.ready():
                 logger.warning("channel: refused a connection without the channel key (%d so "
                                "far)", self.rejected_connections)
+
+    def _without_info(self, reason: str) -> None:
+        self.without_engine_info += 1
+        if self._unknown_log.ready():
+            logger.info("channel: dropped a step whose engine is not known yet (%d so far): %s",
+                        self.without_engine_info, reason)
 
     def _reject(self, reason: str) -> None:
         self.rejected += 1

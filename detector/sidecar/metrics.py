@@ -26,6 +26,11 @@ class SidecarMetrics:
             "lie_detector_channel_refused_request_shares",
             "Requests' shares of engine steps refused alone (a field that did not validate); "
             "their step-mates were kept.", registry=r)
+        self.steps_without_engine_info = Counter(
+            "lie_detector_channel_steps_without_engine_info",
+            "Engine steps dropped because they refer to an engine whose info the sidecar has "
+            "not received yet (it started mid-run; the info is re-sent every second).",
+            registry=r)
         self.connections_rejected = Counter(
             "lie_detector_channel_rejected_connections",
             "Connections to the channel refused: the peer did not present the channel key.",

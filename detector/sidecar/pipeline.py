@@ -59,6 +59,7 @@ class ScoringPipeline:
         self.silent_s = 0.0
         self._rejected_seen = 0
         self._refused_seen = 0
+        self._without_info_seen = 0
         self._shares_refused_seen = 0
         self._hook_state: bool | None = None
         # Called with True/False when the hook is first heard from / falls silent.
@@ -114,16 +115,19 @@ class ScoringPipeline:
             return
         self.heard = True
         self.silent_s = 0.0
-        self.registry.attach_engine(header.engine)
-        self.analyzer.ensure_decoder(header.engine.model_path)
-        self.metrics.engine_dropped(header.engine.engine_id, header.dropped_total)
+        engine = header.engine
+        # A decoded step always has its engine's info (carried, or the one its id refers to).
+        assert engine is not None
+        self.registry.attach_engine(engine)
+        self.analyzer.ensure_decoder(engine.model_path)
+        self.metrics.engine_dropped(engine.engine_id, header.dropped_total)
         self.metrics.hook_queue_depth.set(header.queue_depth)
         if isinstance(header, Heartbeat):
-            self.store.note_engine(header.engine.engine_id, header.next_seq, header.time_ns)
+            self.store.note_engine(engine.engine_id, header.next_seq, header.time_ns)
             return
         assert isinstance(header, StepHeader) and rows is not None
         self.metrics.steps_received.inc()
-        if self.store.is_stale(header.engine.engine_id, header.seq):
+        if self.store.is_stale(header.engine_id, header.seq):
             self._refuse_stale(header)
             return
         self.metrics.hook_step_seconds.observe(header.hook_ns / 1e9)
@@ -178,7 +182,7 @@ class ScoringPipeline:
         self._stale_refused += 1
         if self._stale_log.ready():
             logger.warning("channel: refused a stale step (seq %d of engine %s arrived out of "
-                           "order or twice; %d so far)", header.seq, header.engine.engine_id[:8],
+                           "order or twice; %d so far)", header.seq, header.engine_id[:8],
                            self._stale_refused)
 
     def _account_finished(self, req_id: str) -> None:
@@ -266,6 +270,10 @@ class ScoringPipeline:
         if refused > 0:
             self.metrics.connections_rejected.inc(refused)
             self._refused_seen += refused
+        without_info = self.subscriber.without_engine_info - self._without_info_seen
+        if without_info > 0:
+            self.metrics.steps_without_engine_info.inc(without_info)
+            self._without_info_seen += without_info
         shares = self.store.refused_rows - self._shares_refused_seen
         if shares > 0:
             self.metrics.request_shares_refused.inc(shares)

@@ -276,7 +276,7 @@ class RequestStore:
         False returned: it could only repeat what is known or rewind newer state (revive a
         finished request). Its rows are lost; the gap its late arrival left is already
         marked."""
-        engine = header.engine.engine_id
+        engine = header.engine_id
         now = time.monotonic()
         with self._cond:
             if header.seq <= self._max_step_seq.get(engine, -1):

@@ -3,7 +3,8 @@
 Two requests are sent by a legitimate engine holding the channel key and finish. Then
 10,000 messages come from a client without the key and 10,000 hostile ones from a client
 with it: random mutations of real steps and heartbeats (other ids, the real requests' ids,
-huge seqs and positions, token ids outside any vocabulary, forged engines, counters, wrong
+huge seqs and positions, token ids outside any vocabulary, forged engines and engine info,
+steps that refer to their engine by id only or to engines never heard from, counters, wrong
 payload sizes, garbage). Asserted: nothing from the keyless client is received; every
 hostile message is rejected or handled without an exception escaping; the sidecar still
 serves; the finished requests read exactly as before, byte for byte; memory stays bounded.
@@ -22,7 +23,12 @@ from tiny_engine import engine, probe, schedule, single_request
 
 from detector.client import DetectorClient, RequestState, Scores
 from detector.channel.auth import client_options, read_key, write_key
-from detector.channel.wire import Heartbeat, encode_heartbeat, encode_step
+from detector.channel.wire import (
+    MAX_ENGINES_REMEMBERED,
+    Heartbeat,
+    encode_heartbeat,
+    encode_step,
+)
 from detector.settings import SuiteSettings
 from detector.sidecar.app import Sidecar, SidecarSettings
 
@@ -62,7 +68,7 @@ def _mutate(rng: random.Random, frames: list[bytes]) -> list[bytes]:
     head = json.loads(frames[0])
     payload = frames[1] if len(frames) > 1 else b""
     for _ in range(rng.randint(1, 4)):
-        what = rng.randrange(10)
+        what = rng.randrange(12)
         reqs = head.get("requests") or []
         r = rng.choice(reqs) if reqs else None
         if what == 0:
@@ -77,7 +83,7 @@ def _mutate(rng: random.Random, frames: list[bytes]) -> list[bytes]:
                 r[key][0] = rng.choice([2**70, -7, 2**31, 3])
         elif what == 4:
             head["finished"] = rng.choice([["A"], ["B"], ["A", "B", "zzz"], []])
-        elif what == 5:
+        elif what == 5 and "engine" in head:
             head["engine"]["engine_id"] = rng.choice(["e1", "forged", ""])
         elif what == 6:
             head[rng.choice(["dropped_total", "queue_depth"])] = rng.choice(
@@ -87,9 +93,15 @@ def _mutate(rng: random.Random, frames: list[bytes]) -> list[bytes]:
                 rng.choice([0, 0, 4, 8]))
         elif what == 8 and r is not None:
             r["num_prompt_tokens"] = rng.choice([0, 1, 2**24, 2**25])
-        else:
+        elif what == 9 and "engine" in head:
             head["engine"]["vocab_size"] = rng.choice([None, 1, 150, 2**31])
             head["engine"]["max_model_len"] = rng.choice([None, 1, 8, 2**24])
+        elif what == 10:  # refer to the engine by id only: read against the stored info
+            head.pop("engine", None)
+        elif what == 11:  # an engine never heard from, or not this step's engine
+            head["engine_id"] = rng.choice([f"ghost-{rng.randrange(1000)}", "forged", "e2"])
+            if rng.random() < 0.7:
+                head.pop("engine", None)
     return [json.dumps(head).encode(), payload]
 
 
@@ -130,7 +142,7 @@ def test_hostile_senders_change_nothing_real(keyed_sidecar, caplog) -> None:
             rss0 = psutil.Process().memory_info().rss
 
             # 1. Without the key: refused at the handshake, nothing ever received.
-            received0 = sub.received + sub.rejected
+            received0 = sub.received + sub.rejected + sub.without_engine_info
             stranger = _push(ctx, sc.settings.channel, None)
             rng = random.Random(7)
             for i in range(MESSAGES):
@@ -139,17 +151,22 @@ def test_hostile_senders_change_nothing_real(keyed_sidecar, caplog) -> None:
                 except zmq.Again:
                     pass  # no handshake, no pipe: a keyless sender only fills its own buffer
             wait_until(lambda: sub.rejected_connections > 0, 120, 0.05, "a refused connection")
-            assert sub.received + sub.rejected == received0
+            assert sub.received + sub.rejected + sub.without_engine_info == received0
 
             # 2. With the key, hostile contents: each one rejected or handled.
             rng = random.Random(11)
             for i in range(MESSAGES):
                 legit.send_multipart(_mutate(rng, real[i % len(real)]))
-            wait_until(lambda: sub.received + sub.rejected >= received0 + MESSAGES, 120, 0.05,
+            wait_until(lambda: sub.received + sub.rejected + sub.without_engine_info
+                       >= received0 + MESSAGES, 120, 0.05,
                        f"all {MESSAGES} keyed messages read")
             print(f"fuzz: received {sub.received}, rejected {sub.rejected}, refused connections "
                   f"{sub.rejected_connections}, refused ended-request parts "
-                  f"{sc.store.refused_finished}")
+                  f"{sc.store.refused_finished}, without engine info "
+                  f"{sub.without_engine_info}")
+            assert sub.without_engine_info > 0, "no step referred to an unknown engine"
+            assert len(sub.engines) <= MAX_ENGINES_REMEMBERED
+            assert sub.engines.get("e1") == engine("e1"), "a forged info replaced the real one"
             failures = [r for r in caplog.records if r.levelno >= 40]  # ERROR: an exception
             assert not failures, f"hostile messages raised: {failures[0].getMessage()}"
             assert _reads(client) == before, "a hostile message changed a finished request"

@@ -73,7 +73,7 @@ def make_pipeline(*, idle_s: float = 5.0, hook_timeout_s: float = 3.0):
     registry.load(probe("prod", [1, 3], "producer", 1).save(
         Path(tempfile.mkdtemp(prefix="ld-probe-")) / "prod"))
     metrics = SidecarMetrics()
-    subscriber = SimpleNamespace(rejected=0, rejected_connections=0)
+    subscriber = SimpleNamespace(rejected=0, rejected_connections=0, without_engine_info=0)
     pipe = ScoringPipeline(subscriber, registry, store, metrics, Analyzer(None),
                            hook_timeout_s=hook_timeout_s, engine_idle_s=idle_s)
     states: list[bool] = []

@@ -30,7 +30,8 @@ class Harness:
     """The sidecar's pipeline, registry and store, minus the socket."""
 
     def __init__(self) -> None:
-        self.subscriber = SimpleNamespace(rejected=0, rejected_connections=0)
+        self.subscriber = SimpleNamespace(rejected=0, rejected_connections=0,
+                                          without_engine_info=0)
         self.registry = ProbeRegistry(served=MODEL, device=torch.device("cpu"))
         self.store = RequestStore()
         self.registry.on_change.append(self.store.set_columns)

@@ -50,7 +50,8 @@ def inputs(step: PendingStep) -> dict[str, list[int]]:
 def as_message(step: PendingStep) -> StepHeader:
     """Through the real wire format: the assembled step must pass full validation."""
     header = StepHeader.model_construct(
-        kind="step", version=1, engine=ENGINE, seq=step.seq, time_ns=step.time_ns,
+        kind="step", version=2, engine_id=ENGINE.engine_id, engine=ENGINE, seq=step.seq,
+        time_ns=step.time_ns,
         num_rows=int(step.rows.shape[1]), requests=step.requests, finished=step.finished,
         hook_ns=step.hook_ns, dropped_total=0,
     )

@@ -81,7 +81,7 @@ def _step(seq: int, req_id: str, first: int, inputs: list[int], n_prompt: int,
                        input_token_ids=inputs, num_prompt_tokens=n_prompt,
                        sampled_token_ids=sampled, stop=stop,
                        sampled_logprobs=[-rng.random() * 5 for _ in sampled] or None)
-    header = StepHeader(kind="step", version=1, engine=ENGINE, seq=seq, time_ns=1000 + seq,
+    header = StepHeader(kind="step", engine=ENGINE, seq=seq, time_ns=1000 + seq,
                         num_rows=len(inputs), requests=[rows],
                         finished=[req_id] if finished else [], hook_ns=0, dropped_total=0)
     index = rows_to_score(header)

@@ -45,7 +45,8 @@ def header(seq: int, reqs: list[dict], finished: list[str] | None = None, *,
         requests.append(RequestRows.model_construct(**fields) if construct
                         else RequestRows(**fields))
         offset += n
-    fields = dict(kind="step", version=1, engine=engine(engine_id), seq=seq, time_ns=1000 + seq,
+    fields = dict(kind="step", version=2, engine_id=engine_id, engine=engine(engine_id), seq=seq,
+                  time_ns=1000 + seq,
                   num_rows=offset, requests=requests, finished=finished or [], hook_ns=0,
                   dropped_total=0)
     return StepHeader.model_construct(**fields) if construct else StepHeader(**fields)

@@ -202,16 +202,16 @@ def test_header_without_kind() -> None:
     assert_rejected(frames_from(head, payload), "invalid header", "kind")
 
 
-@pytest.mark.parametrize("version", [0, 2, "1", None])
+@pytest.mark.parametrize("version", [0, 3, "1", None])
 def test_wrong_version(version) -> None:
     head, payload = valid_frames()
     head["version"] = version
-    assert_rejected(frames_from(head, payload), "invalid header", "version")
+    assert_rejected(frames_from(head, payload), "wire version", "same lie-detector release")
 
 
 def test_wrong_heartbeat_version() -> None:
     head = header_dict(Heartbeat(engine=engine(), time_ns=1))
-    head["version"] = 2
+    head["version"] = 3
     assert_rejected(frames_from(head, b""), "version")
 
 
@@ -334,9 +334,13 @@ def test_negative_seq() -> None:
 
 
 def test_missing_engine() -> None:
+    """Without a cache of engines heard from, a step must carry its engine's info; without
+    its engine's id it is malformed whatever the cache holds."""
     head, payload = valid_frames()
     del head["engine"]
-    assert_rejected(frames_from(head, payload), "engine")
+    assert_rejected(frames_from(head, payload), "engine e0", "not been received")
+    del head["engine_id"]
+    assert_rejected(frames_from(head, payload), "invalid header", "engine_id")
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
@@ -540,7 +544,7 @@ def test_capture_status_round_trip() -> None:
     ({"layers": list(range(1, 300))}, ("layers",)),
     ({"enabled": True}, ("method",)),
     ({"enabled": "maybe"}, ("enabled",)),
-    ({"version": 2}, ("version",)),
+    ({"version": 3}, ("version",)),
     ({"capture_method": "telepathy"}, ("capture_method",)),
 ])
 def test_hostile_capture_status_is_refused(changes: dict, words: tuple[str, ...]) -> None:

@@ -83,7 +83,7 @@ def measure(decoder: TextDecoder, n_tokens: int, incremental: bool) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    from detector.embedded_model import ensure_embedded_model
+    from detector.models.embedded import ensure_embedded_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="32,256,1024,2048",

@@ -13,7 +13,7 @@ that names the file, so an operator can fix a bad probe without reading a traceb
 
 Score of a token position with captured rows ``x`` (the probe's layers concatenated in
 ``layers`` order, length ``len(layers) * hidden_size``), followed, for a *hybrid* probe,
-by the scored token's ``token_features`` (``detector.hooks.token_features``: its raw
+by the scored token's ``token_features`` (``detector.engine.token_features``: its raw
 log-probability, the entropy of its top-20 distribution) in the order the metadata lists::
 
     z = (([x, f] - mean) / scale) . weight + bias   # the logit; f is empty for most probes
@@ -52,7 +52,7 @@ from safetensors.torch import save as _st_save
 
 from detector import __version__
 from detector.drift import DRIFT_TENSORS, DriftSummary, check_drift_tensors
-from detector.hooks.token_features import TOKEN_FEATURES, TOKEN_FEATURES_ENV
+from detector.engine.token_features import TOKEN_FEATURES, TOKEN_FEATURES_ENV
 from detector.model_identity import ModelIdentity
 from detector.verdict import VerdictModel
 

@@ -78,7 +78,7 @@ else
     # The element dataset reads only mendeleev's elements.db; its own dependencies
     # (pandas, SQLAlchemy, pint) are not needed.
     vpip install -q --no-deps "mendeleev==1.3.0"
-    # NeMo Guardrails (detector/guardrails.py): its dependencies come with the guardrails extra,
+    # NeMo Guardrails (detector/serving/guardrails.py): its dependencies come with the guardrails extra,
     # less fastembed/onnxruntime, whose resolution would downgrade huggingface_hub under vLLM.
     log "installing $NEMO_REQ (--no-deps)"
     vpip install -q --no-deps "$NEMO_REQ"

@@ -37,7 +37,8 @@ from detector.artifact import (
     probe_dir_within,
 )
 from detector.claims import ResponseVerdict
-from detector.sidecar.analysis import Analyzer, RequestAnalysis
+from detector.sidecar.analysis import Analyzer
+from detector.sidecar.views import RequestAnalysis
 from detector.sidecar.changes import StoreChanges
 from detector.sidecar.incremental import StreamCursor
 from detector.sidecar.pool import ElasticThreadPool

@@ -30,7 +30,7 @@ from tiny_engine import MODEL, engine, probe, single_request
 from detector.channel.publisher import ChannelPublisher, PendingStep
 from detector.channel.subscriber import ChannelSubscriber
 from detector.channel.wire import Heartbeat, StepHeader, decode, encode_step
-from detector.hooks.capture import ScheduledRequest, StepAssembler
+from detector.engine.capture import ScheduledRequest, StepAssembler
 from detector.sidecar import pipeline as pipeline_module
 from detector.sidecar import streams as streams_module
 from detector.sidecar.analysis import Analyzer

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from detector.claims import ResponseVerdict
-from detector.sidecar.analysis import RequestAnalysis
+from detector.sidecar.views import RequestAnalysis
 from detector.sidecar.streams import RequestRecord
 from detector.channel.ids import client_ids
 from detector.sidecar.telemetry import (

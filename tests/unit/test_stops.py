@@ -24,8 +24,8 @@ from detector.channel.wire import (
     decode,
     encode_step,
 )
-from detector.hooks.capture import ScheduledRequest, StepAssembler
-from detector.hooks.vllm_adapter import _stop_rule
+from detector.engine.capture import ScheduledRequest, StepAssembler
+from detector.engine.vllm_adapter import _stop_rule
 from detector.sidecar.analysis import Analyzer
 from detector.sidecar.stops import apply_stops, find_stop, partial_stop_start
 from detector.sidecar.streams import RequestRecord, RequestStore, TokenScore, stop_rule_nbytes

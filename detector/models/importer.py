@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from detector.gguf_header import GGUFHeaderError, read_header
+from detector.models.gguf_header import GGUFHeaderError, read_header
 
 log = logging.getLogger(__name__)
 

@@ -349,20 +349,14 @@ def probe_dir_within(path: str | Path, roots: Sequence[str | Path]) -> Path:
 
 
 DEFAULT_PROBE_NAME = "smollm2-135m-fabrication"
+# The shipped probes: package data of ``detector`` (pyproject's package-data), written by
+# ``lie-detector train-default``; a sidecar-only install has them without ``probes``.
+SHIPPED_PROBES_DIR = Path(__file__).resolve().parent / "default_probe"
 
 
 def default_probe_dir() -> Path | None:
-    """The probe shipped for the embedded model (``lie-detector train-default``), if present.
-
-    Located without importing ``probes`` (whose training dependencies a sidecar-only
-    install may lack).
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("probes")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "default" / DEFAULT_PROBE_NAME
+    """The probe shipped for the embedded model (``lie-detector train-default``), if present."""
+    path = SHIPPED_PROBES_DIR / DEFAULT_PROBE_NAME
     return path if (path / METADATA_FILE).is_file() else None
 
 

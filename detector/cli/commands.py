@@ -561,7 +561,7 @@ SHIPPED_RECIPE = {"limit_per_topic": 80, "styles": "plain,chat,chat_zero_shot",
 
 def _train_default_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="where the probe and its report go "
-                        "(default: probes/default/smollm2-135m-fabrication)")
+                        "(default: detector/default_probe/smollm2-135m-fabrication)")
     _train_questions_args(parser)
     parser.set_defaults(**SHIPPED_RECIPE)
 

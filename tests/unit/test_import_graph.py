@@ -142,6 +142,25 @@ def upward_arrows(graph: dict[str, set[str]]) -> list[str]:
     return bad
 
 
+_DYNAMIC = ("find_spec", "import_module", "__import__")
+
+
+def dynamic_imports(root: Path = ROOT) -> dict[str, set[str]]:
+    """Modules named by string to ``importlib`` (``find_spec``, ``import_module``,
+    ``__import__``): an arrow the import statements do not show."""
+    found: dict[str, set[str]] = {}
+    for module, path in module_files(root).items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            arg = node.args[0]
+            if name in _DYNAMIC and isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                found.setdefault(module, set()).add(arg.value)
+    return found
+
+
 def test_the_graph_sees_the_imports_it_should() -> None:
     """A graph that saw nothing would pass every rule: check it reads known arrows."""
     graph = import_graph()
@@ -168,3 +187,9 @@ def test_no_import_circle() -> None:
 
 def test_no_arrow_points_up() -> None:
     assert upward_arrows(import_graph()) == []
+
+
+def test_no_arrow_points_up_by_name() -> None:
+    """The runtime does not find training, benchmarks or the CLI by name either (the
+    shipped probe used to be found with ``find_spec("probes")``)."""
+    assert upward_arrows(dynamic_imports()) == []

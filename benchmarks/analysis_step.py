@@ -25,7 +25,8 @@ import numpy as np
 
 from detector.channel.wire import EngineInfo, RequestRows, StepHeader
 from detector.sidecar.analysis import Analyzer
-from detector.sidecar.streams import RequestStore, columns_for, rows_to_score
+from detector.sidecar.scores import columns_for, rows_to_score
+from detector.sidecar.store import RequestStore
 from detector.sidecar.text import TextDecoder
 
 logger = logging.getLogger("benchmarks.analysis_step")

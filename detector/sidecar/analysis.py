@@ -14,7 +14,9 @@ from detector.claims import ResponseVerdict
 from detector.sidecar.incremental import LiveAnalysis
 from detector.sidecar.spans import SPAN_KINDS, SpanVerdict, find_spans, judge_spans
 from detector.sidecar.stops import cut_to_returned
-from detector.sidecar.streams import ProbeColumns, RequestRecord, RequestStore, TokenScore
+from detector.sidecar.records import RequestRecord
+from detector.sidecar.scores import ProbeColumns, TokenScore
+from detector.sidecar.store import RequestStore
 from detector.sidecar.text import TextDecoder
 from detector.sidecar.views import RequestAnalysis
 

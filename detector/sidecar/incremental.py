@@ -35,7 +35,8 @@ from detector.sidecar.spans import (
     judge_sentence,
 )
 from detector.sidecar.stops import partial_stop_start
-from detector.sidecar.streams import ProbeColumns, RecordDelta, RequestRecord, TokenScore
+from detector.sidecar.records import RecordDelta, RequestRecord
+from detector.sidecar.scores import ProbeColumns, TokenScore
 from detector.sidecar.text import DecodedText, PieceStream, TextDecoder
 from detector.sidecar.views import RequestAnalysis, ViewState
 from detector.verdict import VerdictModel

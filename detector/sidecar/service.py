@@ -45,7 +45,9 @@ from detector.sidecar.pool import ElasticThreadPool
 from detector.sidecar.registry import HeardCapture, LoadedProbe, ProbeRegistry
 from detector.sidecar.security import AdminGuard
 from detector.sidecar.spans import SpanVerdict
-from detector.sidecar.streams import ProbeColumns, RequestRecord, RequestStore
+from detector.sidecar.records import RequestRecord
+from detector.sidecar.scores import ProbeColumns
+from detector.sidecar.store import RequestStore
 
 logger = logging.getLogger(__name__)
 

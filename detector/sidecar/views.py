@@ -12,7 +12,8 @@ import dataclasses
 from detector.claims import ResponseVerdict, sentences
 from detector.drift import ResponseDrift, response_drift
 from detector.sidecar.spans import SpanVerdict
-from detector.sidecar.streams import RequestRecord, TokenScore
+from detector.sidecar.records import RequestRecord
+from detector.sidecar.scores import TokenScore
 from detector.sidecar.text import DecodedText
 
 

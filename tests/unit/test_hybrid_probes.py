@@ -39,7 +39,8 @@ from detector.engine.token_features import (
 )
 from detector.model_identity import ModelIdentity
 from detector.sidecar.scorer import FusedProbeScorer
-from detector.sidecar.streams import RequestStore, columns_for, rows_to_score
+from detector.sidecar.scores import columns_for, rows_to_score
+from detector.sidecar.store import RequestStore
 
 H = 8
 CAPTURED = [2, 4]

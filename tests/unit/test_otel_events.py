@@ -20,7 +20,7 @@ import pytest
 
 from detector.claims import ResponseVerdict
 from detector.sidecar.views import RequestAnalysis
-from detector.sidecar.streams import RequestRecord
+from detector.sidecar.records import RequestRecord
 from detector.channel.ids import client_ids
 from detector.sidecar.telemetry import (
     EVENT_NAME,

@@ -163,8 +163,8 @@ def markdown(result: dict[str, Any]) -> str:
     c = result["config"]
     lines = [
         f"One vLLM server (plugin on, layers {c['layers']}, `--middleware "
-        f"detector.serving.openai_middleware.LieDetectorMiddleware`) and a sidecar with the shipped "
-        f"probe; {c['pairs']} ABBA pairs per row of rounds of greedy `/v1/completions` x "
+        f"detector.serving.openai_middleware.LieDetectorMiddleware`) and a sidecar with the "
+        f"shipped probe; {c['pairs']} ABBA pairs per row of rounds of greedy `/v1/completions` x "
         f"{c['max_tokens']} tokens, **annotated** (`X-Lie-Detector: annotate`) vs **plain**; "
         "time to last byte per request on the client.",
         "",

@@ -1,8 +1,8 @@
 """Detection quality of the shipped probe against its baselines, read from its evaluation.
 
 The training pipeline (``lie-detector train-default``, ``probes/pipeline.py``) writes
-``detector/default_probe/<name>/metrics.json``; this module only reads it (nothing is recomputed), so
-the table always shows the evaluation that shipped with the probe. Format, as
+``detector/default_probe/<name>/metrics.json``; this module only reads it (nothing is
+recomputed), so the table always shows the evaluation that shipped with the probe. Format, as
 ``probes/report.py`` writes it: ``heldout.{all,real_only}.<scorer>`` and
 ``cross_topic.<domain>.<scorer>`` hold ``auroc``, ``auprc``, ``recall_at_fpr`` (at ``fpr``) and
 ``ece`` per scorer (``probe`` and the baselines ``neg_min_logprob``, ``neg_mean_logprob``,

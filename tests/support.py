@@ -29,8 +29,8 @@ from detector.serving.serve import (
 )
 
 # Layers the test server captures (SmolLM2 has 30; transformers' hidden_states index).
-# 16 and 20 are the shipped default probe's (detector/default_probe), so it scores on the session server
-# (tests/integration/test_guardrails_served.py).
+# 16 and 20 are the shipped default probe's (detector/default_probe), so it scores on the session
+# server (tests/integration/test_guardrails_served.py).
 LAYERS = [8, 15, 16, 20, 22]
 # A small token budget per step forces long prompts through chunked prefill.
 MAX_BATCHED_TOKENS = 128

@@ -27,7 +27,12 @@ from rich.text import Text
 
 from detector.artifact import default_probe_dir
 from detector.serving.client import DetectorClient, RequestState, Span, TokenScore, Verdict
-from detector.serving.serve import ServeOptions, Supervisor, wait_for_grpc_health, wait_until_healthy
+from detector.serving.serve import (
+    ServeOptions,
+    Supervisor,
+    wait_for_grpc_health,
+    wait_until_healthy,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -74,8 +74,9 @@ class ScoresSource(Protocol):
 
 def error_spans(value: str, scores: Scores) -> tuple[ErrorSpan, ...]:
     """The flagged claim spans placed on ``value`` as the OpenAI middleware places them
-    (:func:`detector.serving.openai_middleware.place_spans`): at the sidecar's offsets when the text there
-    is the span's, else at the occurrence of the span's text nearest them; dropped otherwise."""
+    (:func:`detector.serving.openai_middleware.place_spans`): at the sidecar's offsets when the
+    text there is the span's, else at the occurrence of the span's text nearest them; dropped
+    otherwise."""
     flagged = [s for s in scores.flagged_spans if s.kind == "claim" and s.text]
     placed, dropped = place_spans(flagged, scores.text, value)
     if dropped:

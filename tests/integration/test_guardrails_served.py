@@ -1,5 +1,5 @@
-"""The NeMo Guardrails output rail (detector/serving/guardrails.py) over a real sidecar and vLLM server:
-its error spans are the flagged claim spans ``DetectorClient.get_scores`` returns."""
+"""The NeMo Guardrails output rail (detector/serving/guardrails.py) over a real sidecar and vLLM
+server: its error spans are the flagged claim spans ``DetectorClient.get_scores`` returns."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""detector.serving.client without vLLM: reply conversion, errors when the sidecar is down, and TLS /
-mutual TLS / admin token against a real in-process sidecar (no engine attached)."""
+"""detector.serving.client without vLLM: reply conversion, errors when the sidecar is down, and
+TLS / mutual TLS / admin token against a real in-process sidecar (no engine attached)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""detector/serving/guardrails.py without a sidecar: the span mapping, fail-open/closed, and the rail in a
-real NeMo Guardrails ``LLMRails`` run over a fake scores source."""
+"""detector/serving/guardrails.py without a sidecar: the span mapping, fail-open/closed, and the
+rail in a real NeMo Guardrails ``LLMRails`` run over a fake scores source."""
 
 from __future__ import annotations
 

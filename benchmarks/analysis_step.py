@@ -25,7 +25,8 @@ import numpy as np
 
 from detector.channel.wire import EngineInfo, RequestRows, StepHeader
 from detector.sidecar.analysis import Analyzer
-from detector.sidecar.streams import RequestStore, columns_for, rows_to_score
+from detector.sidecar.scores import columns_for, rows_to_score
+from detector.sidecar.store import RequestStore
 from detector.sidecar.text import TextDecoder
 
 logger = logging.getLogger("benchmarks.analysis_step")
@@ -83,7 +84,7 @@ def measure(decoder: TextDecoder, n_tokens: int, incremental: bool) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    from detector.embedded_model import ensure_embedded_model
+    from detector.models.embedded import ensure_embedded_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="32,256,1024,2048",

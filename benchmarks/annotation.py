@@ -1,8 +1,8 @@
 """What asking for the verdict in the response costs: time to last byte with and without
-``X-Lie-Detector: annotate`` (detector.openai_middleware).
+``X-Lie-Detector: annotate`` (detector.serving.openai_middleware).
 
 One ``serve``-like pair: a sidecar with the shipped probe and one vLLM server with the plugin
-and ``--middleware detector.openai_middleware.LieDetectorMiddleware``. For each concurrency
+and ``--middleware detector.serving.openai_middleware.LieDetectorMiddleware``. For each concurrency
 (default 1 and 16) and each of non-streamed and streamed ``/v1/completions``, rounds run in
 ABBA order between **plain** (no header) and **annotated** (the header): a round sends that
 many distinct greedy requests at once (``ignore_eos``, fixed ``max_tokens``, so both halves
@@ -76,7 +76,7 @@ def run_round(client: httpx.Client, base_url: str, model: str, prompts: list[str
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from detector.artifact import default_probe_dir, load_probe
-    from detector.embedded_model import ensure_embedded_model
+    from detector.models.embedded import ensure_embedded_model
 
     probe = default_probe_dir()
     if probe is None:
@@ -163,8 +163,8 @@ def markdown(result: dict[str, Any]) -> str:
     c = result["config"]
     lines = [
         f"One vLLM server (plugin on, layers {c['layers']}, `--middleware "
-        f"detector.openai_middleware.LieDetectorMiddleware`) and a sidecar with the shipped "
-        f"probe; {c['pairs']} ABBA pairs per row of rounds of greedy `/v1/completions` x "
+        f"detector.serving.openai_middleware.LieDetectorMiddleware`) and a sidecar with the "
+        f"shipped probe; {c['pairs']} ABBA pairs per row of rounds of greedy `/v1/completions` x "
         f"{c['max_tokens']} tokens, **annotated** (`X-Lie-Detector: annotate`) vs **plain**; "
         "time to last byte per request on the client.",
         "",

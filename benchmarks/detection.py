@@ -1,8 +1,8 @@
 """Detection quality of the shipped probe against its baselines, read from its evaluation.
 
 The training pipeline (``lie-detector train-default``, ``probes/pipeline.py``) writes
-``probes/default/<name>/metrics.json``; this module only reads it (nothing is recomputed), so
-the table always shows the evaluation that shipped with the probe. Format, as
+``detector/default_probe/<name>/metrics.json``; this module only reads it (nothing is
+recomputed), so the table always shows the evaluation that shipped with the probe. Format, as
 ``probes/report.py`` writes it: ``heldout.{all,real_only}.<scorer>`` and
 ``cross_topic.<domain>.<scorer>`` hold ``auroc``, ``auprc``, ``recall_at_fpr`` (at ``fpr``) and
 ``ece`` per scorer (``probe`` and the baselines ``neg_min_logprob``, ``neg_mean_logprob``,
@@ -22,7 +22,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PROBE = "smollm2-135m-fabrication"
-METRICS = ROOT / "probes" / "default" / DEFAULT_PROBE / "metrics.json"
+METRICS = ROOT / "detector" / "default_probe" / DEFAULT_PROBE / "metrics.json"
 
 SCORERS = {
     "probe": "shipped probe (linear, residual stream)",

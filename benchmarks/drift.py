@@ -145,7 +145,7 @@ def served(fitted: FittedDrift, layers: list[int], max_tokens: int) -> dict[str,
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from support import ChannelTap, complete_many, start_vllm  # test helpers: one server
 
-    from detector.embedded_model import ensure_embedded_model
+    from detector.models.embedded import ensure_embedded_model
 
     model_dir = ensure_embedded_model(progress=False)
     server = start_vllm(model_dir, Path(tempfile.mkdtemp(prefix="ld-drift-")), layers=layers,

@@ -8,7 +8,7 @@ It starts `lie-detector serve` (vLLM + sidecar, the product), sends held-out que
 three prompt styles through the OpenAI API and reads every verdict back with gRPC
 ``GetScores``, then writes ``benchmarks/results/heldout.json``, ``heldout-answers.jsonl``
 and ``heldout.png``, and refreshes the README block ``results:heldout``. The
-implementation lives in :mod:`probes.heldout_eval` (shared with ``lie-detector
+implementation lives in :mod:`benchmarks.heldout_eval` (shared with ``lie-detector
 evaluate-served``); this module only adds the README step.
 """
 
@@ -27,8 +27,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "heldout.json"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from probes import heldout_eval
-    from probes.heldout_report import markdown
+    from benchmarks import heldout_eval
+    from benchmarks.heldout_report import markdown
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.heldout",
                                      description=__doc__.split("\n", 1)[0])
@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", datefmt="%H:%M:%S")
-    for name in ("httpx", "detector.serve", "detector.embedded_model"):
+    for name in ("httpx", "detector.serving.serve", "detector.models.embedded"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if args.markdown:
         print(markdown(json.loads(Path(args.out).read_text())))

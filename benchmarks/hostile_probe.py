@@ -46,7 +46,7 @@ def hostile_probe(directory: Path, size: int, field: str = "extra") -> Path:
     ``training`` (free-form, so the old code loaded it) or in an unknown field (refused)."""
     shipped = default_probe_dir()
     if shipped is None:
-        raise SystemExit("the shipped probe is not installed (probes/default)")
+        raise SystemExit("the shipped probe is not installed (detector/default_probe)")
     directory.mkdir(parents=True)
     shutil.copy2(shipped / TENSORS_FILE, directory / TENSORS_FILE)
     text = json.dumps(json.loads((shipped / METADATA_FILE).read_text()))

@@ -146,7 +146,7 @@ def start_vllm(groups: ProcessGroups, name: str, model_dir: Path, workdir: Path,
     replaces the common ``VLLM_ARGS``. Each
     ``cache_variant`` gets its own compile cache (``VLLM_CACHE_ROOT``).
     """
-    from detector.serve import ServeOptions, engine_env, vllm_command
+    from detector.serving.serve import ServeOptions, engine_env, vllm_command
 
     layers = list(layers or LAYERS)
     port = free_port()
@@ -173,7 +173,7 @@ def start_vllm(groups: ProcessGroups, name: str, model_dir: Path, workdir: Path,
 
 
 def wait_vllm(server: Server) -> None:
-    from detector.serve import wait_until_healthy
+    from detector.serving.serve import wait_until_healthy
 
     try:
         wait_until_healthy(server.base_url, server.proc, timeout_s=START_TIMEOUT_S)
@@ -673,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from detector.embedded_model import ensure_embedded_model
+    from detector.models.embedded import ensure_embedded_model
 
     started = time.monotonic()
     mode = "quick" if args.quick else "full"

@@ -580,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     oh.setup_cli(args.verbose)
     from benchmarks import report
-    from detector.embedded_model import ensure_embedded_model
+    from detector.models.embedded import ensure_embedded_model
 
     started = time.monotonic()
     mode = "quick" if args.quick else "full"

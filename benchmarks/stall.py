@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _model_dir() -> Path:
-    from detector.embedded_model import ensure_embedded_model
+    from detector.models.embedded import ensure_embedded_model
 
     return ensure_embedded_model(progress=False)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from detector.client import DetectorClient, DetectorError
+from detector.serving.client import DetectorClient, DetectorError
 
 TOPICS = [
     "the history of the printing press", "how volcanoes form", "the life cycle of a star",

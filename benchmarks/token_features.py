@@ -78,7 +78,7 @@ def in_process(vocab: int, *, rounds: int, reps: int) -> dict[str, Any]:
     """Per-step ms of the feature code for each batch size and logits dtype, split into
     what the engine thread runs (keep the logits, pick the rows) and what the publisher's
     thread runs later (the features themselves)."""
-    from detector.hooks.vllm_adapter import _deferred_features, _snapshot_logits
+    from detector.engine.vllm_adapter import _deferred_features, _snapshot_logits
 
     cap = SimpleNamespace(token_features=FEATURES)
     out: dict[str, Any] = {}
@@ -110,7 +110,7 @@ def served(concurrency: int, max_tokens: int) -> dict[str, Any]:
     from support import ChannelTap, complete_many, start_vllm  # test helpers: one server
 
     from benchmarks.streaming import prompts_for
-    from detector.embedded_model import ensure_embedded_model
+    from detector.models.embedded import ensure_embedded_model
 
     model_dir = ensure_embedded_model(progress=False)
     work = Path(tempfile.mkdtemp(prefix="ld-token-features-"))

@@ -56,7 +56,7 @@ def _heldout() -> str:
     """The served held-out evaluation (benchmarks/heldout.py writes heldout.json)."""
     import json
 
-    from probes.heldout_report import markdown
+    from benchmarks.heldout_report import markdown
 
     path = ROOT / "benchmarks/results/heldout.json"
     if not path.is_file():

@@ -83,7 +83,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from detector.embedded_model import ensure_embedded_model
+    from detector.models.embedded import ensure_embedded_model
 
     model_dir = ensure_embedded_model(progress=False)
     groups = oh.ProcessGroups()

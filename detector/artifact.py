@@ -13,7 +13,7 @@ that names the file, so an operator can fix a bad probe without reading a traceb
 
 Score of a token position with captured rows ``x`` (the probe's layers concatenated in
 ``layers`` order, length ``len(layers) * hidden_size``), followed, for a *hybrid* probe,
-by the scored token's ``token_features`` (``detector.hooks.token_features``: its raw
+by the scored token's ``token_features`` (``detector.engine.token_features``: its raw
 log-probability, the entropy of its top-20 distribution) in the order the metadata lists::
 
     z = (([x, f] - mean) / scale) . weight + bias   # the logit; f is empty for most probes
@@ -52,7 +52,7 @@ from safetensors.torch import save as _st_save
 
 from detector import __version__
 from detector.drift import DRIFT_TENSORS, DriftSummary, check_drift_tensors
-from detector.hooks.token_features import TOKEN_FEATURES, TOKEN_FEATURES_ENV
+from detector.engine.token_features import TOKEN_FEATURES, TOKEN_FEATURES_ENV
 from detector.model_identity import ModelIdentity
 from detector.verdict import VerdictModel
 
@@ -349,20 +349,14 @@ def probe_dir_within(path: str | Path, roots: Sequence[str | Path]) -> Path:
 
 
 DEFAULT_PROBE_NAME = "smollm2-135m-fabrication"
+# The shipped probes: package data of ``detector`` (pyproject's package-data), written by
+# ``lie-detector train-default``; a sidecar-only install has them without ``probes``.
+SHIPPED_PROBES_DIR = Path(__file__).resolve().parent / "default_probe"
 
 
 def default_probe_dir() -> Path | None:
-    """The probe shipped for the embedded model (``lie-detector train-default``), if present.
-
-    Located without importing ``probes`` (whose training dependencies a sidecar-only
-    install may lack).
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("probes")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "default" / DEFAULT_PROBE_NAME
+    """The probe shipped for the embedded model (``lie-detector train-default``), if present."""
+    path = SHIPPED_PROBES_DIR / DEFAULT_PROBE_NAME
     return path if (path / METADATA_FILE).is_file() else None
 
 

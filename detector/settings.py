@@ -26,7 +26,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
-    from detector.client import TLSConfig
+    from detector.serving.client import TLSConfig
 
 logger = logging.getLogger(__name__)
 
@@ -115,14 +115,14 @@ class HookSettings(ChannelSettings):
     @field_validator("token_features")
     @classmethod
     def _check_token_features(cls, value: str | None) -> str | None:
-        from detector.hooks.token_features import parse_token_features
+        from detector.engine.token_features import parse_token_features
 
         parse_token_features(value)
         return value
 
     @property
     def token_feature_list(self) -> list[str]:
-        from detector.hooks.token_features import parse_token_features
+        from detector.engine.token_features import parse_token_features
 
         return parse_token_features(self.token_features)
 
@@ -304,7 +304,7 @@ class SidecarSettings(ChannelSettings):
 
 
 class AnnotateSettings(BaseSettings):
-    """The OpenAI middleware (``detector.openai_middleware``). Every field is
+    """The OpenAI middleware (``detector.serving.openai_middleware``). Every field is
     ``LIE_DETECTOR_ANNOTATE_<NAME>``."""
 
     model_config = SettingsConfigDict(env_prefix=ANNOTATE_ENV_PREFIX, extra="ignore")
@@ -329,7 +329,7 @@ class AnnotateSettings(BaseSettings):
     def tls_config(self) -> TLSConfig | None:
         if not (self.tls or self.tls_root_certificates or self.tls_client_cert):
             return None
-        from detector.client import TLSConfig
+        from detector.serving.client import TLSConfig
 
         return TLSConfig(root_certificates=self.tls_root_certificates,
                          client_cert=self.tls_client_cert, client_key=self.tls_client_key,

@@ -35,7 +35,7 @@ from detector.ranks import midranks
 
 Signal = Literal["probe", "neg_min_logprob"]
 SIGNALS: tuple[str, ...] = get_args(Signal)
-# Token features the engine must compute for a signal (``detector.hooks.token_features``).
+# Token features the engine must compute for a signal (``detector.engine.token_features``).
 SIGNAL_TOKEN_FEATURES: dict[str, tuple[str, ...]] = {"probe": (), "neg_min_logprob": ("logprob",)}
 MAX_REFERENCE = 1025  # quantiles kept per signal; plenty for a rank, small in probe.json
 MAX_CALIBRATION = 1025

@@ -36,8 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from detector.config import candidate_layers
-from detector.hooks.token_features import entropy_of
-from detector.launch_checks import LaunchError, check_layers
+from detector.engine.token_features import entropy_of
+from detector.serving.launch_checks import LaunchError, check_layers
 from detector.model_identity import ModelIdentity, identify_model
 from probes.datasets.prompts import STOP, PromptRenderer
 from probes.datasets.registry import questions_hash
@@ -75,7 +75,7 @@ class CaptureSettings(BaseModel):
     request_timeout_s: float = Field(300.0, gt=0)
     dtype: str | None = None  # vLLM --dtype when we start the server; None = its default
     # When we start the server: eager mode (None: where the plugin needs forward hooks,
-    # ``detector.launch_checks.needs_eager``) and extra vLLM arguments.
+    # ``detector.serving.launch_checks.needs_eager``) and extra vLLM arguments.
     enforce_eager: bool | None = None
     vllm_args: list[str] = Field(default_factory=list)
     max_num_seqs: int = Field(16, ge=1)

@@ -1,7 +1,7 @@
 """Hybrid probes in training: the token features beside the residual-stream rows.
 
 A hybrid probe reads, after its layers' rows, the scored token's features (its
-log-probability and the entropy of its top-20 distribution; ``detector.hooks.token_features``
+log-probability and the entropy of its top-20 distribution; ``detector.engine.token_features``
 defines them and computes them in the engine). Training reads the same quantities from
 the OpenAI API's ``logprobs=20`` (``SpanTable.logprobs``/``entropies``, captured by
 ``probes.capture``), so the columns appended here are what the served probe receives.
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from detector.hooks.token_features import TOKEN_FEATURES
+from detector.engine.token_features import TOKEN_FEATURES
 
 logger = logging.getLogger(__name__)
 

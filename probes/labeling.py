@@ -19,7 +19,7 @@ punctuation, articles, "St." = "Saint"):
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -144,12 +144,68 @@ def numbers_agree(answer: str, alias: str) -> bool:
     return True
 
 
+ClaimLabel = Literal["retrieval", "fabrication", "unlabelled", "echo"]
+
+
+def _matches(claim: str, claim_norm: str, value: str) -> bool:
+    v = normalize(value)
+    if not v:
+        return False
+    if value.isupper() and len(value) <= 3:  # a currency code: only as written, whole
+        return claim.strip() == value
+    return (claim_norm == v or contains_words(claim_norm, v)) and numbers_agree(claim, value)
+
+
+def is_echo(claim: str, subject: str, prompt: str) -> bool:
+    """A claim that only repeats the prompt or the subject's own name (or a word formed
+    from it, "Norvanian"): no claim of the model's."""
+    words = normalize(claim).split()
+    if not words:
+        return True
+    seen = set(normalize(prompt).split())
+    stem = normalize(subject).replace(" ", "")[:-2] if len(subject) > 4 else normalize(subject)
+    return all(w in seen or (stem and w.startswith(stem)) for w in words)
+
+
+def label_longform_claim(claim: str, *, subject: str, invented: bool,
+                         values: Mapping[str, Sequence[str]],
+                         other_values: Mapping[str, Mapping[str, Sequence[str]]],
+                         prompt: str, entity_key: str = "") -> tuple[ClaimLabel, str]:
+    """Label one claim span of a long-form answer about a country; returns (label, why).
+
+    Real subject: ``retrieval`` if the claim matches one of the subject's true values (any
+    attribute), ``fabrication`` if it matches another country's value of an attribute and
+    none of the subject's, else ``unlabelled``. Invented subject: every claim that is not an
+    ``echo`` of the prompt is a fabrication.
+    """
+    norm = normalize(claim)
+    if not invented:  # a true value first: "Albanian" is a language, not an echo of Albania
+        for attr, vals in values.items():
+            for v in vals:
+                if _matches(claim, norm, v):
+                    return "retrieval", f"{attr} {v!r}"
+    if is_echo(claim, subject, prompt):
+        return "echo", "repeats the prompt or the subject's name"
+    if invented:
+        return "fabrication", "a claim about an invented country"
+    if not norm:
+        return "unlabelled", "no words"
+    for attr, by_entity in other_values.items():
+        for key, vals in by_entity.items():
+            if key == entity_key:
+                continue
+            for v in vals:
+                if _matches(claim, norm, v):
+                    return "fabrication", f"{attr} of {key}: {v!r}"
+    return "unlabelled", "matches no known value"
+
+
 def label_claims(question: Question, completion: str, *, prompt: str) -> list[AnswerLabel]:
     """One label per claim span (:func:`detector.claims.find_claims` with the ``prompt`` the
     model read) of a long-form answer (``answer_type == "claims"``).
 
     The rule is the held-out long form's
-    (:func:`probes.heldout_metrics.label_longform_claim`) against ``question.values`` and
+    (:func:`label_longform_claim`) against ``question.values`` and
     the other entities' values of the topic's contrast attributes
     (:func:`probes.datasets.longform.other_values`), plus numbers a cue announces
     ("atomic number of 2", :func:`probes.datasets.longform.contradicted_number`):
@@ -157,7 +213,6 @@ def label_claims(question: Question, completion: str, *, prompt: str) -> list[An
     known value), left out of training.
     """
     from probes.datasets.longform import contradicted_number, other_values
-    from probes.heldout_metrics import label_longform_claim
 
     if question.answer_type != "claims":
         raise ValueError(f"question {question.id!r} is not a long-form question")
@@ -273,13 +328,16 @@ def token_span(text_offsets: Sequence[int], span: tuple[int, int], text_length: 
 __all__ = [
     "TRAINABLE",
     "AnswerLabel",
+    "ClaimLabel",
     "claim_for_answer",
     "Label",
     "contains_words",
     "extract_answer",
+    "is_echo",
     "is_refusal",
     "label_answer",
     "label_claims",
+    "label_longform_claim",
     "normalize",
     "numbers_agree",
     "token_offsets",

@@ -16,7 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from detector.artifact import ProbeArtifact, folded_linear, load_probe
+from detector.artifact import (
+    DEFAULT_PROBE_NAME,
+    SHIPPED_PROBES_DIR,
+    ProbeArtifact,
+    folded_linear,
+    load_probe,
+)
 from detector.settings import cache_dir
 from probes import report as rpt
 from probes.evaluate import (
@@ -34,8 +40,8 @@ from probes.train import FabricationProbeTrainer, TrainConfig, cross_topic, grou
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PROBE_NAME = "smollm2-135m-fabrication"
-DEFAULT_PROBE_DIR = Path(__file__).resolve().parent / "default" / DEFAULT_PROBE_NAME
+# Where train-default writes: the shipped probe, package data of detector (detector/artifact.py).
+DEFAULT_PROBE_DIR = SHIPPED_PROBES_DIR / DEFAULT_PROBE_NAME
 AUROC_TARGET = 0.85
 MARGIN_TARGET = 0.05
 

@@ -1,6 +1,6 @@
 """A vLLM server with the plugin, started for one capture run on its own port and channel.
 
-The same command line as ``lie-detector serve`` (``detector.serve.vllm_command`` and
+The same command line as ``lie-detector serve`` (``detector.serving.serve.vllm_command`` and
 ``engine_env``), so the rows a probe is trained on come from the serving configuration
 it will score; only the port, the channel and the capture layers are the run's own.
 """
@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from detector.serve import (
+from detector.serving.serve import (
     ServeOptions,
     engine_env,
     resolve_eager,
@@ -85,7 +85,7 @@ def start_capture_server(
     """Start vLLM with the plugin capturing ``layers`` and wait until it is healthy.
 
     ``enforce_eager`` None: eager exactly where the plugin needs forward hooks, as ``serve``
-    decides it (``detector.launch_checks.needs_eager``)."""
+    decides it (``detector.serving.launch_checks.needs_eager``)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     args = ["--max-num-seqs", str(max_num_seqs), "--seed", "0"]

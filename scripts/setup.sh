@@ -215,7 +215,7 @@ if [[ "$stage" == test ]]; then
         choose_installer
         log "installing the test stage (extras $TEST_EXTRAS)"
         install_project "$TEST_EXTRAS"
-        # NeMo Guardrails (detector/guardrails.py): its dependencies come with the guardrails extra,
+        # NeMo Guardrails (detector/serving/guardrails.py): its dependencies come with the guardrails extra,
         # less fastembed/onnxruntime, whose resolution would downgrade huggingface_hub under vLLM.
         log "installing $MENDELEEV_REQ and $NEMO_REQ (--no-deps)"
         install_no_deps "$MENDELEEV_REQ" "$NEMO_REQ"

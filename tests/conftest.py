@@ -25,7 +25,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    from detector.embedded_model import ensure_embedded_model
+    from detector.models.embedded import ensure_embedded_model
 
     return ensure_embedded_model(progress=False)
 
@@ -77,7 +77,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory):
     checks must pass) as a user's Hugging Face folder would be."""
     from tiny_models import build_tiny_model
 
-    from detector.model_import import import_model
+    from detector.models.importer import import_model
 
     root = tmp_path_factory.mktemp("tiny-models")
     built: dict[str, Path] = {}

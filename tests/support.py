@@ -20,7 +20,7 @@ import torch
 from detector.channel.publisher import PendingStep
 from detector.channel.subscriber import ChannelSubscriber
 from detector.channel.wire import CaptureStatus, EngineInfo, StepHeader
-from detector.serve import (
+from detector.serving.serve import (
     ServeOptions,
     engine_env,
     vllm_command,
@@ -29,8 +29,8 @@ from detector.serve import (
 )
 
 # Layers the test server captures (SmolLM2 has 30; transformers' hidden_states index).
-# 16 and 20 are the shipped default probe's (probes/default), so it scores on the session server
-# (tests/integration/test_guardrails_served.py).
+# 16 and 20 are the shipped default probe's (detector/default_probe), so it scores on the session
+# server (tests/integration/test_guardrails_served.py).
 LAYERS = [8, 15, 16, 20, 22]
 # A small token budget per step forces long prompts through chunked prefill.
 MAX_BATCHED_TOKENS = 128
@@ -103,7 +103,7 @@ def log_tails(since: float, lines: int = 40) -> list[tuple[str, str]]:
 def start_vllm(model_dir: Path, workdir: Path, *, disable: bool = False,
                layers: list[int] = LAYERS, env_extra: dict[str, str] | None = None,
                enforce_eager: bool = False, annotate: bool = False) -> VllmServer:
-    """``annotate``: load the OpenAI middleware (detector.openai_middleware), as
+    """``annotate``: load the OpenAI middleware (detector.serving.openai_middleware), as
     ``lie-detector serve`` does; its sidecar address goes in ``env_extra``
     (LIE_DETECTOR_ANNOTATE_GRPC_ADDRESS)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -324,8 +324,8 @@ def start_sidecar(channel: str, workdir: Path, *, probes: list[Path], model_dir:
 
 def wait_for_engine(client, timeout_s: float = 30.0) -> None:
     """The sidecar learns the engine from its heartbeat; until then no probe scores.
-    ``client``: a :class:`detector.client.DetectorClient` or the sidecar's address."""
-    from detector.client import DetectorClient, ProbeInfo
+    ``client``: a :class:`detector.serving.client.DetectorClient` or the sidecar's address."""
+    from detector.serving.client import DetectorClient, ProbeInfo
 
     owned = isinstance(client, str)
     client = DetectorClient(client) if owned else client

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from detector.embedded_model import MARKER_FILE, default_model_dir
-from detector.model_import import adds_bos
+from detector.models.embedded import MARKER_FILE, default_model_dir
+from detector.models.importer import adds_bos
 
 
 # Files of the embedded model's folder that make up its tokenizer and chat template.
@@ -94,7 +94,7 @@ def build_tiny_model(arch: TinyArch, out: Path, tokenizer_source: Path | None = 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from detector.embedded_model import resolve_model
+    from detector.models.embedded import resolve_model
 
     source = Path(tokenizer_source) if tokenizer_source else resolve_model(None)
     config = _config(arch, _special_ids(source))

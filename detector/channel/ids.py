@@ -14,7 +14,7 @@ text (a body ``request_id`` any JSON string). The channel carries ids of at most
 asked by the same way (:func:`lookup_forms`), so the full id still finds its request. One
 request's odd id thus costs nothing to the requests that share its steps.
 
-The annotating middleware (``detector.openai_middleware``) makes each annotated request's id
+The annotating middleware (``detector.serving.openai_middleware``) makes each annotated request's id
 its own by appending a tag, ``~ld{16 hex}``, to X; bounding keeps the tag, and the ids
 without it stay aliases (:func:`request_aliases`), so the client's own X still finds it.
 """

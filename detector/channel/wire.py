@@ -70,7 +70,7 @@ MAX_TOKEN_ID = 1 << 31  # past any vocabulary; a token id is an int32 everywhere
 MAX_LAYERS = 256
 MAX_HIDDEN = 65536
 # Bounds on a request's stop strings (vLLM sets none; a request beyond them is sent without
-# its stop rule, see detector.hooks.vllm_adapter).
+# its stop rule, see detector.engine.vllm_adapter).
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 256
 # Bounds on a capture status: its reason is shown in one line (logs, ListProbes, the CLI).
@@ -122,7 +122,7 @@ class EngineInfo(BaseModel):
     pid: Annotated[int, Field(ge=0, le=1 << 31)]
     started_at: float
     # Per-token features the hook computes for sampled tokens (LIE_DETECTOR_TOKEN_FEATURES,
-    # detector.hooks.token_features); empty from older hooks.
+    # detector.engine.token_features); empty from older hooks.
     token_features: Annotated[list[Literal["logprob", "entropy"]],
                               Field(max_length=8)] = Field(default_factory=list)
     # The engine's limits, which bound every message it sends (None from older hooks: the

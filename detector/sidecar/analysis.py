@@ -8,57 +8,17 @@ analyses given tokens from scratch: the reference the incremental analysis must 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from detector.claims import ResponseVerdict, sentences
-from detector.drift import ResponseDrift, response_drift
+from detector.claims import ResponseVerdict
+from detector.sidecar.incremental import LiveAnalysis
 from detector.sidecar.spans import SPAN_KINDS, SpanVerdict, find_spans, judge_spans
 from detector.sidecar.stops import cut_to_returned
-from detector.sidecar.streams import ProbeColumns, RequestRecord, RequestStore, TokenScore
-from detector.sidecar.text import DecodedText, TextDecoder
-
-if TYPE_CHECKING:
-    from detector.sidecar.incremental import ViewState
-
-
-@dataclass(frozen=True, slots=True)
-class RequestAnalysis:
-    record: RequestRecord
-    tokens: list[TokenScore]
-    decoded: DecodedText | None
-    verdicts: list[SpanVerdict]
-    # One per probe: flagged when any claim span is (empty without a decoder or probes).
-    responses: list[ResponseVerdict]
-    # Where an incremental analysis's verdicts stand (None from :meth:`Analyzer.analyse`).
-    state: ViewState | None = None
-    # The request as the store has it (``record`` is cut to what the client received: a
-    # matched stop string ends it); set by :meth:`Analyzer.current`.
-    stored: RequestRecord | None = None
-
-    @property
-    def open_from(self) -> int:
-        """Where the last sentence that may still grow begins (``len(text)`` if none may):
-        spans before it are final."""
-        if self.state is not None:
-            return self.state.open_from
-        text = self.text
-        spans = sentences(text)
-        if not spans:
-            return len(text)
-        start, end = spans[-1]
-        return start if end >= len(text.rstrip()) else len(text)
-
-    @property
-    def drift(self) -> list[ResponseDrift]:
-        """Per probe with a training summary: how many of the response's scored rows lie
-        outside it (counted from the per-token flags, over the tokens returned)."""
-        return response_drift([t.outside for t in self.tokens])
-
-    @property
-    def text(self) -> str:
-        return self.decoded.text if self.decoded else ""
+from detector.sidecar.records import RequestRecord
+from detector.sidecar.scores import ProbeColumns, TokenScore
+from detector.sidecar.store import RequestStore
+from detector.sidecar.text import TextDecoder
+from detector.sidecar.views import RequestAnalysis
 
 
 class Analyzer:
@@ -82,8 +42,6 @@ class Analyzer:
         that while the request runs and every token once it has ended); None for an
         unknown or expired request. Equals :meth:`analyse` of a fresh snapshot, at the cost
         of what changed since the request was last read."""
-        from detector.sidecar.incremental import LiveAnalysis
-
         found = store.live(request_id, lambda _: LiveAnalysis(self.decoder, self.span_kinds))
         if found is None:
             return None

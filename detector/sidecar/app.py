@@ -32,7 +32,7 @@ from detector.sidecar.registry import ProbeRegistry
 from detector.sidecar.security import AdminGuard, server_credentials
 from detector.sidecar.server import GrpcServer
 from detector.sidecar.service import HOOK_HEALTH_NAME, SERVICE_NAME, DetectorService
-from detector.sidecar.streams import RequestStore
+from detector.sidecar.store import RequestStore
 from detector.sidecar.telemetry import EvaluationEvents, start_evaluation_events
 from detector.sidecar.text import TextDecoder
 

@@ -22,7 +22,6 @@ import math
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
 
 from detector.channel.wire import StopRule
 from detector.claims import ClaimCutter, ResponseVerdict, SentenceCutter
@@ -36,12 +35,11 @@ from detector.sidecar.spans import (
     judge_sentence,
 )
 from detector.sidecar.stops import partial_stop_start
-from detector.sidecar.streams import ProbeColumns, RecordDelta, RequestRecord, TokenScore
+from detector.sidecar.records import RecordDelta, RequestRecord
+from detector.sidecar.scores import ProbeColumns, TokenScore
 from detector.sidecar.text import DecodedText, PieceStream, TextDecoder
+from detector.sidecar.views import RequestAnalysis, ViewState
 from detector.verdict import VerdictModel
-
-if TYPE_CHECKING:
-    from detector.sidecar.analysis import RequestAnalysis
 
 # Memory per generated token an analysis holds (token scores, offsets, text, spans and
 # verdicts of both views: about 1 KB measured with 3 probes), counted against the store's
@@ -63,34 +61,6 @@ class _Scores(Sequence[dict[str, float]]):
 
     def __getitem__(self, i: int) -> dict[str, float]:  # type: ignore[override]
         return self.tokens[i].scores
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ViewState:
-    """Where a view's verdicts stand, for a stream that sends each closed span once:
-    ``verdicts[:claims]`` judge claims, of which the first ``fixed_claims`` (and the first
-    ``fixed_sentences`` sentence verdicts after them) only change where ``rejudged_since``
-    says."""
-
-    view: object  # which view: a new one starts its stream's look anew
-    stamp: int  # how many times the view has judged fixed verdicts again
-    claims: int
-    fixed_claims: int
-    fixed_sentences: int
-    open_from: int  # where the last sentence that may still grow begins
-    # The last re-judgings: (stamp, first claim verdict, first sentence verdict) judged
-    # again; a copy, so a stream reads it without the analysis's lock.
-    log: tuple[tuple[int, int, int], ...] = ()
-
-    def rejudged_since(self, stamp: int) -> tuple[int, int] | None:
-        """The lowest fixed claim and sentence verdict indices judged again after
-        ``stamp``; None when the log no longer reaches back that far."""
-        if stamp == self.stamp:
-            return (self.fixed_claims, self.fixed_sentences)
-        if not self.log or self.log[0][0] > stamp + 1:
-            return None
-        later = [(cv, sv) for st, cv, sv in self.log if st > stamp]
-        return (min(cv for cv, _ in later), min(sv for _, sv in later))
 
 
 class _View:
@@ -363,8 +333,6 @@ class LiveAnalysis:
 
     def view(self, settled_only: bool) -> RequestAnalysis:
         """The analysis of every token, or of the leading tokens whose scores are final."""
-        from detector.sidecar.analysis import RequestAnalysis  # it imports this module
-
         cached = self.cache.get(settled_only)
         if cached is not None:
             return cached

@@ -21,7 +21,8 @@ from detector.sidecar.accounting import FinishAccounting
 from detector.sidecar.analysis import Analyzer
 from detector.sidecar.metrics import SidecarMetrics
 from detector.sidecar.registry import ProbeRegistry
-from detector.sidecar.streams import RequestStore, rows_to_score
+from detector.sidecar.scores import rows_to_score
+from detector.sidecar.store import RequestStore
 from detector.sidecar.telemetry import EvaluationEvents
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,8 @@ class ScoringPipeline:
                             "producer_features": torch.from_numpy(producer)}
             logits, outside = scorer.logits_and_drift(selected, **features)
             probs = scorer.probabilities(logits).cpu().numpy()
-            if outside is not None:  # drift flags ride after the probabilities (streams.py)
+            # Drift flags ride after the probabilities (detector.sidecar.scores.token_scores).
+            if outside is not None:
                 probs = np.concatenate([probs, outside.cpu().numpy()], axis=1)
             columns = active.columns
             self.metrics.rows_scored.inc(int(index.size))

@@ -30,7 +30,7 @@ from detector.artifact import (
 from detector.channel.wire import CaptureStatus, EngineInfo
 from detector.model_identity import ModelIdentity
 from detector.sidecar.scorer import FusedProbeScorer, default_device
-from detector.sidecar.streams import ProbeColumns, columns_for
+from detector.sidecar.scores import ProbeColumns, columns_for
 from detector.verdict import VerdictModel
 
 logger = logging.getLogger(__name__)

@@ -37,7 +37,8 @@ from detector.artifact import (
     probe_dir_within,
 )
 from detector.claims import ResponseVerdict
-from detector.sidecar.analysis import Analyzer, RequestAnalysis
+from detector.sidecar.analysis import Analyzer
+from detector.sidecar.views import RequestAnalysis
 from detector.sidecar.changes import StoreChanges
 from detector.sidecar.fanout import UpdateBatcher
 from detector.sidecar.incremental import StreamCursor
@@ -45,7 +46,9 @@ from detector.sidecar.pool import ElasticThreadPool
 from detector.sidecar.registry import HeardCapture, LoadedProbe, ProbeRegistry
 from detector.sidecar.security import AdminGuard
 from detector.sidecar.spans import SpanVerdict
-from detector.sidecar.streams import ProbeColumns, RequestRecord, RequestStore
+from detector.sidecar.records import RequestRecord
+from detector.sidecar.scores import ProbeColumns
+from detector.sidecar.store import RequestStore
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ import dataclasses
 from typing import NamedTuple
 
 from detector.channel.wire import StopRule
-from detector.sidecar.streams import RequestRecord, TokenScore
+from detector.sidecar.records import RequestRecord
+from detector.sidecar.scores import TokenScore
 from detector.sidecar.text import DecodedText
 
 

@@ -53,7 +53,7 @@ from detector.channel.ids import client_ids
 
 if TYPE_CHECKING:
     from detector.claims import ResponseVerdict
-    from detector.sidecar.analysis import RequestAnalysis
+    from detector.sidecar.views import RequestAnalysis
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The model is asked for a short profile ("Describe Peru in two sentences, naming 
 capital, currency, official language and continent.") and every claim span of its answer
 (:func:`detector.claims.find_claims`, what the sidecar judges) is labelled against the
 knowledge base by :func:`probes.labeling.label_claims`, with the rule the held-out long
-form uses (:func:`probes.heldout_metrics.label_longform_claim`): a claim matching one of
+form uses (:func:`probes.labeling.label_longform_claim`): a claim matching one of
 the entity's true values is a retrieval, one matching another entity's value of a
 *contrast* attribute (and none of its own) a fabrication, anything else is left out; every
 non-echo claim about an invented entity is a fabrication.

@@ -91,7 +91,7 @@ def test_copy_sources_exist_and_reach_the_build_context(dockerfile: Path) -> Non
 
 
 def test_images_start_what_the_deployments_expect() -> None:
-    from detector.cli import build_parser
+    from detector.cli.commands import build_parser
 
     sidecar = dict(_instructions(DOCKER / "sidecar.Dockerfile")[-2:])
     # `lie-detector` is the console script of pyproject.toml; the default command parses.

@@ -240,7 +240,7 @@ def test_every_mount_and_port_reference_resolves(objects: list[dict]) -> None:
 
 def test_sidecar_config_is_valid_and_matches_the_pod(objects: list[dict], tmp_path: Path) -> None:
     """The ConfigMap's TOML loads with the sidecar's own settings class, every key known."""
-    from detector.cli import build_parser
+    from detector.cli.commands import build_parser
     from detector.sidecar.app import SidecarSettings, load_settings
 
     pod = _pod(objects)

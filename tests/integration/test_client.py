@@ -1,4 +1,4 @@
-"""detector.client against a real sidecar on the session's real vLLM server: scores, streams
+"""detector.serving.client against a real sidecar on the session's real vLLM server: scores, streams
 (blocking and asyncio), the probe registry, admin calls and the errors a caller acts on; and
 the README's "Python client" example, run as written."""
 
@@ -17,7 +17,7 @@ from support import LAYERS, complete, start_sidecar, synthetic_probe, wait_for_e
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
-from detector.client import (
+from detector.serving.client import (
     AsyncDetectorClient,
     CaptureState,
     DetectorClient,

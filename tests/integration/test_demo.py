@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from detector.demo import DEFAULT_QUESTIONS
+from detector.cli.demo import DEFAULT_QUESTIONS
 
 pytestmark = pytest.mark.vllm
 

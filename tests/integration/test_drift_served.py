@@ -1,5 +1,5 @@
 """Drift served: a real sidecar (ZeroMQ channel, gRPC, Prometheus) scoring steps the
-plugin's own publisher sends, read through detector.client.
+plugin's own publisher sends, read through detector.serving.client.
 
 The probe's summary is fitted on rows of one distribution (a few latent directions plus
 noise, like a residual stream). A response whose rows come from that distribution is in
@@ -21,7 +21,7 @@ from support import free_port, scrape_metrics, wait_until
 from detector.artifact import ProbeArtifact, ProbeMetadata
 from detector.channel.publisher import ChannelPublisher, PendingStep
 from detector.channel.wire import EngineInfo, RequestRows
-from detector.client import DetectorClient
+from detector.serving.client import DetectorClient
 from detector.model_identity import ModelIdentity
 from detector.sidecar.app import Sidecar, SidecarSettings
 from probes.drift_fit import fit_drift, with_drift

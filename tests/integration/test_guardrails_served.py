@@ -1,5 +1,5 @@
-"""The NeMo Guardrails output rail (detector/guardrails.py) over a real sidecar and vLLM server:
-its error spans are the flagged claim spans ``DetectorClient.get_scores`` returns."""
+"""The NeMo Guardrails output rail (detector/serving/guardrails.py) over a real sidecar and vLLM
+server: its error spans are the flagged claim spans ``DetectorClient.get_scores`` returns."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 from support import SidecarProcess, start_sidecar
 
 from detector.artifact import default_probe_dir
-from detector.client import DetectorClient
-from detector.demo import SYSTEM_PROMPT
-from detector.guardrails import ACTION_NAME, COLANG_FLOW, FLOW_NAME, register
+from detector.serving.client import DetectorClient
+from detector.cli.demo import SYSTEM_PROMPT
+from detector.serving.guardrails import ACTION_NAME, COLANG_FLOW, FLOW_NAME, register
 
 pytestmark = pytest.mark.vllm
 nemo = pytest.importorskip("nemoguardrails")

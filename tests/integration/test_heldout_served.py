@@ -15,7 +15,7 @@ import pytest
 from support import start_sidecar, synthetic_probe
 
 from probes.datasets import heldout as ho
-from probes.heldout_eval import EvalConfig, run
+from benchmarks.heldout_eval import EvalConfig, run
 
 
 @pytest.mark.vllm

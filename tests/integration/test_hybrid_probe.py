@@ -25,8 +25,8 @@ from support import (
 )
 
 from detector.artifact import ProbeArtifact, ProbeMetadata
-from detector.client import DetectorClient
-from detector.hooks.token_features import entropy_of
+from detector.serving.client import DetectorClient
+from detector.engine.token_features import entropy_of
 from detector.model_identity import identify_model
 
 pytestmark = pytest.mark.vllm

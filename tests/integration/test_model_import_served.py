@@ -8,7 +8,7 @@ import pytest
 from support import complete, start_vllm
 from tiny_models import Shape, write_gguf
 
-from detector.model_import import import_model
+from detector.models.importer import import_model
 
 pytestmark = pytest.mark.vllm
 

@@ -1,4 +1,4 @@
-"""Verdicts in the client's own OpenAI response (detector.openai_middleware) through a real
+"""Verdicts in the client's own OpenAI response (detector.serving.openai_middleware) through a real
 vLLM server started with ``--middleware`` and a real sidecar serving the shipped probe.
 
 One vLLM server for the module; the plugin-off baseline is the session's shared
@@ -27,8 +27,8 @@ from support import (
 )
 
 from detector.artifact import default_probe_dir, load_probe, probe_token_features
-from detector.client import DetectorClient, Scores
-from detector.openai_middleware import place_spans
+from detector.serving.client import DetectorClient, Scores
+from detector.serving.openai_middleware import place_spans
 
 pytestmark = pytest.mark.vllm
 

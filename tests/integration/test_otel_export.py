@@ -22,7 +22,7 @@ from google.protobuf import text_format
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from support import _served_model, complete, start_sidecar, synthetic_probe, wait_until
 
-from detector.client import DetectorClient, RequestState
+from detector.serving.client import DetectorClient, RequestState
 
 pytestmark = pytest.mark.vllm
 

@@ -20,7 +20,7 @@ from support import complete, complete_many, scrape_metrics, start_sidecar, wait
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
 from detector.api.liedetector.v1 import detector_pb2_grpc as pb_grpc
-from detector.client import DetectorClient, RequestState
+from detector.serving.client import DetectorClient, RequestState
 from detector.sidecar.service import MAX_ID_LENGTH
 
 pytestmark = pytest.mark.vllm

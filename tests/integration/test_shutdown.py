@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support import complete, start_sidecar, wait_for_engine
 
-from detector.client import DetectorClient
+from detector.serving.client import DetectorClient
 
 pytestmark = pytest.mark.vllm
 

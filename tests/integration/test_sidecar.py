@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import LAYERS, complete, complete_many, start_sidecar, wait_for_engine
 
 from detector.artifact import load_probe
-from detector.client import DetectorClient, DetectorError, RequestState
+from detector.serving.client import DetectorClient, DetectorError, RequestState
 from detector.sidecar.scorer import FusedProbeScorer
 
 pytestmark = pytest.mark.vllm

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from support import _served_model, complete, start_sidecar, wait_for_engine
 
-from detector.client import DetectorClient, RequestState
+from detector.serving.client import DetectorClient, RequestState
 
 pytestmark = pytest.mark.vllm
 

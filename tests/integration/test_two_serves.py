@@ -25,10 +25,10 @@ import pytest
 import zmq
 from support import PROCESS_LOGS, complete, free_port, wait_until
 
-from detector.client import DetectorClient, RequestState, Scores
+from detector.serving.client import DetectorClient, RequestState, Scores
 from detector.channel.auth import client_options
 from detector.channel.wire import EngineInfo, Heartbeat, encode_heartbeat
-from detector.serve import wait_for_grpc_health, wait_until_healthy
+from detector.serving.serve import wait_for_grpc_health, wait_until_healthy
 
 pytestmark = pytest.mark.vllm
 

@@ -23,9 +23,9 @@ import pytest
 from support import PROCESS_LOGS, complete, free_port
 
 from detector.artifact import load_probe
-from detector.client import DetectorClient, RequestState
+from detector.serving.client import DetectorClient, RequestState
 from detector.model_identity import identify_model
-from detector.serve import wait_for_grpc_health, wait_until_healthy
+from detector.serving.serve import wait_for_grpc_health, wait_until_healthy
 
 pytestmark = pytest.mark.vllm
 

@@ -21,7 +21,7 @@ import zmq
 from support import free_port, wait_until
 from tiny_engine import engine, probe, schedule, single_request
 
-from detector.client import DetectorClient, RequestState, Scores
+from detector.serving.client import DetectorClient, RequestState, Scores
 from detector.channel.auth import client_options, read_key, write_key
 from detector.channel.wire import (
     MAX_ENGINES_REMEMBERED,

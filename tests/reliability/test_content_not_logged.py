@@ -17,7 +17,7 @@ import zmq
 from support import free_port
 from tiny_engine import engine, probe, single_request
 
-from detector.client import DetectorClient, DetectorError, RequestState
+from detector.serving.client import DetectorClient, DetectorError, RequestState
 from detector.channel.wire import Heartbeat, encode_step
 from detector.sidecar.app import Sidecar, SidecarSettings
 

@@ -23,7 +23,7 @@ from support import health_status, scrape_metrics, start_sidecar, synthetic_prob
 from tiny_engine import probe
 
 from detector.artifact import METADATA_FILE, TENSORS_FILE, ProbeArtifactError, load_probe
-from detector.client import DetectorClient
+from detector.serving.client import DetectorClient
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow,

@@ -22,7 +22,7 @@ from support import free_port
 from tiny_engine import probe, single_request
 
 from detector.channel.ids import bounded_engine_id
-from detector.client import DetectorClient, DetectorError, RequestState
+from detector.serving.client import DetectorClient, DetectorError, RequestState
 from detector.sidecar.app import Sidecar, SidecarSettings
 
 FIRST = "cmpl-abc-0-aaaaaaaa"   # vLLM's id for X-Request-Id "abc", first request

@@ -30,14 +30,14 @@ from tiny_engine import MODEL, engine, probe, single_request
 from detector.channel.publisher import ChannelPublisher, PendingStep
 from detector.channel.subscriber import ChannelSubscriber
 from detector.channel.wire import Heartbeat, StepHeader, decode, encode_step
-from detector.hooks.capture import ScheduledRequest, StepAssembler
+from detector.engine.capture import ScheduledRequest, StepAssembler
 from detector.sidecar import pipeline as pipeline_module
-from detector.sidecar import streams as streams_module
+from detector.sidecar import store as store_module
 from detector.sidecar.analysis import Analyzer
 from detector.sidecar.metrics import SidecarMetrics
 from detector.sidecar.pipeline import ScoringPipeline
 from detector.sidecar.registry import ProbeRegistry
-from detector.sidecar.streams import RequestStore
+from detector.sidecar.store import RequestStore
 
 PROMPT = [11, 12, 13, 14]
 GENERATED = [101, 102, 103, 104, 105]
@@ -62,7 +62,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
     monkeypatch.setattr(pipeline_module, "time",
                         SimpleNamespace(monotonic=fake.monotonic, time_ns=time.time_ns))
-    monkeypatch.setattr(streams_module, "time", SimpleNamespace(monotonic=fake.monotonic))
+    monkeypatch.setattr(store_module, "time", SimpleNamespace(monotonic=fake.monotonic))
     return fake
 
 

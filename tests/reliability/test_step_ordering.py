@@ -24,7 +24,7 @@ from detector.sidecar.analysis import Analyzer
 from detector.sidecar.metrics import SidecarMetrics
 from detector.sidecar.pipeline import ScoringPipeline
 from detector.sidecar.registry import ProbeRegistry
-from detector.sidecar.streams import RequestStore
+from detector.sidecar.store import RequestStore
 
 class Harness:
     """The sidecar's pipeline, registry and store, minus the socket."""

@@ -16,7 +16,7 @@ import pytest
 from support import free_port
 from tiny_engine import GENERATED, probe, schedule
 
-from detector.client import DetectorClient, DetectorError
+from detector.serving.client import DetectorClient, DetectorError
 from detector.sidecar.app import Sidecar, SidecarSettings
 
 # Longer than the fixed 10 s the sidecar used to wait before answering NOT_FOUND.

@@ -8,7 +8,7 @@ import torch
 from detector.channel.ids import bounded_engine_id
 from detector.channel.publisher import PendingStep
 from detector.channel.wire import EngineInfo, StepHeader, decode, encode_step
-from detector.hooks.capture import ScheduledRequest, StepAssembler
+from detector.engine.capture import ScheduledRequest, StepAssembler
 from support import FakePublisher
 
 LAYERS = [1, 3]

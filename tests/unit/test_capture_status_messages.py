@@ -21,7 +21,7 @@ from detector.channel.auth import client_options, read_key, write_key
 from detector.channel.publisher import ChannelPublisher
 from detector.channel.subscriber import ChannelSubscriber
 from detector.channel.wire import CaptureStatus, EngineInfo, Heartbeat, encode_heartbeat
-from detector.client import CaptureState, DetectorClient, DetectorError, ProbeList
+from detector.serving.client import CaptureState, DetectorClient, DetectorError, ProbeList
 from detector.model_identity import ModelIdentity
 from detector.sidecar.app import Sidecar, SidecarSettings
 from detector.sidecar.registry import NO_ENGINE_YET
@@ -201,7 +201,7 @@ def fake_runner(num_layers: int = 30) -> SimpleNamespace:
 
 def test_the_plugin_reports_why_with_what_it_knows_of_the_engine(endpoint, key_file) -> None:
     from detector.config import HookSettings
-    from detector.hooks import vllm_adapter
+    from detector.engine import vllm_adapter
 
     sub = ChannelSubscriber(endpoint, key=read_key(key_file))
     settings = HookSettings(channel=endpoint, channel_key_file=str(key_file), heartbeat_s=0.05)
@@ -226,7 +226,7 @@ def test_the_plugin_reports_why_with_what_it_knows_of_the_engine(endpoint, key_f
 
 def test_a_config_past_the_wire_bounds_still_sends_the_reason(endpoint) -> None:
     from detector.config import HookSettings
-    from detector.hooks import vllm_adapter
+    from detector.engine import vllm_adapter
 
     sub = ChannelSubscriber(endpoint)
     try:
@@ -243,7 +243,7 @@ def test_a_config_past_the_wire_bounds_still_sends_the_reason(endpoint) -> None:
 
 def test_an_unreadable_key_leaves_only_the_log(endpoint, key_file, caplog) -> None:
     from detector.config import HookSettings
-    from detector.hooks import vllm_adapter
+    from detector.engine import vllm_adapter
 
     key_file.chmod(0o644)  # readable by others: refused, so the sidecar cannot be reached
     settings = HookSettings(channel=endpoint, channel_key_file=str(key_file))

@@ -1,5 +1,5 @@
-"""detector.client without vLLM: reply conversion, errors when the sidecar is down, and TLS /
-mutual TLS / admin token against a real in-process sidecar (no engine attached)."""
+"""detector.serving.client without vLLM: reply conversion, errors when the sidecar is down, and
+TLS / mutual TLS / admin token against a real in-process sidecar (no engine attached)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from support import free_port, make_pki, start_inprocess_sidecar
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
-from detector.client import (
+from detector.serving.client import (
     AsyncDetectorClient,
     CaptureState,
     DetectorClient,

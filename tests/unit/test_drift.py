@@ -187,8 +187,8 @@ def test_training_ships_a_summary_that_held_out_rows_fit(tmp_path) -> None:
 
 
 def test_the_openai_field_carries_the_drift() -> None:
-    from detector.client import Drift, RequestState, Scores
-    from detector.openai_middleware import annotation
+    from detector.serving.client import Drift, RequestState, Scores
+    from detector.serving.openai_middleware import annotation
 
     scores = Scores(request_id="r", engine_request_id="r-1", state=RequestState.FINISHED,
                     incomplete_reason="", num_prompt_tokens=3, probes=("p",), tokens=(),

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from detector import embedded_model
-from detector.embedded_model import (
+from detector.models import embedded as embedded_model
+from detector.models.embedded import (
     MARKER_FILE,
     ModelNotFoundError,
     default_model_dir,

@@ -1,4 +1,4 @@
-"""The fast GGUF reading (detector/gguf_reading.py) reads exactly what gguf's own reader reads,
+"""The fast GGUF reading (detector/models/gguf_reading.py) reads exactly what gguf's own reader reads,
 and loading a GGUF for import parses the file once.
 
 The GGUF is a tiny Llama quantised to Q4_1, as the embedded model's file is (tests/tiny_models.py),
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detector import model_import
-from detector.gguf_reading import gguf_read_once, plain_array_reader_class
+from detector.models import importer as model_import
+from detector.models.gguf_reading import gguf_read_once, plain_array_reader_class
 from tiny_models import Shape, tiny_llama, write_gguf
 
 

@@ -1,5 +1,5 @@
-"""detector/guardrails.py without a sidecar: the span mapping, fail-open/closed, and the rail in a
-real NeMo Guardrails ``LLMRails`` run over a fake scores source."""
+"""detector/serving/guardrails.py without a sidecar: the span mapping, fail-open/closed, and the
+rail in a real NeMo Guardrails ``LLMRails`` run over a fake scores source."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import grpc
 import pytest
 
-from detector.client import DetectorError, RequestState, Scores, Span
-from detector.guardrails import (
+from detector.serving.client import DetectorError, RequestState, Scores, Span
+from detector.serving.guardrails import (
     COLANG_FLOW,
     FLOW_NAME,
     ErrorSpan,
@@ -99,7 +99,7 @@ def test_action_fails_flagged_and_passes_clean() -> None:
 def test_detector_errors_follow_the_policy(fail_closed: bool,
                                            caplog: pytest.LogCaptureFixture) -> None:
     down = FakeClient(DetectorError(grpc.StatusCode.UNAVAILABLE, "connection refused"))
-    with caplog.at_level(logging.WARNING, logger="detector.guardrails"):
+    with caplog.at_level(logging.WARNING, logger="detector.serving.guardrails"):
         result = run(make_action("unused:1", client=down, fail_closed=fail_closed),
                      bot_message=TEXT, response_id="r1")
         no_id = run(make_action("unused:1", client=down, fail_closed=fail_closed),

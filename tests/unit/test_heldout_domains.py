@@ -181,8 +181,8 @@ def test_invented_twins_have_no_answers_and_no_real_names(
 
 
 def test_domains_select_topics_and_slice_the_served_summary() -> None:
-    from probes import heldout_eval as he
-    from probes.heldout_report import markdown
+    from benchmarks import heldout_eval as he
+    from benchmarks.heldout_report import markdown
 
     assert heldout.domain_of("heldout_unit_symbol_invented") == "units"
     picked = heldout.build_heldout(["units", "heldout_unit_symbol"], limit_per_topic=3)
@@ -212,7 +212,7 @@ def test_domains_select_topics_and_slice_the_served_summary() -> None:
 
 
 def test_city_long_form_labels_claims_against_tzdata() -> None:
-    from probes import heldout_eval as he
+    from benchmarks import heldout_eval as he
     from test_heldout_metrics import _scores  # GetScores as the client returns it
 
     subjects = heldout.longform_city_subjects(5, 3)

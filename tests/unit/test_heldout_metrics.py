@@ -7,13 +7,14 @@ import math
 import numpy as np
 import pytest
 
+from benchmarks import heldout_metrics as hm
+from benchmarks.heldout_eval import Job, Reply, label_longform, label_short, plain_prompt
+from benchmarks.heldout_report import markdown
 from detector.api.liedetector.v1 import detector_pb2 as pb
-from detector.client import Scores, scores_from_pb
-from detector.hooks.token_features import entropy_of
-from probes import heldout_metrics as hm
+from detector.engine.token_features import entropy_of
+from detector.serving.client import Scores, scores_from_pb
 from probes.datasets.schema import Question, Shot
-from probes.heldout_eval import Job, Reply, label_longform, label_short, plain_prompt
-from probes.heldout_report import markdown
+from probes.labeling import label_longform_claim
 
 
 def test_auroc_on_known_inputs() -> None:
@@ -76,7 +77,7 @@ PROMPT = "Tell me about Albania: its capital, its currency and its languages."
     ("All", "unlabelled"),  # a currency code counts only as written
 ])
 def test_longform_claims_of_a_real_country(claim: str, label: str) -> None:
-    got, _ = hm.label_longform_claim(claim, subject="Albania", invented=False, values=VALUES,
+    got, _ = label_longform_claim(claim, subject="Albania", invented=False, values=VALUES,
                                      other_values=OTHERS, prompt=PROMPT, entity_key="AL")
     assert got == label
 
@@ -88,7 +89,7 @@ def test_longform_claims_of_a_real_country(claim: str, label: str) -> None:
 def test_longform_offsets_keep_their_sign_and_fraction(claim: str, label: str) -> None:
     """A city at UTC+8 beside one at UTC-8 and one at UTC+5:30: normalised matching alone
     read "UTC-8" as "UTC+8" and "1.5" as containing "1"."""
-    got, _ = hm.label_longform_claim(
+    got, _ = label_longform_claim(
         claim, subject="Chengdu", invented=False, values={"utc offset": ["UTC+8", "+8"]},
         other_values={"utc offset": {"LA": ["UTC-8", "-8"], "IN": ["UTC+5:30"],
                                      "PA": ["UTC+1", "+1"]}},
@@ -99,15 +100,15 @@ def test_longform_offsets_keep_their_sign_and_fraction(claim: str, label: str) -
 def test_longform_claims_of_an_invented_country() -> None:
     kw = {"subject": "Norvania", "invented": True, "values": {}, "other_values": OTHERS,
           "prompt": PROMPT.replace("Albania", "Norvania")}
-    assert hm.label_longform_claim("Norvania City", **kw)[0] == "fabrication"
-    assert hm.label_longform_claim("Norvanian", **kw)[0] == "echo"
-    assert hm.label_longform_claim("Norvania", **kw)[0] == "echo"
-    assert hm.label_longform_claim("the Norvanian dinar", **kw)[0] == "fabrication"
+    assert label_longform_claim("Norvania City", **kw)[0] == "fabrication"
+    assert label_longform_claim("Norvanian", **kw)[0] == "echo"
+    assert label_longform_claim("Norvania", **kw)[0] == "echo"
+    assert label_longform_claim("the Norvanian dinar", **kw)[0] == "fabrication"
 
 
 def _scores(text: str, spans: list[tuple[int, int, int, int, float]], probe: str = "p",
             threshold: float = 0.5) -> Scores:
-    """What GetScores returns (through detector.client) for ``text`` with these claims."""
+    """What GetScores returns (through detector.serving.client) for ``text`` with these claims."""
     out = pb.ScoresResponse(text=text, state=pb.REQUEST_STATE_FINISHED)
     flagged = 0
     for cs, ce, ts, te, score in spans:

@@ -30,8 +30,8 @@ from detector.channel.wire import (
     decode,
     encode_step,
 )
-from detector.hooks.capture import ScheduledRequest, StepAssembler
-from detector.hooks.token_features import (
+from detector.engine.capture import ScheduledRequest, StepAssembler
+from detector.engine.token_features import (
     TOP_K,
     parse_token_features,
     token_features,
@@ -39,7 +39,8 @@ from detector.hooks.token_features import (
 )
 from detector.model_identity import ModelIdentity
 from detector.sidecar.scorer import FusedProbeScorer
-from detector.sidecar.streams import RequestStore, columns_for, rows_to_score
+from detector.sidecar.scores import columns_for, rows_to_score
+from detector.sidecar.store import RequestStore
 
 H = 8
 CAPTURED = [2, 4]
@@ -84,7 +85,7 @@ def test_token_features_match_a_hand_computation() -> None:
 
 def test_entropy_matches_what_training_reads_from_the_api() -> None:
     """entropy_of, which training applies to the API's top_logprobs: same number."""
-    from detector.hooks.token_features import entropy_of
+    from detector.engine.token_features import entropy_of
 
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(1, 500, generator=g) * 4
@@ -430,7 +431,7 @@ def _runner(logits: torch.Tensor, temperatures: list[float], penalties: list[flo
 def test_adapter_features_equal_the_reference_before_the_sampler_scales_the_logits() -> None:
     from types import SimpleNamespace
 
-    from detector.hooks.vllm_adapter import _sampled_features, _snapshot_logits
+    from detector.engine.vllm_adapter import _sampled_features, _snapshot_logits
 
     g = torch.Generator().manual_seed(11)
     logits = torch.randn(3, 300, generator=g) * 3
@@ -460,7 +461,7 @@ def test_adapter_keeps_half_precision_logits_without_copying_them() -> None:
     the engine thread keeps vLLM's tensor and the features read it later, off that thread."""
     from types import SimpleNamespace
 
-    from detector.hooks.vllm_adapter import _deferred_features, _snapshot_logits
+    from detector.engine.vllm_adapter import _deferred_features, _snapshot_logits
 
     logits = (torch.randn(2, 300, generator=torch.Generator().manual_seed(3)) * 3).bfloat16()
     snap = _snapshot_logits(_runner(logits, [0.0, 0.7]))
@@ -478,7 +479,7 @@ def test_adapter_keeps_half_precision_logits_without_copying_them() -> None:
 
 def test_serve_asks_the_engine_for_the_features_its_probes_read(tmp_path: Path,
                                                                monkeypatch) -> None:
-    from detector.serve import ServeOptions, engine_env
+    from detector.serving.serve import ServeOptions, engine_env
 
     monkeypatch.setenv("LIE_DETECTOR_TOKEN_FEATURES", "stale")
     pure = make_probe("pure", features=()).save(tmp_path / "pure")

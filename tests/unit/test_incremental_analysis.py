@@ -17,9 +17,11 @@ import pytest
 
 from detector.channel.wire import EngineInfo, RequestRows, StepHeader, StopRule
 from detector.claims import ClaimCutter, SentenceCutter, find_claims, sentences
-from detector.sidecar.analysis import Analyzer, RequestAnalysis
+from detector.sidecar.analysis import Analyzer
+from detector.sidecar.views import RequestAnalysis
 from detector.sidecar.incremental import StreamCursor
-from detector.sidecar.streams import RequestStore, columns_for, rows_to_score
+from detector.sidecar.scores import columns_for, rows_to_score
+from detector.sidecar.store import RequestStore
 from detector.sidecar.text import TextDecoder
 from detector.verdict import OperatingPoint, VerdictModel
 

@@ -12,7 +12,7 @@ import pytest
 from detector.artifact import default_probe_dir
 from detector.cli import main
 from detector.config import candidate_layers
-from detector.launch_checks import LaunchError, capture_method, check_layers, needs_eager
+from detector.serving.launch_checks import LaunchError, capture_method, check_layers, needs_eager
 from detector.model_identity import identify_model
 from probes.capture import question_jobs
 from probes.datasets.prompts import PromptRenderer
@@ -52,11 +52,11 @@ def test_eager_mode_only_where_capture_needs_forward_hooks(
     assert capture_method(gemma) == "forward_hook"
     assert capture_method(unknown) == "forward_hook"
     assert "Gemma3ForCausalLM" in (tmp_path / "cache" / "capture-methods.json").read_text()
-    with caplog.at_level(logging.WARNING, logger="detector.launch_checks"):
+    with caplog.at_level(logging.WARNING, logger="detector.serving.launch_checks"):
         assert needs_eager(gemma) is True
         assert needs_eager(llama) is False
         assert needs_eager(gemma, ["--enforce-eager"]) is False  # already asked for
-    said = [r.getMessage() for r in caplog.records if r.name == "detector.launch_checks"]
+    said = [r.getMessage() for r in caplog.records if r.name == "detector.serving.launch_checks"]
     assert len(said) == 1 and "forward hooks" in said[0] and "--enforce-eager" in said[0]
 
 
@@ -100,7 +100,7 @@ def test_serve_refuses_another_models_probe_before_vllm_starts(
 @pytest.mark.skipif(default_probe_dir() is None, reason="the shipped probe is not built")
 def test_serve_without_probes_leaves_the_shipped_probe_out_for_another_model(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, model_dir: Path) -> None:
-    from detector.cli import _serve_probes
+    from detector.cli.commands import _serve_probes
 
     other = identify_model(_model_folder(tmp_path / "other", "Gemma3ForCausalLM"))
     with caplog.at_level(logging.WARNING, logger="detector.cli"):

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from detector import model_import
+from detector.models import importer as model_import
 from detector.cli import main
-from detector.embedded_model import MARKER_FILE
+from detector.models.embedded import MARKER_FILE
 from detector.model_identity import identify_model
-from detector.model_import import (
+from detector.models.importer import (
     NO_CHAT_TEMPLATE,
     ImportReport,
     ModelImportError,
@@ -109,7 +109,7 @@ def test_half_written_output_is_redone(hf_source: Path, tmp_path: Path) -> None:
 
 def test_missing_chat_template_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     source = write_hf_folder(tmp_path / "no-template", chat_template=False)
-    with caplog.at_level(logging.WARNING, logger="detector.model_import"):
+    with caplog.at_level(logging.WARNING, logger="detector.models.importer"):
         report = import_model(source, tmp_path / "served", progress=False, verify=False)
 
     assert not report.failures

@@ -25,9 +25,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from detector import model_import
+from detector.models import importer as model_import
 from detector.cli import main
-from detector.model_import import MARKER_FILE, ModelImportError, import_model
+from detector.models.importer import MARKER_FILE, ModelImportError, import_model
 from tiny_models import write_gguf, write_hf_folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -313,7 +313,7 @@ def test_gguf_reader_under_truncation_and_mutation(gguf_file: Path, tmp_path: Pa
             _set(source, offset + width, data.draw(st.sampled_from([b"\xff", b"\xc3\x28",
                                                                     b"\xed\xa0\x80"])))
     if _assert_refused_or_imported(source, work, caplog, capsys) == ACCEPTED:
-        from detector.gguf_header import read_header
+        from detector.models.gguf_header import read_header
 
         assert len(gguf.GGUFReader(source).tensors) == len(read_header(source).tensors) > 0
 

@@ -1,4 +1,4 @@
-"""detector.openai_middleware against a fake ASGI app and a fake sidecar client (no vLLM):
+"""detector.serving.openai_middleware against a fake ASGI app and a fake sidecar client (no vLLM):
 body rewriting, Content-Length, the held-back [DONE], pass-through and fail-open, each
 request's own id, and SSE framing under any chunking (hypothesis, derandomized)."""
 
@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detector.channel.ids import bounded
-from detector.client import DetectorError, RequestState, Scores, Span, Verdict
-from detector.openai_middleware import (
+from detector.serving.client import DetectorError, RequestState, Scores, Span, Verdict
+from detector.serving.openai_middleware import (
     AnnotateSettings,
     LieDetectorMiddleware,
     event_data,
@@ -347,7 +347,7 @@ def test_spans_re_placed_where_texts_differ() -> None:
 
 def test_serve_loads_the_middleware_and_tells_it_the_sidecar(
         tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from detector.serve import MIDDLEWARE, ServeOptions, engine_env, vllm_command
+    from detector.serving.serve import MIDDLEWARE, ServeOptions, engine_env, vllm_command
 
     opts = ServeOptions(model_dir=tmp_path, grpc_address="0.0.0.0:50999")
     cmd = vllm_command(opts)

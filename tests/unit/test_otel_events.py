@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from detector.claims import ResponseVerdict
-from detector.sidecar.analysis import RequestAnalysis
-from detector.sidecar.streams import RequestRecord
+from detector.sidecar.views import RequestAnalysis
+from detector.sidecar.records import RequestRecord
 from detector.channel.ids import client_ids
 from detector.sidecar.telemetry import (
     EVENT_NAME,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from detector.hooks.token_features import entropy_of
+from detector.engine.token_features import entropy_of
 from probes.evaluate import (
     baseline_scores,
     best_baseline,

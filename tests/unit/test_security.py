@@ -127,7 +127,7 @@ def test_tls_settings_are_checked(tmp_path, pki) -> None:
 def test_serve_keeps_the_admin_token_out_of_vllms_environment(tmp_path: Path,
                                                               monkeypatch) -> None:
     """The sidecar reads it; vLLM, its workers and whatever they log never see it."""
-    from detector.serve import ServeOptions, engine_env
+    from detector.serving.serve import ServeOptions, engine_env
 
     monkeypatch.setenv("LIE_DETECTOR_ADMIN_TOKEN", "s3cret-admin")
     env = engine_env(ServeOptions(model_dir=tmp_path), [4])
@@ -139,7 +139,7 @@ def test_serve_keeps_the_admin_token_out_of_vllms_environment(tmp_path: Path,
 def test_each_serve_gets_a_channel_of_its_own(tmp_path: Path, monkeypatch) -> None:
     """Two `lie-detector serve` on one machine never share a channel (they used to meet on
     the per-user default, and one vLLM published into the other's sidecar)."""
-    from detector.serve import ServeOptions, Supervisor, engine_env, sidecar_command
+    from detector.serving.serve import ServeOptions, Supervisor, engine_env, sidecar_command
 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     first = Supervisor(ServeOptions(model_dir=tmp_path), num_layers=30)

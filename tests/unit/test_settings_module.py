@@ -179,15 +179,15 @@ def test_cache_dir_default_env_and_home(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 def test_launch_check_cache_expands_home(monkeypatch: pytest.MonkeyPatch) -> None:
     # It alone did not expand "~" (it wrote under a folder named "~" in the working dir).
-    from detector.launch_checks import _cache_file
+    from detector.serving.launch_checks import _cache_file
 
     monkeypatch.setenv("LIE_DETECTOR_CACHE", "~/lie-cache")
     assert _cache_file() == Path.home() / "lie-cache" / "capture-methods.json"
 
 
 def test_the_three_cache_users_agree(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from detector.embedded_model import default_model_dir
-    from detector.launch_checks import _cache_file
+    from detector.models.embedded import default_model_dir
+    from detector.serving.launch_checks import _cache_file
     from probes.pipeline import default_work_dir
 
     monkeypatch.setenv("LIE_DETECTOR_CACHE", str(tmp_path))
@@ -213,7 +213,7 @@ def test_default_channel_is_per_user_under_the_runtime_dir(
 
 def test_the_old_import_paths_still_work() -> None:
     from detector.config import HookSettings as FromConfig
-    from detector.openai_middleware import AnnotateSettings as FromMiddleware
+    from detector.serving.openai_middleware import AnnotateSettings as FromMiddleware
     from detector.sidecar.app import SidecarSettings as FromApp
 
     assert FromConfig is HookSettings and FromApp is SidecarSettings

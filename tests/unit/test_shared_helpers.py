@@ -1,7 +1,7 @@
 """Helpers that used to be written two or three times: one function each, same outputs.
 
 The expected numbers and strings are what the earlier copies returned on the same inputs
-(probes.capture.entropy_of, probes.heldout_metrics.token_entropy, the three accent
+(probes.capture.entropy_of, benchmarks.heldout_metrics.token_entropy, the three accent
 foldings, probes.verdict_fit._midranks, the loop in probes.evaluate.baseline_scores).
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from detector import claims
 from detector.claims import MAX_ANSWER_WORDS, ascii_fold, fold
-from detector.hooks.token_features import entropy_of, topk_entropy
+from detector.engine.token_features import entropy_of, topk_entropy
 from detector.ranks import midranks
 from detector.verdict import VerdictModel
 from probes import labeling

@@ -24,11 +24,13 @@ from detector.channel.wire import (
     decode,
     encode_step,
 )
-from detector.hooks.capture import ScheduledRequest, StepAssembler
-from detector.hooks.vllm_adapter import _stop_rule
+from detector.engine.capture import ScheduledRequest, StepAssembler
+from detector.engine.vllm_adapter import _stop_rule
 from detector.sidecar.analysis import Analyzer
 from detector.sidecar.stops import apply_stops, find_stop, partial_stop_start
-from detector.sidecar.streams import RequestRecord, RequestStore, TokenScore, stop_rule_nbytes
+from detector.sidecar.records import RequestRecord, stop_rule_nbytes
+from detector.sidecar.scores import TokenScore
+from detector.sidecar.store import RequestStore
 from detector.sidecar.text import DecodedText
 from support import FakePublisher
 

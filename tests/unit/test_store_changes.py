@@ -7,7 +7,8 @@ import asyncio
 import threading
 
 from detector.sidecar.changes import ListenedCondition, StoreChanges
-from detector.sidecar.streams import RequestRecord, RequestStore
+from detector.sidecar.records import RequestRecord
+from detector.sidecar.store import RequestStore
 
 
 def test_condition_calls_listeners_on_every_notify_all() -> None:

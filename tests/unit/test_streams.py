@@ -9,15 +9,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from detector.channel.ids import MAX_ID_CHARS, bounded, bounded_engine_id, client_ids
-from detector.channel.wire import EngineInfo, RefusedRows, RequestRows, StepHeader
-from detector.sidecar import streams
-from detector.sidecar.streams import (
-    RequestStore,
-    columns_for,
+from detector.channel.ids import (
+    MAX_ID_CHARS,
+    bounded,
+    bounded_engine_id,
+    client_ids,
     request_aliases,
-    rows_to_score,
 )
+from detector.channel.wire import EngineInfo, RefusedRows, RequestRows, StepHeader
+from detector.sidecar import store as store_module
+from detector.sidecar.scores import columns_for, rows_to_score
+from detector.sidecar.store import RequestStore
 
 COLUMNS = columns_for(["prod", "own"], ["producer", "own"], [0.5, 0.5])
 
@@ -422,7 +424,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock()
-    monkeypatch.setattr(streams, "time", SimpleNamespace(monotonic=fake.monotonic))
+    monkeypatch.setattr(store_module, "time", SimpleNamespace(monotonic=fake.monotonic))
     return fake
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 # What a user's code imports: these must stay checkable under their own type checker.
-TYPED_MODULES = ["detector/client.py", "detector/openai_middleware.py", "detector/guardrails.py",
-                 "detector/settings.py"]
+TYPED_MODULES = ["detector/serving/client.py", "detector/serving/openai_middleware.py",
+                 "detector/serving/guardrails.py", "detector/settings.py"]
 
 
 def test_typed_modules_pass_mypy_strict() -> None:

@@ -135,7 +135,7 @@ def test_a_probe_with_a_verdict_asks_the_engine_for_log_probabilities(tmp_path) 
     from dataclasses import replace
 
     from detector.artifact import linear_token_features, load_probe, probe_token_features
-    from detector.serve import ServeOptions, engine_env
+    from detector.serving.serve import ServeOptions, engine_env
     from detector.sidecar.scorer import FusedProbeScorer
     from tests.unit.test_hybrid_probes import make_probe
 

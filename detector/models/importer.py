@@ -33,8 +33,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from detector.gguf_header import GGUFHeaderError, read_header
-from detector.gguf_reading import gguf_read_once
+from detector.models.gguf_header import GGUFHeaderError, read_header
+from detector.models.gguf_reading import gguf_read_once
 
 log = logging.getLogger(__name__)
 

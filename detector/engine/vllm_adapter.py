@@ -58,11 +58,11 @@ from detector.channel.wire import (
     one_line,
 )
 from detector.config import default_layers
-from detector.hooks.capture import OpenStep, ScheduledRequest, StepAssembler
-from detector.hooks.token_features import token_features
+from detector.engine.capture import OpenStep, ScheduledRequest, StepAssembler
+from detector.engine.token_features import token_features
 from detector.settings import HookSettings
 
-logger = logging.getLogger("detector.hooks")
+logger = logging.getLogger("detector.engine")
 
 _ATTR = "_lie_detector"  # the runner attribute that holds our state
 _OFF_ATTR = "_lie_detector_off"  # set on a runner whose capture was refused at load time

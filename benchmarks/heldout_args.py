@@ -2,18 +2,15 @@
 ``python -m benchmarks.heldout`` and ``lie-detector evaluate-served`` (one set of flags).
 
 Light on purpose: the CLI builds its parser on every call, so nothing heavy is imported
-here; the run itself lives in :mod:`probes.heldout_eval`.
+here; the run itself, and the :class:`~benchmarks.heldout_eval.EvalConfig` these flags
+become (:func:`~benchmarks.heldout_eval.config_from_args`), live in
+:mod:`benchmarks.heldout_eval`, which imports this module and not the other way round.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from probes.heldout_eval import EvalConfig
-
 STYLES = ("plain", "chat", "longform")
 DEFAULT_OUT = Path("benchmarks/results/heldout.json")
 
@@ -50,18 +47,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    from probes.heldout_eval import EvalConfig
-
-    return EvalConfig(
-        base_url=args.base_url, grpc=args.grpc, model=args.model, probe=args.probe,
-        probe_name=args.probe_name, styles=args.styles, topics=args.topics,
-        limit_per_topic=args.limit_per_topic, invented_per_topic=args.invented_per_topic,
-        longform_real=args.longform_real, longform_invented=args.longform_invented,
-        longform_cities=args.longform_cities,
-        concurrency=args.concurrency, enforce_eager=args.enforce_eager, bootstrap=args.bootstrap, seed=args.seed, out=args.out,
-        plot=not args.no_plot, save_to_probe=args.save_to_probe,
-        progress=not args.no_progress)
-
-
-__all__ = ["DEFAULT_OUT", "STYLES", "add_arguments", "config_from_args"]
+__all__ = ["DEFAULT_OUT", "STYLES", "add_arguments"]

@@ -1,6 +1,6 @@
 """Verdicts in the client's own OpenAI response: an ASGI middleware for vLLM's API server.
 
-    vllm serve MODEL --middleware detector.openai_middleware.LieDetectorMiddleware
+    vllm serve MODEL --middleware detector.serving.openai_middleware.LieDetectorMiddleware
 
 (``lie-detector serve`` adds it.) A request that carries ``X-Lie-Detector: annotate`` to
 ``/v1/completions`` or ``/v1/chat/completions`` gets the sidecar's verdict in its response:
@@ -53,7 +53,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from detector.channel.ids import bounded
-from detector.client import AsyncDetectorClient, DetectorError, Scores, Span, TLSConfig
+from detector.serving.client import AsyncDetectorClient, DetectorError, Scores, Span, TLSConfig
 from detector.log_throttle import LogThrottle
 from detector.settings import AnnotateSettings
 

@@ -49,7 +49,7 @@ def _model_prepare_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_prepare(args: argparse.Namespace) -> int:
-    from detector.embedded_model import ensure_embedded_model
+    from detector.models.embedded import ensure_embedded_model
 
     path = ensure_embedded_model(args.target, progress=not args.no_progress)
     print(path)
@@ -57,7 +57,7 @@ def _model_prepare(args: argparse.Namespace) -> int:
 
 
 def _model_path(args: argparse.Namespace) -> int:
-    from detector.embedded_model import default_model_dir, is_prepared
+    from detector.models.embedded import default_model_dir, is_prepared
 
     path = default_model_dir()
     log.info("%s", "prepared" if is_prepared(path) else "not prepared yet: run `lie-detector model prepare`")
@@ -74,7 +74,7 @@ def _model_import_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _model_import(args: argparse.Namespace) -> int:
-    from detector.model_import import ModelImportError, VerificationError, import_model
+    from detector.models.importer import ModelImportError, VerificationError, import_model
 
     try:
         report = import_model(args.source, args.out, progress=not args.no_progress, verify=not args.no_verify)
@@ -157,7 +157,7 @@ def _sidecar(args: argparse.Namespace) -> int:
         overrides["target_fpr"] = args.target_fpr
     from detector.channel.auth import ChannelKeyError
     from detector.channel.subscriber import ChannelError
-    from detector.serve import EXIT_CONFIG
+    from detector.serving.serve import EXIT_CONFIG
 
     try:
         settings = load_settings(Path(args.config) if args.config else None, **overrides)
@@ -200,10 +200,10 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from detector.config import parse_layers
-    from detector.embedded_model import resolve_model
-    from detector.launch_checks import LaunchError, check_layers
+    from detector.models.embedded import resolve_model
+    from detector.serving.launch_checks import LaunchError, check_layers
     from detector.model_identity import identify_model
-    from detector.serve import EXIT_CONFIG, ServeOptions, Supervisor
+    from detector.serving.serve import EXIT_CONFIG, ServeOptions, Supervisor
 
     model_dir = resolve_model(args.model)
     model = identify_model(model_dir)
@@ -236,7 +236,7 @@ def _serve_probes(model: ModelIdentity, given: list[Path]) -> list[Path]:
     """The probes to serve: every one given must fit the model (else LaunchError, before
     vLLM starts); with none given, the shipped probe where it fits, else none."""
     from detector.artifact import ProbeArtifactError, default_probe_dir
-    from detector.launch_checks import LaunchError, probe_misfit
+    from detector.serving.launch_checks import LaunchError, probe_misfit
 
     for path in given:
         try:
@@ -270,7 +270,7 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from detector.demo import run_demo
+    from detector.cli.demo import run_demo
 
     return run_demo(model=args.model, questions=args.question, short=args.short,
                     report=Path(args.report), probe=Path(args.probe) if args.probe else None,
@@ -340,7 +340,7 @@ def _dataset_validate(args: argparse.Namespace) -> int:
 def _refusals_in_one_line(command: str, run: Callable[[], Any]) -> Any:
     """``run()``, or the exit status after printing why capture cannot start: refused before
     vLLM starts (2), or the plugin's own reason, within seconds of start-up (1)."""
-    from detector.launch_checks import LaunchError
+    from detector.serving.launch_checks import LaunchError
     from probes.tap import CaptureOffError
 
     try:
@@ -379,7 +379,7 @@ def _capture_args(parser: argparse.ArgumentParser) -> None:
 
 def _capture(args: argparse.Namespace) -> int:
     from detector.config import parse_layers
-    from detector.embedded_model import resolve_model
+    from detector.models.embedded import resolve_model
     from probes.capture import CaptureSettings, capture_questions, capture_user_records
 
     _quiet_http_logs()
@@ -505,7 +505,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _evaluate_served_args(parser: argparse.ArgumentParser) -> None:
-    from probes.heldout_args import add_arguments
+    from benchmarks.heldout_args import add_arguments
 
     add_arguments(parser)
 
@@ -513,9 +513,8 @@ def _evaluate_served_args(parser: argparse.ArgumentParser) -> None:
 def _evaluate_served(args: argparse.Namespace) -> int:
     import shlex
 
-    from probes.heldout_args import config_from_args
-    from probes.heldout_eval import run
-    from probes.heldout_report import markdown
+    from benchmarks.heldout_eval import config_from_args, run
+    from benchmarks.heldout_report import markdown
 
     _quiet_http_logs()
     rest = sys.argv[sys.argv.index("evaluate-served") + 1:] if "evaluate-served" in sys.argv \
@@ -562,7 +561,7 @@ SHIPPED_RECIPE = {"limit_per_topic": 80, "styles": "plain,chat,chat_zero_shot",
 
 def _train_default_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", help="where the probe and its report go "
-                        "(default: probes/default/smollm2-135m-fabrication)")
+                        "(default: detector/default_probe/smollm2-135m-fabrication)")
     _train_questions_args(parser)
     parser.set_defaults(**SHIPPED_RECIPE)
 
@@ -600,7 +599,7 @@ def _train_questions(args: argparse.Namespace, model_dir: Path, out: Path, name:
 
 
 def _train_probe(args: argparse.Namespace) -> int:
-    from detector.embedded_model import resolve_model
+    from detector.models.embedded import resolve_model
 
     model_dir = resolve_model(args.model)
     name = args.name or f"{model_dir.name.lower()}-fabrication"
@@ -608,7 +607,7 @@ def _train_probe(args: argparse.Namespace) -> int:
 
 
 def _train_default(args: argparse.Namespace) -> int:
-    from detector.embedded_model import ensure_embedded_model
+    from detector.models.embedded import ensure_embedded_model
     from probes.pipeline import DEFAULT_PROBE_DIR, DEFAULT_PROBE_NAME
 
     model_dir = ensure_embedded_model(progress=not args.no_progress)
@@ -743,7 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
-    from detector.embedded_model import EmbeddedModelError
+    from detector.models.embedded import EmbeddedModelError
 
     try:
         return int(args.handler(args) or 0)

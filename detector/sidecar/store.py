@@ -1,169 +1,49 @@
-"""Rebuild each request's generated token stream and keep its scores, bounded in time and memory.
+"""The sidecar's per-request results, kept bounded in time and memory.
 
-A row at position p is the residual stream after the model read token p. A generated token
-at position q can be scored from the row that produced it (q-1, available in the same step
-as the token) or from its own row (q, available one step later; never for the final token,
-which vLLM does not feed back). Each probe says which it uses; the store keeps per-row
-probabilities and resolves them per token when read.
-
-Requests are found by their engine id (``cmpl-X-0-1a2b3c4d``), by the response id the API
-client sees (``cmpl-X`` / ``chatcmpl-X``) and by the ``X-Request-Id`` they were sent with
-(``X``); long or odd ids by the bounded form the hook sends (``detector.channel.ids``).
-
-Hybrid probes also read each generated token's features (log-probability, entropy),
-which arrive with the token (``RequestRows.sampled_logprobs``/``sampled_entropies``); the
-store keeps them per token so a row scored in a later step (``own``, or a recomputed
-row) finds the features of the token it scores (:meth:`RequestStore.token_feature_inputs`).
+A thread-safe store of :class:`~detector.sidecar.records.RequestRecord` by engine id, with
+a time-to-live (finished and idle requests expire) and a memory bound (the oldest finished
+requests go first). One writer, the scoring thread (:meth:`RequestStore.ingest`, heartbeats
+through :meth:`RequestStore.note_engine`); many readers, who find a request by any id a
+client knows it by (:mod:`detector.sidecar.aliases`), wait for it to change (threads on
+the condition, coroutines through its listeners) and read what changed
+(:meth:`RequestStore.delta`). Its parts, a module each: the record and how a step changes
+it (:mod:`~detector.sidecar.records`), per-token score resolution
+(:mod:`~detector.sidecar.scores`), the engines' sequences and clocks
+(:mod:`~detector.sidecar.engine_clock`) and hybrid probes' token features
+(:mod:`~detector.sidecar.token_inputs`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from detector.channel.ids import lookup_forms, request_aliases
-from detector.channel.wire import RefusedRows, RequestRows, StepHeader, StopRule
+from detector.channel.wire import RefusedRows, StepHeader
 from detector.log_throttle import LogThrottle
+from detector.sidecar.aliases import RequestAliases
 from detector.sidecar.changes import ListenedCondition
-from detector.verdict import VerdictModel
+from detector.sidecar.engine_clock import EngineClock
+from detector.sidecar.records import (
+    PROMPT_TAIL,
+    ROW_OVERHEAD,
+    RecordDelta,
+    RequestRecord,
+    mark_scores,
+    set_generated,
+    set_per_token,
+    set_prompt_tail,
+    stop_rule_nbytes,
+)
+from detector.sidecar.scores import ProbeColumns, TokenScore
+from detector.sidecar.token_inputs import sampled_features, token_feature_inputs
 
 logger = logging.getLogger(__name__)
-
-_ROW_OVERHEAD = 96  # bytes of dict entry + array header per stored row, roughly
-MAX_GAP = 1 << 16  # missing tokens filled in at once; more is treated as corrupt
-# Prompt tokens kept per request: the last few prime decoding of the first generated piece,
-# all of them tell a claim from a name copied from the prompt (detector.claims).
-PROMPT_TAIL = 256
-
-
-@dataclass(slots=True)
-class ProbeColumns:
-    """The probes a row was scored with (shared by every row scored together)."""
-
-    names: tuple[str, ...]
-    score_positions: tuple[str, ...]
-    thresholds: tuple[float, ...]  # on each token's probability
-    aggregations: tuple[str, ...] = ()
-    # Per probe: its claim verdict (detector.verdict) and the threshold chosen on it for
-    # the operator's target false-flag rate; None for a probe judged by its own scores.
-    verdicts: tuple[tuple[VerdictModel, float] | None, ...] = ()
-
-    @property
-    def claim_thresholds(self) -> tuple[float, ...]:
-        """Per probe, the threshold its claims are judged with (the verdict's if any)."""
-        verdicts = self.verdicts or (None,) * len(self.names)
-        return tuple(v[1] if v is not None else t for v, t in zip(verdicts, self.thresholds))
-
-    def index(self, name: str) -> int | None:
-        try:
-            return self.names.index(name)
-        except ValueError:
-            return None
-
-
-@dataclass(slots=True)
-class TokenScore:
-    position: int
-    token_id: int
-    # probe name -> calibrated probability; a probe missing here could not score the token.
-    scores: dict[str, float]
-    # Every row the active probes read for this token has arrived: its scores are final.
-    settled: bool = False
-    generated_ns: int = 0
-    # probe name -> whether the row it was scored from lies outside the probe's training
-    # summary (detector.drift); only probes that ship one, only rows that were scored.
-    outside: dict[str, bool] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    req_id: str
-    engine_id: str
-    num_prompt_tokens: int
-    generated: list[int] = field(default_factory=list)
-    generated_ns: list[int] = field(default_factory=list)  # step end time per token
-    prompt_tail: list[int] = field(default_factory=list)
-    rows: dict[int, tuple[ProbeColumns, np.ndarray]] = field(default_factory=dict)
-    finished: bool = False
-    incomplete: str | None = None
-    created: float = field(default_factory=time.monotonic)
-    updated: float = field(default_factory=time.monotonic)
-    version: int = 0
-    nbytes: int = 0
-    accounted: bool = False
-    # Ended by the sidecar (``end_running``), not by the engine: may still be running.
-    inferred_end: bool = False
-    # The engine's clock (``time_ns``) at the last step that ran it.
-    last_step_ns: int = 0
-    # Token feature name -> one value per generated token (NaN: not received); hybrid probes.
-    features: dict[str, list[float]] = field(default_factory=dict)
-    # Stop strings the API process applies (detector.sidecar.stops); None when it has none.
-    stop: StopRule | None = None
-    # What changed since the request's analysis last read it (:meth:`RequestStore.delta`):
-    # the lowest generated token whose id changed (0: the prompt or the stop rule did), and
-    # the lowest whose scores, time or features did. None: nothing.
-    dirty_ids: int | None = None
-    dirty_scores: int | None = None
-    # The request's analysis, advanced as it grows (detector.sidecar.incremental), and the
-    # memory it holds as counted in ``nbytes``.
-    live: Any = None
-    live_nbytes: int = 0
-
-    def token_scores(self, columns: ProbeColumns | None, start: int = 0) -> list[TokenScore]:
-        """Every generated token from ``start`` on, in order, with whatever scores exist."""
-        out = []
-        for g in range(start, len(self.generated)):
-            token = self.generated[g]
-            q = self.num_prompt_tokens + g
-            scores: dict[str, float] = {}
-            outside: dict[str, bool] = {}
-            settled = True
-            if columns is not None:
-                for name, where in zip(columns.names, columns.score_positions):
-                    row = self.rows.get(q - 1 if where == "producer" else q)
-                    if row is None:
-                        settled = False
-                        continue
-                    i = row[0].index(name)
-                    if i is not None:
-                        value = float(row[1][i])
-                        # NaN: a hybrid probe lacked token features. Nothing but a
-                        # probability in [0, 1] ever leaves the API.
-                        if 0.0 <= value <= 1.0:
-                            scores[name] = value
-                            # A row scored with drift carries, after the probabilities,
-                            # one outside flag per probe (NaN: the probe has no summary).
-                            flag = (float(row[1][len(row[0].names) + i])
-                                    if len(row[1]) > len(row[0].names) else math.nan)
-                            if not math.isnan(flag):
-                                outside[name] = flag > 0.5
-            when = self.generated_ns[g] if g < len(self.generated_ns) else 0
-            out.append(TokenScore(position=q, token_id=token, scores=scores, settled=settled,
-                                  generated_ns=when, outside=outside))
-        return out
-
-
-@dataclass(slots=True)
-class RecordDelta:
-    """What a request's analysis needs to catch up, read in one go under the store's lock:
-    only what changed since it last read (:meth:`RequestStore.delta`)."""
-
-    record: RequestRecord  # the request's state, without its per-token lists
-    columns: ProbeColumns | None
-    restart: bool  # a token already read changed: the analysis starts again
-    start: int  # ``token_ids`` are the generated tokens from here on
-    token_ids: list[int]
-    scores_from: int  # ``tokens`` (and ``logprob``) from here on
-    tokens: list[TokenScore]
-    logprob: list[float] | None
-    prompt_tail: list[int]
 
 
 @dataclass(slots=True)
@@ -193,26 +73,14 @@ class RequestStore:
         self._records: OrderedDict[str, RequestRecord] = OrderedDict()
         # Every id a client may ask by -> the engine ids known by it, oldest first. An id can
         # be shared (a reused X-Request-Id, a retry): a lookup returns the newest request.
-        self._aliases: dict[str, list[str]] = {}
+        self._aliases = RequestAliases()
         self.refused_finished = 0  # steps that tried to change an ended request
         self.refused_rows = 0  # requests' shares of steps that did not validate
         self._bytes = 0
-        self._last_seq: dict[str, int] = {}
-        # Highest step seq recorded per engine (heartbeats do not move it): a step at or
-        # below it is a replay or arrived out of order, and is refused.
-        self._max_step_seq: dict[str, int] = {}
-        # The engine's clock per engine, as its messages tell it: the newest message and the
-        # newest step. Quiet and idle are judged on this clock, never on the sidecar's, so a
-        # sidecar that was stalled itself (SIGSTOP, starved of CPU) cannot take its own
-        # unread backlog for an engine gone quiet.
-        self._engine_ns: dict[str, int] = {}
-        self._last_step_ns: dict[str, int] = {}
-        self.stale = 0
-        self.gaps = 0
-        self._gap_log = LogThrottle()
+        # The engines' sequences and clocks (replays, gaps, quiet), as their messages say.
+        self._clock = EngineClock()
         self._refusal_log = LogThrottle()
         self._rows_log = LogThrottle()
-        self._engine_id: str | None = None
         self.columns: ProbeColumns | None = None
         self.evicted = 0
         self.expired = 0
@@ -226,6 +94,16 @@ class RequestStore:
         self._cond.listeners.append(listener)
 
     # ----------------------------------------------------------------- writing
+    @property
+    def stale(self) -> int:
+        """Steps refused as replays or out of order."""
+        return self._clock.stale
+
+    @property
+    def gaps(self) -> int:
+        """Runs of steps that never arrived."""
+        return self._clock.gaps
+
     def set_columns(self, columns: ProbeColumns | None) -> None:
         with self._cond:
             self.columns = columns
@@ -236,31 +114,14 @@ class RequestStore:
         """A heartbeat from ``engine_id`` (sent at ``time_ns``, engine clock): detect
         restarts and silent drops."""
         with self._cond:
-            if time_ns is not None:
-                self._engine_ns[engine_id] = max(self._engine_ns.get(engine_id, 0), time_ns)
-            if self._engine_id is not None and engine_id != self._engine_id:
-                self._mark_active_incomplete(self._engine_id, "the vLLM engine restarted")
-            self._engine_id = engine_id
-            if next_seq is not None:
-                last = self._last_seq.get(engine_id)
-                if last is not None and next_seq - 1 > last:
-                    self._note_gap(engine_id, last + 1, next_seq - 1)
-                    self._mark_active_incomplete(engine_id, "the channel dropped steps")
-                    self._last_seq[engine_id] = next_seq - 1
+            for engine, reason in self._clock.heartbeat(engine_id, next_seq, time_ns):
+                self._mark_active_incomplete(engine, reason)
             self._cond.notify_all()
-
-    def _note_gap(self, engine_id: str, first: int, last: int) -> None:
-        """Steps that never arrived: counted, and logged at most every 5 s."""
-        self.gaps += 1
-        if self._gap_log.ready():
-            logger.warning("channel: steps %d..%d of engine %s never arrived (the hook dropped "
-                           "them; %d gaps so far); requests running are marked incomplete",
-                           first, last, engine_id[:8], self.gaps)
 
     def is_stale(self, engine_id: str, seq: int) -> bool:
         """A step this store already has, or one older than a step it has (out of order)."""
         with self._cond:
-            return seq <= self._max_step_seq.get(engine_id, -1)
+            return self._clock.is_stale(engine_id, seq)
 
     def ingest(
         self,
@@ -279,20 +140,11 @@ class RequestStore:
         engine = header.engine_id
         now = time.monotonic()
         with self._cond:
-            if header.seq <= self._max_step_seq.get(engine, -1):
-                self.stale += 1
+            marks = self._clock.step(engine, header.seq, header.time_ns)
+            if marks is None:
                 return False
-            self._max_step_seq[engine] = header.seq
-            self._engine_ns[engine] = max(self._engine_ns.get(engine, 0), header.time_ns)
-            self._last_step_ns[engine] = max(self._last_step_ns.get(engine, 0), header.time_ns)
-            if self._engine_id is not None and engine != self._engine_id:
-                self._mark_active_incomplete(self._engine_id, "the vLLM engine restarted")
-            self._engine_id = engine
-            last = self._last_seq.get(engine)
-            if last is not None and header.seq > last + 1:
-                self._note_gap(engine, last + 1, header.seq - 1)
-                self._mark_active_incomplete(engine, "the channel dropped steps")
-            self._last_seq[engine] = max(header.seq, last if last is not None else -1)
+            for engine_id, reason in marks:
+                self._mark_active_incomplete(engine_id, reason)
             row_of = {int(r): i for i, r in enumerate(positions_scored)}
             for req in header.requests:
                 rec = self._records.get(req.req_id)
@@ -313,8 +165,7 @@ class RequestStore:
                                     req.req_id, req.first_position, req.num_prompt_tokens,
                                     header.seq, header.dropped_total)
                     self._records[req.req_id] = rec
-                    for alias in request_aliases(req.req_id):
-                        self._aliases.setdefault(alias, []).append(req.req_id)
+                    self._aliases.add(req.req_id)
                 else:
                     self._records.move_to_end(req.req_id)
                 before = rec.nbytes
@@ -326,25 +177,25 @@ class RequestStore:
                 for j, token in enumerate(req.input_token_ids):
                     pos = req.first_position + j
                     if pos >= p0:
-                        self._set_generated(rec, pos - p0, token)
+                        set_generated(rec, pos - p0, token)
                     elif pos >= p0 - PROMPT_TAIL:
-                        self._set_prompt_tail(rec, pos - (p0 - PROMPT_TAIL), token)
+                        set_prompt_tail(rec, pos - (p0 - PROMPT_TAIL), token)
                     i = row_of.get(req.row_offset + j)
                     if i is not None and probs is not None and columns is not None:
                         old = rec.rows.get(pos)
                         if old is not None:  # re-scored (recompute): replace, don't add
-                            rec.nbytes -= old[1].nbytes + _ROW_OVERHEAD
+                            rec.nbytes -= old[1].nbytes + ROW_OVERHEAD
                         rec.rows[pos] = (columns, probs[i])
-                        rec.nbytes += probs[i].nbytes + _ROW_OVERHEAD
-                        _mark_scores(rec, pos - p0)
+                        rec.nbytes += probs[i].nbytes + ROW_OVERHEAD
+                        mark_scores(rec, pos - p0)
                 end = req.first_position + req.num_rows
                 for k, token in enumerate(req.sampled_token_ids):
-                    self._set_generated(rec, end + k - p0, token)
-                    self._set_per_token(rec, rec.generated_ns, end + k - p0, header.time_ns, 0)
-                for name, values in _sampled_features(req).items():
+                    set_generated(rec, end + k - p0, token)
+                    set_per_token(rec, rec.generated_ns, end + k - p0, header.time_ns, 0)
+                for name, values in sampled_features(req).items():
                     for k, value in enumerate(values):
-                        self._set_per_token(rec, rec.features.setdefault(name, []),
-                                            end + k - p0, float(value), float("nan"))
+                        set_per_token(rec, rec.features.setdefault(name, []),
+                                      end + k - p0, float(value), float("nan"))
                 if req.sampled_token_ids:
                     rec.finished = rec.inferred_end = False
                 rec.updated = now
@@ -363,98 +214,21 @@ class RequestStore:
             self._cond.notify_all()
         return True
 
-    @staticmethod
-    def _set_per_token(rec: RequestRecord, values: list, g: int, value: object,
-                       fill: object) -> None:
-        """``values[g] = value`` in one of the record's per-token lists (times, features),
-        grown with ``fill`` as far as a plausible gap (``MAX_GAP``) and counted in its bytes."""
-        if g < 0 or g - len(values) > MAX_GAP:
-            return
-        _mark_scores(rec, min(g, len(values)))
-        if g >= len(values):
-            rec.nbytes += 8 * (g + 1 - len(values))
-            values.extend([fill] * (g + 1 - len(values)))
-        values[g] = value
-
     def token_feature_inputs(
         self, header: StepHeader, positions_scored: np.ndarray, names: Sequence[str]
     ) -> tuple[np.ndarray, np.ndarray]:
         """Token features for the rows of ``header`` about to be scored, before the step is
-        ingested: ``(own, producer)``, each ``(len(positions_scored), len(names))`` float32.
-
-        Row p scores token p as its own row and token p+1 as its producer. A token's
-        features come from this step (tokens it sampled) or from the store (tokens sampled
-        earlier); NaN where neither has them (a hook without features, a dropped step)."""
-        n = len(positions_scored)
-        own = np.full((n, len(names)), np.nan, dtype=np.float32)
-        producer = np.full((n, len(names)), np.nan, dtype=np.float32)
-        if not n or not names:
-            return own, producer
+        ingested: ``(own, producer)`` (:func:`detector.sidecar.token_inputs.
+        token_feature_inputs`), read under the store's lock."""
         with self._cond:
-            i = 0
-            for req in header.requests:
-                hi = req.row_offset + req.num_rows
-                if i >= n or positions_scored[i] >= hi:
-                    continue
-                rec = self._records.get(req.req_id)
-                stored = rec.features if rec is not None else {}
-                fresh = _sampled_features(req)
-                end = req.first_position + req.num_rows
-                p0 = req.num_prompt_tokens
-
-                def value(name: str, pos: int) -> float:
-                    new = fresh.get(name)
-                    if new is not None and 0 <= pos - end < len(new):
-                        return new[pos - end]
-                    old = stored.get(name)
-                    g = pos - p0
-                    return old[g] if old is not None and 0 <= g < len(old) else float("nan")
-
-                while i < n and positions_scored[i] < hi:
-                    pos = req.first_position + int(positions_scored[i]) - req.row_offset
-                    for f, name in enumerate(names):
-                        own[i, f] = value(name, pos)
-                        producer[i, f] = value(name, pos + 1)
-                    i += 1
-        return own, producer
-
-    @staticmethod
-    def _set_prompt_tail(rec: RequestRecord, i: int, token: int) -> None:
-        tail = rec.prompt_tail
-        if len(tail) < PROMPT_TAIL:
-            rec.nbytes += 8 * (PROMPT_TAIL - len(tail))
-            tail.extend([-1] * (PROMPT_TAIL - len(tail)))
-        if tail[i] != token:
-            tail[i] = token
-            rec.dirty_ids = 0
-
-    @staticmethod
-    def _set_generated(rec: RequestRecord, g: int, token: int) -> None:
-        if g < 0:
-            return
-        if g < len(rec.generated):
-            if rec.generated[g] != token:
-                rec.generated[g] = token
-                rec.dirty_ids = g if rec.dirty_ids is None else min(rec.dirty_ids, g)
-        elif g == len(rec.generated):
-            rec.generated.append(token)
-            rec.nbytes += 8
-        else:  # a gap: tokens we never saw
-            rec.nbytes += 8 * (g + 1 - len(rec.generated))
-            rec.generated.extend([-1] * (g - len(rec.generated)))
-            rec.generated.append(token)
-            if rec.incomplete is None:
-                rec.incomplete = "some tokens were never received"
+            return token_feature_inputs(self._records, header, positions_scored, names)
 
     def engine_quiet_s(self, engine_id: str) -> float:
         """How long ``engine_id`` had run no step when it last sent a message, by its own
         clock (0 before its first step). Heartbeats come only once the hook's queue is
         empty and travel behind every step, so this never counts steps not read yet."""
         with self._cond:
-            last_step = self._last_step_ns.get(engine_id)
-            if last_step is None:
-                return 0.0
-            return max(0, self._engine_ns[engine_id] - last_step) / 1e9
+            return self._clock.quiet_s(engine_id)
 
     def end_running(self, engine_id: str, *, reason: str | None = None, quiet_s: float = 0.0,
                     only_incomplete: bool = False) -> list[str]:
@@ -469,7 +243,7 @@ class RequestStore:
         request that turns out to be running after all is revived by its next token."""
         ended = []
         with self._cond:
-            engine_now = self._engine_ns.get(engine_id, 0)
+            engine_now = self._clock.now_ns(engine_id)
             for rec in self._records.values():
                 if rec.engine_id != engine_id or rec.finished:
                     continue
@@ -512,12 +286,7 @@ class RequestStore:
     def _drop(self, req_id: str) -> None:
         rec = self._records.pop(req_id)
         self._bytes -= rec.nbytes
-        for alias in request_aliases(req_id):
-            ids = self._aliases.get(alias)
-            if ids is not None and req_id in ids:
-                ids.remove(req_id)
-                if not ids:
-                    del self._aliases[alias]
+        self._aliases.remove(req_id)
 
     def _refuse_rows(self, refused: RefusedRows, seq: int) -> None:
         """One request's share of a step did not validate (``wire.decode`` kept its
@@ -560,11 +329,7 @@ class RequestStore:
         """The engine ids of the requests known by ``request_id`` (its own engine id, an
         X-Request-Id or a response id, long or odd ones in the hook's bounded form),
         oldest first; the lock is held."""
-        for form in lookup_forms(request_id):
-            ids = self._aliases.get(form)
-            if ids:
-                return ids
-        return []
+        return self._aliases.known_by(request_id)
 
     def _lookup(self, request_id: str) -> str | None:
         """The engine id of the newest request known by ``request_id``; the lock is held."""
@@ -694,46 +459,4 @@ class RequestStore:
                               self.incomplete)
 
 
-def _mark_scores(rec: RequestRecord, g: int) -> None:
-    """Generated token ``g`` and those after it may score differently now (a row at
-    position p scores token p and, as its producer, token p + 1)."""
-    g = max(g, 0)
-    rec.dirty_scores = g if rec.dirty_scores is None else min(rec.dirty_scores, g)
-
-
-def stop_rule_nbytes(rule: StopRule) -> int:
-    """Memory a stored stop rule holds, roughly: its strings plus per-string overhead."""
-    return _ROW_OVERHEAD + sum(len(s.encode("utf-8")) + 56 for s in rule.strings)
-
-
-def rows_to_score(header: StepHeader) -> np.ndarray:
-    """Global row indices worth scoring: the last prompt row and every generated row.
-
-    Prompt rows before the last one never score a generated token, so they are skipped
-    before the matrix product rather than after it.
-    """
-    keep: list[np.ndarray] = []
-    for req in header.requests:
-        start = max(req.num_prompt_tokens - 1 - req.first_position, 0)
-        if start < req.num_rows:
-            keep.append(np.arange(req.row_offset + start, req.row_offset + req.num_rows))
-    return np.concatenate(keep) if keep else np.empty(0, dtype=np.int64)
-
-
-def _sampled_features(req: RequestRows) -> dict[str, list[float]]:
-    """The token features a request's step carries, by feature name."""
-    out = {}
-    if req.sampled_logprobs is not None:
-        out["logprob"] = req.sampled_logprobs
-    if req.sampled_entropies is not None:
-        out["entropy"] = req.sampled_entropies
-    return out
-
-
-def columns_for(names: Sequence[str], score_positions: Sequence[str],
-                thresholds: Sequence[float], aggregations: Sequence[str] | None = None,
-                verdicts: Sequence[tuple[VerdictModel, float] | None] | None = None
-                ) -> ProbeColumns:
-    return ProbeColumns(tuple(names), tuple(score_positions), tuple(float(t) for t in thresholds),
-                        tuple(aggregations) if aggregations is not None else ("max",) * len(names),
-                        tuple(verdicts) if verdicts is not None else (None,) * len(names))
+__all__ = ["RequestStore", "StoreStats"]

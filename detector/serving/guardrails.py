@@ -1,7 +1,7 @@
 """A NeMo Guardrails output rail over the typed client: fail a response whose claims the probes flag.
 
     from nemoguardrails import LLMRails, RailsConfig
-    from detector.guardrails import COLANG_FLOW, FLOW_NAME, register
+    from detector.serving.guardrails import COLANG_FLOW, FLOW_NAME, register
 
     config = RailsConfig.from_content(colang_content=COLANG_FLOW,
                                       yaml_content=f"rails:\\n  output:\\n    flows: [{FLOW_NAME}]")
@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 import grpc
 
-from detector.client import AsyncDetectorClient, DetectorError, Scores, TLSConfig
-from detector.openai_middleware import place_spans
+from detector.serving.client import AsyncDetectorClient, DetectorError, Scores, TLSConfig
+from detector.serving.openai_middleware import place_spans
 
 __all__ = ["ACTION_NAME", "COLANG_FLOW", "FLOW_NAME", "ErrorSpan", "RailResult",
            "error_spans", "make_action", "register"]
@@ -74,8 +74,9 @@ class ScoresSource(Protocol):
 
 def error_spans(value: str, scores: Scores) -> tuple[ErrorSpan, ...]:
     """The flagged claim spans placed on ``value`` as the OpenAI middleware places them
-    (:func:`detector.openai_middleware.place_spans`): at the sidecar's offsets when the text there
-    is the span's, else at the occurrence of the span's text nearest them; dropped otherwise."""
+    (:func:`detector.serving.openai_middleware.place_spans`): at the sidecar's offsets when the
+    text there is the span's, else at the occurrence of the span's text nearest them; dropped
+    otherwise."""
     flagged = [s for s in scores.flagged_spans if s.kind == "claim" and s.text]
     placed, dropped = place_spans(flagged, scores.text, value)
     if dropped:

@@ -15,7 +15,7 @@ import sys
 import types
 from collections.abc import Sequence
 
-logger = logging.getLogger("detector.hooks")
+logger = logging.getLogger("detector.engine")
 
 _registered = False
 
@@ -38,7 +38,7 @@ def register() -> None:
         logger.info("lie-detector: disabled by LIE_DETECTOR_DISABLE")
         return
 
-    from detector.hooks import vllm_adapter
+    from detector.engine import vllm_adapter
 
     targets = (
         vllm_adapter.GPU_RUNNER_MODULE,

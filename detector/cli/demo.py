@@ -26,8 +26,13 @@ from rich.table import Table
 from rich.text import Text
 
 from detector.artifact import default_probe_dir
-from detector.client import DetectorClient, RequestState, Span, TokenScore, Verdict
-from detector.serve import ServeOptions, Supervisor, wait_for_grpc_health, wait_until_healthy
+from detector.serving.client import DetectorClient, RequestState, Span, TokenScore, Verdict
+from detector.serving.serve import (
+    ServeOptions,
+    Supervisor,
+    wait_for_grpc_health,
+    wait_until_healthy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +118,7 @@ class Demo:
 
     # ----------------------------------------------------------------- set-up
     def start(self) -> None:
-        from detector.embedded_model import resolve_model
+        from detector.models.embedded import resolve_model
         from detector.model_identity import identify_model
 
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -325,7 +330,7 @@ def run_demo(*, model: str | None, questions: list[str] | None, short: bool, rep
              probe: Path | None, verbose: bool) -> int:
     console = Console()
     if not verbose:
-        for name in ("httpx", "detector.serve", "detector.embedded_model"):
+        for name in ("httpx", "detector.serving.serve", "detector.models.embedded"):
             logging.getLogger(name).setLevel(logging.WARNING)
     probe = probe or default_probe_dir()
     if probe is None:

@@ -2,7 +2,7 @@
 
 Converting the embedded model (``lie-detector model prepare``) spent most of its non-torch time
 in ``gguf.GGUFReader``: transformers opens the file three times (config, tokenizer, weights) and
-:func:`detector.model_import.gguf_token_flags` a fourth, and every opening walks each metadata
+:func:`detector.models.importer.gguf_token_flags` a fourth, and every opening walks each metadata
 element on its own: SmolLM2's 49,152 tokens and 48,900 merges are about 400,000 small slices.
 The reader slices an ``np.memmap``, whose ``__getitem__`` and ``__array_finalize__`` run in
 Python for every slice (about 80 % of the reader's time in the profile). transformers also
@@ -12,7 +12,7 @@ Inside :func:`gguf_read_once`, ``gguf.GGUFReader(path)`` returns one reader per 
 gguf's own code over a plain array view of the same read-only mapping (slices in C), and
 ``gguf.get_tensor_name_map`` returns one map per (architecture, layer count). The bytes and the
 parsing code are the same, so the config, tokenizer and tensors are too (tests pin this); the
-hostile-file checks of :mod:`detector.gguf_header` still run first, as before.
+hostile-file checks of :mod:`detector.models.gguf_header` still run first, as before.
 """
 
 from __future__ import annotations

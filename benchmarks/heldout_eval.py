@@ -12,7 +12,7 @@ topics, templates and entities training never sees (:mod:`probes.datasets.heldou
 2. each answer's scores are read with ``GetScores(wait_until_finished=True)``;
 3. short answers are labelled with :func:`probes.labeling.label_answer`; the served claim
    span that overlaps :func:`probes.labeling.claim_for_answer` is the one judged. Long-form
-   claims are labelled one by one (:func:`probes.heldout_metrics.label_longform_claim`);
+   claims are labelled one by one (:func:`probes.labeling.label_longform_claim`);
 4. the served claim score and the free baselines on the same claim tokens (from the
    response's logprobs, aligned by generated-token index) are compared by AUROC with
    entity-bootstrap intervals; verdicts at the shipped threshold are counted.
@@ -22,6 +22,7 @@ topics, templates and entities training never sees (:mod:`probes.datasets.heldou
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -40,13 +41,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from probes import heldout_metrics as hm
+from benchmarks import heldout_metrics as hm
+from benchmarks.heldout_args import STYLES, add_arguments
 from probes.datasets import heldout as ho
 from probes.datasets.schema import Question
-from probes.heldout_args import STYLES, add_arguments, config_from_args
+from probes.labeling import label_longform_claim
 
 if TYPE_CHECKING:
-    from detector.client import ProbeInfo, Scores
+    from detector.serving.client import ProbeInfo, Scores
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +91,20 @@ class EvalConfig(BaseModel):
     plot: bool = True
     save_to_probe: bool = False  # also write the summary the demo reads into the probe folder
     progress: bool = True
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """The run the flags of :func:`benchmarks.heldout_args.add_arguments` ask for."""
+    return EvalConfig(
+        base_url=args.base_url, grpc=args.grpc, model=args.model, probe=args.probe,
+        probe_name=args.probe_name, styles=args.styles, topics=args.topics,
+        limit_per_topic=args.limit_per_topic, invented_per_topic=args.invented_per_topic,
+        longform_real=args.longform_real, longform_invented=args.longform_invented,
+        longform_cities=args.longform_cities,
+        concurrency=args.concurrency, enforce_eager=args.enforce_eager,
+        bootstrap=args.bootstrap, seed=args.seed, out=args.out,
+        plot=not args.no_plot, save_to_probe=args.save_to_probe,
+        progress=not args.no_progress)
 
 
 # ----------------------------------------------------------------------------- requests
@@ -167,7 +183,7 @@ class Client:
     def __init__(self, base_url: str, grpc_address: str, cfg: EvalConfig) -> None:
         import httpx
 
-        from detector.client import DetectorClient
+        from detector.serving.client import DetectorClient
 
         self.base_url = base_url.rstrip("/")
         self.cfg = cfg
@@ -342,7 +358,7 @@ def label_longform(job: Job, reply: Reply, probe: str) -> list[Item]:
     out = []
     for span in _claims(reply.scores, probe):
         item = Item(**{**asdict(base)})
-        label, why = hm.label_longform_claim(
+        label, why = label_longform_claim(
             span.text, subject=subject.name, invented=subject.invented, values=subject.values,
             other_values=ho.longform_other_values(subject.family), prompt=subject.prompt,
             entity_key=subject.entity.partition(":")[2])
@@ -506,9 +522,9 @@ class _Served:
         if self.cfg.base_url or self.cfg.grpc:
             raise ValueError("pass both --base-url and --grpc for a running server, or neither")
         from detector.artifact import default_probe_dir
-        from detector.embedded_model import resolve_model
+        from detector.models.embedded import resolve_model
         from detector.model_identity import identify_model
-        from detector.serve import (
+        from detector.serving.serve import (
             ServeOptions,
             Supervisor,
             wait_for_grpc_health,
@@ -652,11 +668,11 @@ def write(result: dict[str, Any], items: list[Item], cfg: EvalConfig,
             fh.write(json.dumps(_jsonable(asdict(item))) + "\n")
     logger.info("wrote %s and %s", out, answers)
     if cfg.plot:
-        from probes.heldout_report import plot
+        from benchmarks.heldout_report import plot
 
         logger.info("plot: %s", plot(result, out.with_suffix(".png")))
     if cfg.save_to_probe and probe_path is not None:
-        from probes.heldout_report import probe_summary
+        from benchmarks.heldout_report import probe_summary
 
         target = probe_path / "heldout.json"
         target.write_text(json.dumps(_jsonable(probe_summary(result)), indent=2) + "\n")

@@ -70,7 +70,7 @@ def capture_method(model_dir: Path) -> str:
             return str(cached[key])
     except (OSError, ValueError):
         cached = {}
-    from detector.hooks.vllm_adapter import capture_method_for
+    from detector.engine.vllm_adapter import capture_method_for
 
     method = capture_method_for(archs)
     try:

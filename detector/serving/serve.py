@@ -53,7 +53,7 @@ class ServeOptions:
     dtype: str | None = None
     vllm_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None
-    # vLLM's API server loads ``detector.openai_middleware``: a request sent with
+    # vLLM's API server loads ``detector.serving.openai_middleware``: a request sent with
     # ``X-Lie-Detector: annotate`` gets its verdict in its own response.
     annotate: bool = True
     # The false-flag rate verdicts operate at (probes with a verdict model; None: each
@@ -104,7 +104,7 @@ def resolve_eager(opts: ServeOptions) -> None:
     """Decide ``enforce_eager`` where it was left to us: the model's capture method says
     whether torch.compile would leave the plugin without rows."""
     if opts.enforce_eager is None:
-        from detector.launch_checks import needs_eager
+        from detector.serving.launch_checks import needs_eager
 
         opts.enforce_eager = needs_eager(opts.model_dir, opts.vllm_args)
 
@@ -144,7 +144,7 @@ def sidecar_command(opts: ServeOptions) -> list[str]:
     return cmd
 
 
-MIDDLEWARE = "detector.openai_middleware.LieDetectorMiddleware"
+MIDDLEWARE = "detector.serving.openai_middleware.LieDetectorMiddleware"
 
 
 def sidecar_dial_address(grpc_address: str) -> str:
@@ -276,7 +276,7 @@ def report_capture_status(opts: ServeOptions, vllm: subprocess.Popen | None,
     """Once vLLM is healthy, ask the sidecar (ListProbes) whether the plugin captures, and
     say in one line if it switched capture off and why; the summary, or None if unknown.
     Runs beside serving and never stops it."""
-    from detector.client import CaptureState, CaptureStatus, DetectorClient, DetectorError
+    from detector.serving.client import CaptureState, CaptureStatus, DetectorClient, DetectorError
 
     host = "127.0.0.1" if opts.host in ("", "0.0.0.0", "::") else opts.host
     try:

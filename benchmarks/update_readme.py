@@ -131,8 +131,8 @@ class Section:
 SECTIONS: tuple[Section, ...] = (
     Section(
         "Served, held-out evaluation", "benchmarks/results/heldout.json",
-        ".venv/bin/python -m benchmarks.heldout (or lie-detector evaluate-served)", _heldout,
-        intro="Topics, question templates and entities the probe never trains on "
+        ".venv/bin/python -m benchmarks.heldout", _heldout,
+        intro="`lie-detector evaluate-served` runs the same evaluation. Topics, question templates and entities the probe never trains on "
         "(`probes/datasets/heldout.py`; `tests/unit/test_heldout_leakage.py` fails if any "
         "reaches a training set), asked through `lie-detector serve` in three prompt styles "
         "and judged from `GetScores` exactly as a client reads it. Every configuration tried, "
@@ -185,8 +185,9 @@ SECTIONS: tuple[Section, ...] = (
     Section(
         "Sidecar threads: the thread-per-call server before it",
         "benchmarks/results/grpc_threads-thread-per-call.md",
-        ".venv/bin/python -m benchmarks.grpc_threads --name grpc_threads-thread-per-call "
-        "(at the commit the table names)", _file("grpc_threads-thread-per-call.md")),
+        ".venv/bin/python -m benchmarks.grpc_threads --name grpc_threads-thread-per-call",
+        _file("grpc_threads-thread-per-call.md"),
+        intro="Run at the commit the table names, before the asyncio server."),
     Section(
         "Soak", "benchmarks/results/soak.json",
         "LIE_DETECTOR_SOAK_S=600 LIE_DETECTOR_SOAK_RESULTS=benchmarks/results/soak.json "

@@ -2,14 +2,14 @@
 
     .venv/bin/python -m benchmarks.heldout                 # start serve, run, write results
     .venv/bin/python -m benchmarks.heldout --base-url http://127.0.0.1:8000 --grpc 127.0.0.1:50051
-    .venv/bin/python -m benchmarks.heldout --markdown      # print the README table only
+    .venv/bin/python -m benchmarks.heldout --markdown      # print the results table only
 
 It starts `lie-detector serve` (vLLM + sidecar, the product), sends held-out questions in
 three prompt styles through the OpenAI API and reads every verdict back with gRPC
 ``GetScores``, then writes ``benchmarks/results/heldout.json``, ``heldout-answers.jsonl``
-and ``heldout.png``, and refreshes the README block ``results:heldout``. The
+and ``heldout.png``, and regenerates ``docs/results.md`` and the README's headline. The
 implementation lives in :mod:`benchmarks.heldout_eval` (shared with ``lie-detector
-evaluate-served``); this module only adds the README step.
+evaluate-served``); this module only adds the results-page step.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.split("\n", 1)[0])
     heldout_eval.add_arguments(parser)
     parser.add_argument("--markdown", action="store_true",
-                        help="print the README table from --out and exit")
-    parser.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+                        help="print the results table from --out and exit")
+    parser.add_argument("--no-readme", action="store_true", help="leave docs/results.md and README.md alone")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s", datefmt="%H:%M:%S")
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_readme and Path(cfg.out).resolve() == RESULTS.resolve():
         from benchmarks import update_readme
 
-        print("README updated:", ", ".join(update_readme.update()) or "nothing")
+        print("results page updated:", ", ".join(update_readme.update()) or "nothing")
     return 0
 
 

@@ -658,8 +658,8 @@ def setup_cli(verbose: bool = False) -> None:
 
 
 def write_results(out: Path, name: str, result: dict[str, Any], table: str) -> None:
-    """``<name>.json`` and ``<name>.md`` in ``out`` (the README's tables are copied from the
-    ``.md``, ``benchmarks.update_readme``), and the table on stdout."""
+    """``<name>.json`` and ``<name>.md`` in ``out`` (docs/results.md's tables are copied
+    from the ``.md``, ``benchmarks.update_readme``), and the table on stdout."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"{name}.md").write_text(table + "\n")

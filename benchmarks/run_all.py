@@ -1,6 +1,6 @@
 """Every benchmark in one command, side by side in the same run on the same machine.
 
-    .venv/bin/python -m benchmarks.run_all            # full: writes benchmarks/results/, README
+    .venv/bin/python -m benchmarks.run_all            # full: writes benchmarks/results/, docs/results.md
     .venv/bin/python -m benchmarks.run_all --quick    # CI smoke run: writes a temp folder
 
 Sections (all in ``benchmarks.json``, ``benchmarks.md`` and PNG plots in ``--out``):
@@ -34,9 +34,10 @@ Sections (all in ``benchmarks.json``, ``benchmarks.md`` and PNG plots in ``--out
 * **detection** - the shipped probe's evaluation against its baselines
   (``benchmarks.detection``, read from the probe's ``metrics.json``).
 
-A full run writes into ``benchmarks/results/`` and then runs ``benchmarks.update_readme``; a
+A full run writes into ``benchmarks/results/`` and then runs ``benchmarks.update_readme``
+(``docs/results.md`` and the README's headline); a
 quick run writes to ``--out`` (default: a new temporary folder) and never touches the
-committed results or the README.
+committed results, docs/results.md or the README.
 """
 
 from __future__ import annotations
@@ -543,7 +544,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip", default="", help="comma-separated sections to skip: overhead, "
                    "delay, scoring, detection (development only)")
     p.add_argument("--no-readme", action="store_true",
-                   help="do not update README.md after a full run into benchmarks/results")
+                   help="do not regenerate docs/results.md and the README headline after a full run")
     p.add_argument("--memory-wait", type=float, default=180.0,
                    help="seconds to wait for enough free memory before starting a server group "
                    "(about 4 GiB per server; default 180, then it starts anyway and says so)")
@@ -679,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
                 and not args.skip):
             from benchmarks import update_readme
 
-            logger.info("README tables updated: %s", ", ".join(update_readme.update()))
+            logger.info("results page updated: %s", ", ".join(update_readme.update()))
         ok = True
         return 0
     except KeyboardInterrupt:

@@ -116,6 +116,10 @@ def vllm_command(opts: ServeOptions) -> list[str]:
         "--host", opts.host, "--port", str(opts.port),
         "--max-model-len", str(opts.max_model_len),
     ]
+    if "--served-model-name" not in opts.vllm_args:
+        # Clients name the model by its folder ("SmolLM2-135M-Instruct", as the README's
+        # examples do); the full path stays accepted for callers that send it.
+        cmd += ["--served-model-name", *dict.fromkeys([opts.model_dir.name, str(opts.model_dir)])]
     dtype = opts.dtype or probe_dtype(opts.probes)
     if dtype:
         cmd += ["--dtype", dtype]

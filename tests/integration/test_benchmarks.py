@@ -42,6 +42,7 @@ def _check_percentiles(p: dict, what: str) -> None:
 def test_run_all_quick(tmp_path: Path) -> None:
     committed = {p: p.stat().st_mtime_ns for p in (ROOT / "benchmarks/results").glob("*")}
     readme_before = (ROOT / "README.md").read_text()
+    page_before = (ROOT / "docs/results.md").read_text()
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run_all", "--quick", "--out", str(out)],
@@ -107,6 +108,7 @@ def test_run_all_quick(tmp_path: Path) -> None:
     assert (out / "score_delay.png").stat().st_size > 0
     assert list(out.glob("scoring-*.png"))
     assert (ROOT / "README.md").read_text() == readme_before
+    assert (ROOT / "docs/results.md").read_text() == page_before
     assert {p: p.stat().st_mtime_ns for p in (ROOT / "benchmarks/results").glob("*")} == committed
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import re
+import json
 import threading
-from pathlib import Path
 
 import grpc
 import pytest
+from readme_examples import example, shell_commands
 from support import LAYERS, complete, start_sidecar, synthetic_probe, wait_for_engine
 
 from detector.api.liedetector.v1 import detector_pb2 as pb
@@ -30,7 +30,6 @@ from detector.serving.client import (
 pytestmark = pytest.mark.vllm
 
 ADMIN_TOKEN = "client-test-token"
-README = Path(__file__).resolve().parents[2] / "README.md"
 # Numbers and names: the claim spans the sidecar judges.
 PROMPT = "The first five prime numbers are 2, 3, 5, 7 and 11. The capital of France is"
 
@@ -222,10 +221,7 @@ def test_unknown_request_and_deadlines(client) -> None:
 
 def test_readme_example_runs(vllm_server, sidecar) -> None:
     """The README's Python client example, as written, with the address and ids of this run."""
-    section = README.read_text().split("## Python client", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S)
-    assert code, "README has no Python client example"
-    source = code.group(1)
+    source = example("client")
     assert '"127.0.0.1:50051"' in source and '"my-id"' in source
     complete(vllm_server.base_url, PROMPT, max_tokens=16, request_id="client-readme-1",
              ignore_eos=True)
@@ -246,3 +242,30 @@ def test_readme_example_runs(vllm_server, sidecar) -> None:
     assert f"{scores.text}\nverdicts: {[(verdict.probe, verdict.flagged, verdict.score)]}\n" \
         in printed, printed
     assert lines[-1].startswith("NOT_FOUND request 'never-sent' is not known"), printed
+
+
+def test_readme_grpc_example_runs(vllm_server, sidecar) -> None:
+    """The README's grpcurl example, sent as written (its address and id swapped for this
+    run's) through a generic gRPC call, so no grpcurl binary is needed: the method path and
+    the JSON body are the example's own."""
+    from google.protobuf import json_format
+
+    ((program, *argv),) = shell_commands(example("grpc"))
+    assert program == "grpcurl" and "-plaintext" in argv
+    body = json.loads(argv[argv.index("-d") + 1])
+    address, method = argv[-2:]
+    assert address == "127.0.0.1:50051" and body["request_id"] == "my-id"
+    complete(vllm_server.base_url, PROMPT, max_tokens=16, request_id="client-readme-grpc",
+             ignore_eos=True)
+    request = json_format.ParseDict({**body, "request_id": "client-readme-grpc"},
+                                    pb.GetScoresRequest())
+    with grpc.insecure_channel(sidecar.grpc_address) as channel:
+        call = channel.unary_unary(f"/{method}",
+                                   request_serializer=pb.GetScoresRequest.SerializeToString,
+                                   response_deserializer=pb.ScoresResponse.FromString)
+        reply = json_format.MessageToDict(call(request, timeout=60))
+    with DetectorClient(sidecar.grpc_address) as client:
+        scores = client.get_scores("client-readme-grpc")
+    assert reply["state"] == "REQUEST_STATE_FINISHED" and reply["text"] == scores.text
+    assert len(reply["tokens"]) == len(scores.tokens) == 16
+    assert [v["probe"] for v in reply["verdicts"]] == [v.probe for v in scores.verdicts]

@@ -7,6 +7,8 @@ order of the tests matters: that one stays last."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import uuid
@@ -16,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from readme_examples import example, shell_commands
 from support import (
     SidecarProcess,
     VllmServer,
@@ -393,6 +396,36 @@ def test_sse_syntax_in_an_echoed_prompt_keeps_the_stream_whole(served: Served) -
     _, text, field = _read("completions", resp, stream=True)
     assert text.startswith(prompt) and len(text) > len(prompt)
     own_scores(field, text, served.sidecar, echo=prompt)
+
+
+def test_readme_openai_examples_run(served: Served) -> None:
+    """The README's curl and Python examples, as written, against this module's server: only
+    the address changes (``localhost:8000``); the model is named as the README names it."""
+    base = served.server.base_url
+    ((program, *argv),) = shell_commands(example("openai-curl"))
+    assert program == "curl"
+    (url,) = [a for a in argv if a.startswith("localhost:8000/")]
+    given = [argv[i + 1] for i, a in enumerate(argv) if a == "-H"]
+    headers = dict(h.split(": ", 1) for h in given)
+    resp = httpx.post(base + url.removeprefix("localhost:8000"), headers=headers,
+                      content=argv[argv.index("-d") + 1], timeout=120)
+    assert resp.status_code == 200, resp.text
+    data = resp.json()
+    assert resp.headers["x-lie-detector-verdict"] == "ok"
+    check_field(data["lie_detector"], data["id"], data["choices"][0]["message"]["content"],
+                served.sidecar)
+
+    source = example("openai-python")
+    assert '"http://localhost:8000/v1"' in source
+    out = io.StringIO()
+    namespace: dict[str, Any] = {"__name__": "readme_example"}
+    with contextlib.redirect_stdout(out):
+        exec(compile(source.replace('"http://localhost:8000/v1"', repr(base + "/v1")),
+                     "README.md", "exec"), namespace)
+    verdict = namespace["verdict"]
+    assert verdict["status"] == "ok" and verdict["state"] == "FINISHED"
+    spans = [(s["text"], s["flagged"]) for s in verdict["spans"]]
+    assert out.getvalue() == f"ok {'flagged' if verdict['flagged'] else 'ok'} {spans}\n"
 
 
 # Last: the sidecar does not come back.

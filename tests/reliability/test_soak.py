@@ -2,7 +2,7 @@
 90) with streaming gRPC clients attaching and detaching at random.
 
 Measured and reported (printed, and written to ``LIE_DETECTOR_SOAK_RESULTS``, a path, when
-set: ``benchmarks/results/soak.json`` is where the README table comes from): the sidecar's
+set: ``benchmarks/results/soak.json`` is where docs/results.md takes its table): the sidecar's
 and the vLLM worker's resident memory over time, requests, tokens, drops. Asserted: memory
 stays bounded, and every request that completed while the sidecar was healthy (no step
 dropped between its start and its end) has all its scores; the others say they are

@@ -194,8 +194,8 @@ class SidecarSettings(ChannelSettings):
         "False-flag rate to operate probes with a verdict model at (each probe's table of "
         "operating points gives the threshold); unset: the rate each probe shipped with."))
     max_streams: int = Field(default=256, ge=1, description=(
-        "Calls that hold a gRPC thread (streams, waits) at most, so health checks and quick "
-        "calls always find one."))
+        "Open streams at most, and as many calls waiting for a request's end: bounds the "
+        "re-judging work and memory open calls can ask for (they hold no thread)."))
     stream_interval_s: float = Field(default=0.05, ge=0, le=5, description=(
         "The most often one stream sends an update; steps in between are batched into it."))
     stream_appear_wait_s: float = Field(default=60.0, ge=0, le=3600, description=(

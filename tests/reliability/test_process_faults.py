@@ -187,7 +187,12 @@ def test_sidecar_stalled_under_load(vllm_server, sidecars) -> None:
         wait_hook(sidecar)
         _, _, warm_s = scored_batch(vllm_server.base_url, stub, sidecar,
                                     lambda k: _jobs(f"warm{k}", 8, 32), PROBE)
-        # After the warm-up: a fresh worker's first batches grow it whatever the hook does.
+        # A warm-up of the stall's own shape (12 x 400 tokens) with the sidecar reading: vLLM
+        # grows its worker at its first batch that size whatever the hook does, and that is
+        # not the hook's queue, which this test bounds. Measured: after only the 8 x 32
+        # warm-up the stall "grew" the worker 380-520 MiB (and failed this bound once); after
+        # this one, 62 MiB.
+        Load(vllm_server.base_url, _jobs("shape", 12, 400)).start().join(300)
         rss_before = process_rss(worker)
         wait_until(lambda: metric(sidecar, "lie_detector_steps_received_total") > 0, 30)
         dropped_before = metric(sidecar, "lie_detector_channel_dropped_steps_total")

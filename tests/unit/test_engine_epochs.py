@@ -13,10 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -45,6 +42,7 @@ from detector.sidecar.metrics import SidecarMetrics
 from detector.sidecar.pipeline import ScoringPipeline
 from detector.sidecar.registry import ProbeRegistry
 from detector.sidecar.store import RequestStore
+from test_channel import endpoint  # noqa: F401  (the shared socket-path fixture)
 
 LAYERS = [1, 2]
 HIDDEN = 4
@@ -244,18 +242,6 @@ def test_fuzzed_steps_against_a_cache_never_crash_or_change_the_stored_info() ->
 
 
 # ------------------------------------------------------------------ the publisher
-@pytest.fixture
-def endpoint(tmp_path: Path) -> Iterator[str]:
-    path = tmp_path / "ch" / "s.sock"
-    short = None
-    if len(str(path)) > 100:  # AF_UNIX paths are limited to ~107 bytes
-        short = Path(tempfile.mkdtemp(prefix="ldt-", dir="/tmp"))
-        path = short / "ch" / "s.sock"
-    yield f"ipc://{path}"
-    if short is not None:
-        shutil.rmtree(short, ignore_errors=True)
-
-
 class FakeClock:
     def __init__(self) -> None:
         self.now = 100.0
